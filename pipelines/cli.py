@@ -1,0 +1,175 @@
+"""`cdi`: run the job, generate sample events, check a config.
+
+Exit codes: 0 success, 2 usage or configuration error (nothing started), 1 pipeline failure.
+Errors go to stderr, one line each, ``file: path: reason``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2 too; keep the message format ours
+        self.print_usage(sys.stderr)
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cdi", description="Customer data infrastructure on Apache Beam.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the governed profile job")
+    run.add_argument("--config", help="pipeline config YAML (default: the embedded default config)")
+    run.add_argument("--input", action="append", default=[], help="input glob (repeatable); replaces the first source's paths")
+    run.add_argument("--output", help="output directory (default: sinks.output_dir)")
+    run.add_argument("--runner", help="local (default), local-streaming, or a Beam runner name (DataflowRunner, FlinkRunner...)")
+
+    gen = sub.add_parser("generate", help="write synthetic Segment-spec events and their ground truth")
+    gen.add_argument("--events", type=int, required=True)
+    gen.add_argument("--persons", type=int, required=True)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--out", required=True, help="NDJSON file to write; ground truth goes to FILE.truth.json")
+
+    val = sub.add_parser("validate-config", help="check a pipeline config and its tracking plans")
+    val.add_argument("file")
+    return p
+
+
+def _load(config_path: str | None):
+    from pipelines.config import load_config, load_default_config
+    from transforms.tracking_plan import PlanError, load_plan
+
+    cfg = load_config(config_path) if config_path else load_default_config()
+    for name, ref in cfg.tracking_plans.items():
+        try:
+            load_plan(cfg.resolve(ref.path))
+        except PlanError as e:
+            from pipelines.config import ConfigError
+
+            raise ConfigError([f"tracking_plans.{name}: {e}"]) from None
+    return cfg
+
+
+def _check_inputs(inputs: dict[str, list[str]]) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipelines.config import ConfigError
+
+    problems = []
+    for source, globs in inputs.items():
+        if not globs:
+            problems.append(f"sources.{source}.paths: no input given (set paths or pass --input)")
+        for g in globs:
+            try:
+                found = FileSystems.match([g])[0].metadata_list
+            except Exception as e:  # Beam raises BeamIOError for unreadable schemes/paths
+                found, problems = [], problems + [f"--input {g}: {e}"]
+                continue
+            if not found:
+                problems.append(f"--input {g}: no file matches")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _clear_outputs(paths: dict[str, Path]) -> None:
+    """A batch run owns its output artifacts: remove ours (only ours) from a previous run."""
+    for key, path in paths.items():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        if key == "profiles":
+            for suffix in ("-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def cmd_run(args, beam_args: list[str]) -> int:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import governed_profiles as job
+    from pipelines.report import build_report, counters, format_summary, write_report
+    from runners.local import runner_flag
+
+    cfg = _load(args.config)
+    inputs = job.source_inputs(cfg, args.input)
+    _check_inputs(inputs)
+    output_dir = Path(args.output or cfg.sinks.output_dir)
+    paths = job.output_paths(cfg, output_dir)
+    _clear_outputs(paths)
+
+    options = PipelineOptions(beam_args + [f"--runner={runner_flag(args.runner)}"])
+    started = time.perf_counter()
+    try:
+        p = beam.Pipeline(options=options)
+        outputs = job.build(p, cfg, inputs)
+        job.write_outputs(outputs, cfg, output_dir)
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:  # the pipeline itself failed: exit 1 with the cause
+        print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    report = build_report(counters(result), paths, time.perf_counter() - started)
+    write_report(report, paths["report"])
+    print(format_summary(report))
+    return EXIT_OK if report["accounted"] else EXIT_FAILURE
+
+
+def cmd_generate(args) -> int:
+    from pipelines.generate import write
+
+    if args.events <= 0 or args.persons <= 0:
+        raise UsageError("cdi generate: --events and --persons must be positive")
+    truth = write(args.out, args.events, args.persons, args.seed)
+    print(
+        f"wrote {truth['events']:,} events for {args.persons:,} persons to {args.out} "
+        f"(duplicates {truth['duplicates']:,}, invalid {sum(truth['invalid'].values()):,}, "
+        f"late {truth['late']:,}); ground truth in {args.out}.truth.json"
+    )
+    return EXIT_OK
+
+
+def cmd_validate_config(args) -> int:
+    cfg = _load(args.file)
+    print(
+        f"{args.file}: ok ({len(cfg.sources)} source(s), {len(cfg.tracking_plans)} tracking plan(s), "
+        f"{len(cfg.consent.destinations)} destination(s), {len(cfg.audiences)} audience(s))"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.config import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, rest = _parser().parse_known_args(argv)
+        if rest and args.command != "run":
+            raise UsageError(f"cdi {args.command}: unrecognized arguments: {' '.join(rest)}")
+        if args.command == "run":
+            return cmd_run(args, rest)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_validate_config(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The pipeline configuration: one YAML file loaded into frozen, self-validating dataclasses.
+
+Every key is checked before a pipeline is built: unknown keys (with the nearest valid key
+suggested), wrong types, malformed durations, bad choices and missing files each produce one line
+``<file>: <path.in.file>: <reason>`` in a :class:`ConfigError`; the CLI prints them and exits 2.
+``PipelineOptions`` carry runner flags only; everything about *what* the job does lives here.
+
+The reference config (``schemas/configs/reference.yaml``) documents every key and its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each ``file: path: reason``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# --- durations ---------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class Duration(float):
+    """A duration in seconds, written in config as ``500ms``, ``30s``, ``10m``, ``2h``, ``7d``, ``1h30m``."""
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        s = text.strip().replace(" ", "") if isinstance(text, str) else ""
+        if not s or _DURATION_PART.sub("", s) != "":
+            raise ValueError(
+                f"malformed duration {text!r} (expected a number and a unit, e.g. 500ms, 30s, 10m, 2h, 7d, 1h30m)"
+            )
+        return cls(sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(s)))
+
+    def __repr__(self) -> str:
+        return f"Duration({float(self)}s)"
+
+
+def parse_instant(text: str) -> float:
+    """An ISO 8601 instant as epoch seconds (naive instants are UTC)."""
+    t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.timestamp()
+
+
+# --- the configuration model -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    # Only `files` (NDJSON or Avro, local or any Beam filesystem) is available in this release;
+    # Kafka and Pub/Sub adapters are planned and the loader says so instead of ignoring them.
+    type: Literal["files"] = "files"
+    format: Literal["ndjson", "avro"] = "ndjson"
+    # Globs, relative to the config file; `cdi run --input` replaces them.
+    paths: tuple[str, ...] = ()
+    tracking_plan: str = "default"
+
+
+@dataclass(frozen=True)
+class TrackingPlanRef:
+    # Path to the plan YAML, relative to the config file.
+    path: str
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    # Serialized events larger than this are quarantined as decode.oversize before parsing.
+    max_event_bytes: int = 32768
+    # Deeper JSON nesting than this is quarantined as schema.too_deep.
+    max_depth: int = 16
+
+    def __post_init__(self):
+        if self.max_event_bytes <= 0:
+            raise ValueError("max_event_bytes must be positive")
+        if self.max_depth <= 0:
+            raise ValueError("max_depth must be positive")
+
+
+@dataclass(frozen=True)
+class EventTimeConfig:
+    # Corrected event times further in the future than this (vs receivedAt) are invalid.
+    max_future_skew: Duration = Duration(3600)
+    # Event times before this instant are invalid.
+    min_event_time: str = "2015-01-01T00:00:00Z"
+    # quarantine: reason timestamp.out_of_range; clamp: use receivedAt instead.
+    on_invalid: Literal["quarantine", "clamp"] = "quarantine"
+
+    def __post_init__(self):
+        try:
+            parse_instant(self.min_event_time)
+        except ValueError:
+            raise ValueError(
+                f"min_event_time {self.min_event_time!r} is not an ISO 8601 instant"
+            ) from None
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    # Fields (JSON paths into the event) whose values form the idempotency key.
+    key: tuple[str, ...] = ("source", "messageId")
+    # Event-time TTL of a seen key: a replay inside it is suppressed; state is cleared after it.
+    ttl: Duration = Duration(7 * 86400)
+
+    def __post_init__(self):
+        if not self.key:
+            raise ValueError("key must name at least one field")
+        if self.ttl <= 0:
+            raise ValueError("ttl must be positive")
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    # How far behind the watermark an event may arrive and still update windowed results.
+    allowed_lateness: Duration = Duration(2 * 86400)
+
+
+@dataclass(frozen=True)
+class IdentifierType:
+    name: str
+    # JSON paths into the event where this identifier is read.
+    paths: tuple[str, ...]
+    normalizer: Literal["none", "trim", "lowercase", "email", "phone"] = "trim"
+    # At most this many identifiers of this type in one person (0 = unlimited).
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    types: tuple[IdentifierType, ...] = (
+        IdentifierType("user_id", ("userId",), "trim", 1),
+        IdentifierType("email", ("traits.email", "context.traits.email"), "email", 0),
+        IdentifierType("anonymous_id", ("anonymousId", "previousId"), "trim", 0),
+        IdentifierType("device_id", ("context.device.id",), "trim", 0),
+    )
+    blocklist: tuple[str, ...] = ("", "undefined", "null", "none", "anonymous", "guest", "0", "nan")
+    blocklist_patterns: tuple[str, ...] = (r"^(.)\1*$", r"^0+(-0+)*$")
+    # A person may not exceed this many identifiers; a link that would is refused.
+    max_cluster_size: int = 50
+
+    def __post_init__(self):
+        for p in self.blocklist_patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"blocklist_patterns: {p!r} is not a valid regex: {e}") from None
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    # Consent purposes the person must have granted for an event to reach this destination.
+    purposes: tuple[str, ...] = ()
+    # PII class -> keep | hash | drop, for this destination.
+    pii: dict[str, Literal["keep", "hash", "drop"]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    purposes: tuple[str, ...] = ("analytics", "marketing", "advertising")
+    destinations: dict[str, DestinationConfig] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AudienceConfig:
+    name: str
+    # A trait or computed trait, an operator and a value: the person is in while it holds.
+    trait: str
+    op: Literal["eq", "ne", "gt", "gte", "lt", "lte", "exists"] = "exists"
+    value: Any = None
+    destinations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProfileSinkConfig:
+    type: Literal["sqlite"] = "sqlite"
+    # Relative to the output directory.
+    path: str = "profiles.sqlite"
+
+
+@dataclass(frozen=True)
+class SinksConfig:
+    output_dir: str = "cdi-output"
+    profiles: ProfileSinkConfig = ProfileSinkConfig()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    sources: tuple[SourceConfig, ...]
+    tracking_plans: dict[str, TrackingPlanRef]
+    validation: ValidationConfig = ValidationConfig()
+    event_time: EventTimeConfig = EventTimeConfig()
+    dedup: DedupConfig = DedupConfig()
+    windows: WindowsConfig = WindowsConfig()
+    identity: IdentityConfig = IdentityConfig()
+    consent: ConsentConfig = ConsentConfig()
+    audiences: tuple[AudienceConfig, ...] = ()
+    sinks: SinksConfig = SinksConfig()
+    # Directory the config file lives in: relative paths resolve against it. Not a YAML key.
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("sources: at least one source is required")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: source names must be unique, got {names}")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if tp is Duration:
+        return "duration"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if origin in (tuple, list):
+        return "list"
+    if origin in (dict, Mapping):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Loader:
+    """Walks YAML data against the dataclass type hints, collecting every problem with its path."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.problems: list[str] = []
+
+    def problem(self, path: str, reason: str) -> None:
+        self.problems.append(f"{self.filename}: {path or '<root>'}: {reason}")
+
+    def build(self, tp: Any, data: Any, path: str) -> Any:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if data is None:
+                return None
+            return self.build(args[0], data, path)
+        if tp is Any:
+            return data
+        if dataclasses.is_dataclass(tp):
+            return self.build_dataclass(tp, data, path)
+        if origin is Literal:
+            choices = typing.get_args(tp)
+            if data not in choices:
+                hint = difflib.get_close_matches(str(data), [str(c) for c in choices], n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else ""
+                self.problem(path, f"must be one of {', '.join(map(repr, choices))}, got {data!r}{extra}")
+            return data
+        if tp is Duration:
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                self.problem(path, f"duration needs a unit, e.g. '{data}s' or '{data}m'")
+                return None
+            try:
+                return Duration.parse(data)
+            except ValueError as e:
+                self.problem(path, str(e))
+                return None
+        if origin is tuple:
+            if not isinstance(data, list):
+                self.problem(path, f"expected a list, got {type(data).__name__} {data!r}")
+                return ()
+            (item_tp, *_) = typing.get_args(tp)
+            return tuple(self.build(item_tp, v, f"{path}[{i}]") for i, v in enumerate(data))
+        if origin is dict:
+            if not isinstance(data, dict):
+                self.problem(path, f"expected a mapping, got {type(data).__name__} {data!r}")
+                return {}
+            key_tp, val_tp = typing.get_args(tp)
+            return {str(k): self.build(val_tp, v, f"{path}.{k}") for k, v in data.items()}
+        if tp is float:
+            if isinstance(data, (int, float)) and not isinstance(data, bool):
+                return float(data)
+        elif tp is int:
+            if isinstance(data, int) and not isinstance(data, bool):
+                return data
+        elif tp is bool or tp is str:
+            if isinstance(data, tp):
+                return data
+        else:  # pragma: no cover - a model type the loader does not know is a programming error
+            raise TypeError(f"unsupported config type {tp!r} at {path}")
+        self.problem(path, f"expected {_type_name(tp)}, got {type(data).__name__} {data!r}")
+        return None
+
+    def build_dataclass(self, cls: type, data: Any, path: str) -> Any:
+        if not isinstance(data, dict):
+            self.problem(path, f"expected a mapping, got {type(data).__name__} {data!r}")
+            return None
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        before = len(self.problems)
+        for key in data:
+            if key not in fields:
+                hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+                extra = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"
+                self.problem(f"{path}.{key}" if path else str(key), f"unknown key{extra}")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = f"{path}.{name}" if path else name
+            if name in data:
+                kwargs[name] = self.build(hints[name], data[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                self.problem(sub, "required key is missing")
+        if len(self.problems) > before:
+            return None
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as e:
+            self.problem(path, str(e))
+            return None
+
+
+def load_config_text(text: str, filename: str, base_dir: str | Path) -> PipelineConfig:
+    loader = _Loader(filename)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{filename}: <root>: not valid YAML: {e}"]) from None
+    if data is None:
+        data = {}
+    cfg = loader.build(PipelineConfig, data, "")
+    if cfg is not None:
+        cfg = dataclasses.replace(cfg, base_dir=str(base_dir))
+        _check_references(cfg, loader)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return cfg
+
+
+def _check_references(cfg: PipelineConfig, loader: _Loader) -> None:
+    """Cross-field checks: referenced plans, files and purposes exist."""
+    for name, ref in cfg.tracking_plans.items():
+        if not cfg.resolve(ref.path).is_file():
+            loader.problem(f"tracking_plans.{name}.path", f"file not found: {cfg.resolve(ref.path)}")
+    for i, src in enumerate(cfg.sources):
+        if src.tracking_plan not in cfg.tracking_plans:
+            hint = difflib.get_close_matches(src.tracking_plan, list(cfg.tracking_plans), n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            loader.problem(
+                f"sources[{i}].tracking_plan",
+                f"no tracking plan named {src.tracking_plan!r} in tracking_plans{extra}",
+            )
+    for dname, dest in cfg.consent.destinations.items():
+        for j, purpose in enumerate(dest.purposes):
+            if purpose not in cfg.consent.purposes:
+                loader.problem(
+                    f"consent.destinations.{dname}.purposes[{j}]",
+                    f"unknown purpose {purpose!r}; declared purposes: {', '.join(cfg.consent.purposes)}",
+                )
+    for i, aud in enumerate(cfg.audiences):
+        for j, d in enumerate(aud.destinations):
+            if d not in cfg.consent.destinations:
+                loader.problem(f"audiences[{i}].destinations[{j}]", f"unknown destination {d!r}")
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{p}: <root>: config file not found"])
+    return load_config_text(p.read_text(encoding="utf-8"), str(p), p.resolve().parent)
+
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def default_config_path() -> Path:
+    """The embedded default config, shipped as package data."""
+    return Path(str(resources.files("schemas") / "configs" / DEFAULT_CONFIG))
+
+
+def load_default_config() -> PipelineConfig:
+    return load_config(default_config_path())

@@ -1,0 +1,82 @@
+"""The run report: counts per output and reason, from Beam metrics and the written outputs.
+
+Printed as a summary after `cdi run` and written as ``run_report.json`` in the output directory.
+The accounting identity it checks, ``events_in == valid + quarantined + duplicates``, is the
+project's promise that nothing is dropped without a record.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from apache_beam.metrics.metric import MetricsFilter
+
+
+def counters(result) -> dict[str, int]:
+    """Committed (else attempted) values of the ``cdi`` namespace counters."""
+    out: dict[str, int] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace("cdi"))
+    for c in query["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out
+
+
+def count_profiles(db_path: Path) -> int:
+    if not db_path.exists():
+        return 0
+    with sqlite3.connect(str(db_path)) as conn:
+        return conn.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
+
+
+def build_report(metrics: dict[str, int], paths: dict[str, Path], wall_seconds: float) -> dict[str, Any]:
+    quarantined = {
+        name[len("quarantined.") :]: n
+        for name, n in sorted(metrics.items())
+        if name.startswith("quarantined.") and n
+    }
+    events_in = metrics.get("events_in", 0)
+    valid = metrics.get("dedup.first", 0)
+    duplicates = metrics.get("dedup.duplicates", 0)
+    total_q = sum(quarantined.values())
+    return {
+        "events_in": events_in,
+        "valid": valid,
+        "quarantined": total_q,
+        "quarantined_by_reason": quarantined,
+        "duplicates": duplicates,
+        "profiles": count_profiles(paths["profiles"]),
+        "profile_updates_written": metrics.get("profiles_written", 0),
+        "accounted": events_in == valid + total_q + duplicates,
+        "wall_seconds": round(wall_seconds, 3),
+        "outputs": {k: str(v) for k, v in paths.items()},
+    }
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    lines = [
+        f"events in         {report['events_in']:>10,}",
+        f"valid (unique)    {report['valid']:>10,}",
+        f"quarantined       {report['quarantined']:>10,}",
+    ]
+    for reason, n in report["quarantined_by_reason"].items():
+        lines.append(f"  {reason:<28}{n:>8,}")
+    lines += [
+        f"duplicates        {report['duplicates']:>10,}",
+        f"profiles          {report['profiles']:>10,}",
+        "accounted         "
+        + ("yes: in = valid + quarantined + duplicates" if report["accounted"] else "NO: counts do not add up"),
+        f"wall time         {report['wall_seconds']:>10.1f} s",
+        "outputs:",
+    ]
+    for name, path in report["outputs"].items():
+        lines.append(f"  {name:<12}{path}")
+    return "\n".join(lines)

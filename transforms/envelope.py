@@ -1,0 +1,185 @@
+"""The event envelope: decoding at the edge and the corrected event time.
+
+Pure functions only. Newline-delimited JSON and Avro records of the canonical envelope
+(``schemas/envelope.avsc``) both decode to a Segment-spec ``dict``; anything that cannot be decoded
+becomes a :class:`~transforms.quarantine.Violation`, never an exception that kills the bundle.
+
+Event time follows the peers' clock-skew correction: an explicit ``timestamp`` wins (server-side
+imports set it on purpose); otherwise ``receivedAt - (sentAt - originalTimestamp)`` when all three are
+present; otherwise ``originalTimestamp``; otherwise ``receivedAt``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any, NamedTuple
+
+import orjson
+
+from transforms.quarantine import Violation
+
+EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+
+# Envelope fields that carry JSON objects as text in Avro.
+_AVRO_JSON_FIELDS = ("properties", "traits", "context", "integrations")
+_AVRO_STRING_FIELDS = (
+    "source", "type", "messageId", "anonymousId", "userId", "previousId", "groupId", "event",
+    "name", "timestamp", "originalTimestamp", "sentAt", "receivedAt",
+)  # fmt: skip
+
+
+class Envelope(NamedTuple):
+    """One event on its way through the pipeline (a tuple: cheap to encode between stages)."""
+
+    source: str
+    origin: str  # where it came from: file path, or topic/partition@offset
+    payload: str  # the original text, untouched, for quarantine and audit
+    event: dict[str, Any]
+    event_time_ms: int = 0
+    plan_version: str = ""
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def decode_json(
+    payload: str | bytes, max_bytes: int
+) -> tuple[dict[str, Any] | None, Violation | None]:
+    """Parse one NDJSON line. Returns ``(event, None)`` or ``(None, violation)``."""
+    size = len(payload.encode("utf-8")) if isinstance(payload, str) else len(payload)
+    if size > max_bytes:
+        return None, Violation("decode.oversize", "", f"payload is {size} bytes, limit {max_bytes}")
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        reason = "decode.bad_encoding" if "utf-8" in str(e).lower() else "decode.malformed_json"
+        return None, Violation(reason, "", f"invalid JSON: {e}")
+    if not isinstance(value, dict):
+        return None, Violation(
+            "decode.not_an_object", "", f"expected a JSON object, got {type(value).__name__}"
+        )
+    return value, None
+
+
+def avro_record_to_event(record: dict[str, Any]) -> tuple[dict[str, Any] | None, Violation | None]:
+    """Turn a canonical-envelope Avro record into a Segment-spec event dict."""
+    event: dict[str, Any] = {}
+    for name in _AVRO_STRING_FIELDS:
+        if record.get(name) is not None:
+            event[name] = record[name]
+    for name in (*_AVRO_JSON_FIELDS, "extra"):
+        text = record.get(name)
+        if text is None:
+            continue
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as e:
+            return None, Violation("decode.malformed_json", name, f"invalid JSON text: {e}")
+        if not isinstance(value, dict):
+            return None, Violation("decode.not_an_object", name, "expected a JSON object")
+        if name == "extra":
+            for k, v in value.items():
+                event.setdefault(k, v)
+        else:
+            event[name] = value
+    return event, None
+
+
+def event_to_avro_record(event: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`avro_record_to_event`: lossless for any JSON object event."""
+    record: dict[str, Any] = {}
+    extra = {}
+    for k, v in event.items():
+        if k in _AVRO_STRING_FIELDS and (isinstance(v, str) or v is None):
+            record[k] = v
+        elif k in _AVRO_JSON_FIELDS and isinstance(v, dict):
+            record[k] = orjson.dumps(v).decode()
+        else:
+            extra[k] = v
+    record["extra"] = orjson.dumps(extra).decode() if extra else None
+    return record
+
+
+@lru_cache(maxsize=1)
+def envelope_avro_schema() -> dict[str, Any]:
+    """The canonical envelope schema (package data), parsed."""
+    text = (resources.files("schemas") / "envelope.avsc").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+# --- event time --------------------------------------------------------------------------------
+
+
+def parse_iso_ms(value: Any) -> int | None:
+    """ISO 8601 text to epoch milliseconds; None when absent or unparsable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        t = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(round(t.timestamp() * 1000))
+
+
+def format_iso_ms(ms: int) -> str:
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def corrected_event_time_ms(event: dict[str, Any]) -> int | None:
+    """The event time in epoch ms, skew-corrected the way Segment and RudderStack do it."""
+    explicit = parse_iso_ms(event.get("timestamp"))
+    if explicit is not None:
+        return explicit
+    original = parse_iso_ms(event.get("originalTimestamp"))
+    received = parse_iso_ms(event.get("receivedAt"))
+    sent = parse_iso_ms(event.get("sentAt"))
+    if original is not None and received is not None and sent is not None:
+        return received - (sent - original)
+    if original is not None:
+        return original
+    return received
+
+
+def check_event_time(
+    event: dict[str, Any], event_time_ms: int | None, max_future_skew_ms: int, floor_ms: int
+) -> Violation | None:
+    """A violation when the event time is missing, too far ahead of receipt, or before the floor."""
+    if event_time_ms is None:
+        return Violation(
+            "timestamp.invalid",
+            "timestamp",
+            "none of timestamp, originalTimestamp, receivedAt is an ISO 8601 instant",
+        )
+    if event_time_ms < floor_ms:
+        return Violation(
+            "timestamp.out_of_range",
+            "timestamp",
+            f"event time {format_iso_ms(event_time_ms)} is before the floor {format_iso_ms(floor_ms)}",
+        )
+    received = parse_iso_ms(event.get("receivedAt"))
+    if received is not None and event_time_ms - received > max_future_skew_ms:
+        return Violation(
+            "timestamp.out_of_range",
+            "timestamp",
+            f"event time {format_iso_ms(event_time_ms)} is more than "
+            f"{max_future_skew_ms // 1000}s after receivedAt",
+        )
+    return None
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """Value at a dotted JSON path (``context.device.id``), or None."""
+    for part in path.split("."):
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(part)
+    return obj

@@ -1,0 +1,162 @@
+"""Decode and validate: raw payloads in, valid :class:`Envelope` s out, everything else quarantined.
+
+Stateless, so it runs before any keying (validate before keying: a bad event never touches
+state). Order of checks, first failure decides the record's ``reason``: decode -> envelope (type,
+messageId, identity) -> event time -> tracking plan. Each quarantine record carries every violation
+found at the failing step. The event timestamp of every valid element is set to its corrected
+event time, so downstream windows and TTL timers run on event time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+import orjson
+from apache_beam.metrics import Metrics
+
+from transforms.envelope import (
+    Envelope,
+    avro_record_to_event,
+    check_event_time,
+    corrected_event_time_ms,
+    decode_json,
+    parse_iso_ms,
+)
+from transforms.identity import extract_identifiers
+from transforms.quarantine import QUARANTINE, Violation, quarantine_record
+from transforms.tracking_plan import (
+    TrackingPlan,
+    compile_plan,
+    envelope_violations,
+    plan_violations,
+)
+
+# A raw input element: (source name, origin, payload). Payload is NDJSON text or an Avro record.
+RawEvent = tuple[str, str, Any]
+
+
+def judge(
+    raw: RawEvent,
+    plan,
+    *,
+    max_event_bytes: int,
+    max_depth: int,
+    max_future_skew_ms: int,
+    floor_ms: int,
+    identity,
+    clamp_event_time: bool = False,
+) -> tuple[Envelope | None, dict | None]:
+    """The whole stateless verdict on one raw event: ``(envelope, None)`` or ``(None, record)``.
+
+    ``plan`` is a :class:`~transforms.tracking_plan.CompiledPlan`; ``identity`` an IdentityConfig.
+    """
+    source, origin, payload = raw
+    if isinstance(payload, dict):  # an Avro record of the canonical envelope
+        text = orjson.dumps(payload).decode()
+        event, violation = avro_record_to_event(payload)
+    else:
+        text = payload
+        event, violation = decode_json(payload, max_event_bytes)
+
+    def reject(stage: str, violations: list[Violation], version: str | None = None):
+        received = event.get("receivedAt") if event else None
+        mid = event.get("messageId") if event else None
+        return None, quarantine_record(
+            stage=stage,
+            violations=violations,
+            payload=text,
+            source=source,
+            origin=origin,
+            received_at=received if isinstance(received, str) else None,
+            plan_version=version,
+            message_id=mid if isinstance(mid, str) else None,
+        )
+
+    if violation is not None:
+        return reject("decode", [violation])
+    violations = envelope_violations(event)
+    if not violations and not extract_identifiers(event, identity):
+        violations = [
+            Violation("identity.missing", "anonymousId", "every identifier is blocklisted junk")
+        ]
+    if violations:
+        return reject("validate", violations)
+    event_time = corrected_event_time_ms(event)
+    violation = check_event_time(event, event_time, max_future_skew_ms, floor_ms)
+    received = parse_iso_ms(event.get("receivedAt"))
+    if violation is not None and clamp_event_time and received is not None:
+        # Configured to keep such events at their receive time; say so on the event.
+        event.setdefault("context", {})["cdi_clamped_event_time"] = violation.message
+        event_time, violation = received, None
+    if violation is not None:
+        return reject("event_time", [violation])
+    violations = plan_violations(event, plan, max_depth)
+    version = plan.plan.version
+    if violations:
+        return reject("validate", violations, version)
+    event.setdefault("source", source)
+    return Envelope(source, origin, text, event, event_time, version), None
+
+
+class _ValidateFn(beam.DoFn):
+    def __init__(self, plans_by_source: dict[str, TrackingPlan], settings: dict[str, Any], identity):
+        self._plans = plans_by_source
+        self._settings = settings
+        self._identity = identity
+        self._valid = Metrics.counter("cdi", "valid")
+        self._events_in = Metrics.counter("cdi", "events_in")
+
+    def setup(self):
+        # Compile once per worker process; fastjsonschema output is not picklable anyway.
+        self._compiled = {s: compile_plan(p) for s, p in self._plans.items()}
+        self._quarantined: dict[str, Any] = {}
+
+    def process(self, raw: RawEvent):
+        self._events_in.inc()
+        env, record = judge(raw, self._compiled[raw[0]], identity=self._identity, **self._settings)
+        if env is not None:
+            self._valid.inc()
+            yield beam.window.TimestampedValue(env, env.event_time_ms / 1000.0)
+        else:
+            reason = record["reason"]
+            counter = self._quarantined.get(reason)
+            if counter is None:
+                counter = self._quarantined[reason] = Metrics.counter("cdi", "quarantined." + reason)
+            counter.inc()
+            yield beam.pvalue.TaggedOutput(QUARANTINE, record)
+
+
+class ValidateEvents(beam.PTransform):
+    """Raw events in; ``valid`` envelopes (timestamped by event time) and ``quarantine`` records out."""
+
+    def __init__(
+        self,
+        plans_by_source: dict[str, TrackingPlan],
+        identity,
+        *,
+        max_event_bytes: int = 32768,
+        max_depth: int = 16,
+        max_future_skew_ms: int = 3600_000,
+        floor_ms: int = 1420070400000,  # 2015-01-01
+        clamp_event_time: bool = False,
+    ):
+        super().__init__()
+        if not plans_by_source:
+            raise ValueError("at least one source with a tracking plan is required")
+        if max_event_bytes <= 0 or max_depth <= 0 or max_future_skew_ms < 0:
+            raise ValueError("limits must be positive")
+        self._plans = dict(plans_by_source)
+        self._identity = identity
+        self._settings = {
+            "max_event_bytes": max_event_bytes,
+            "max_depth": max_depth,
+            "max_future_skew_ms": max_future_skew_ms,
+            "floor_ms": floor_ms,
+            "clamp_event_time": clamp_event_time,
+        }
+
+    def expand(self, raw_events):
+        return raw_events | "Judge" >> beam.ParDo(
+            _ValidateFn(self._plans, self._settings, self._identity)
+        ).with_outputs(QUARANTINE, main="valid")
