@@ -155,7 +155,7 @@ class IdentityConfig:
         IdentifierType("device_id", ("context.device.id",), "trim", 0),
     )
     blocklist: tuple[str, ...] = ("", "undefined", "null", "none", "anonymous", "guest", "0", "nan")
-    blocklist_patterns: tuple[str, ...] = (r"^(.)\1*$", r"^0+(-0+)*$")
+    blocklist_patterns: tuple[str, ...] = (r"^(\d)\1{3,}$", r"^[0-]+$")
     # A person may not exceed this many identifiers; a link that would is refused.
     max_cluster_size: int = 50
 

@@ -29,9 +29,19 @@ def empty_profile() -> dict[str, Any]:
     return {"ids": {}, "traits": {}, "first_seen_ms": None, "last_seen_ms": None, "counts": {}, "events": 0}
 
 
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
 def _set_trait(traits: dict, name: str, entry: list) -> None:
+    """``set``: the latest (event time, messageId) wins; a full tie falls back to the value's
+    canonical JSON, so even two sources reusing one messageId resolve the same way in any order."""
     cur = traits.get(name)
-    if cur is None or (entry[0], entry[1]) > (cur[0], cur[1]):
+    if cur is None:
+        traits[name] = entry
+        return
+    new_key, cur_key = (entry[0], entry[1]), (cur[0], cur[1])
+    if new_key > cur_key or (new_key == cur_key and _canonical(entry[2]) > _canonical(cur[2])):
         traits[name] = entry
 
 

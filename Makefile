@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine (Python 3.11, nothing else): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_DIR ?= data/demo
+DEMO_EVENTS ?= 10000
+DEMO_PERSONS ?= 500
+
+.PHONY: install demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/cdi generate --events $(DEMO_EVENTS) --persons $(DEMO_PERSONS) --seed 7 --out $(DEMO_DIR)/events.ndjson
+	$(BIN)/cdi run --input $(DEMO_DIR)/events.ndjson --output $(DEMO_DIR)/out
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m benchmarks.run_benchmark
+
+clean:
+	rm -rf $(VENV) data *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""Shared fixtures. Pipelines in tests run on the offline in-process runner (never Prism)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from pipelines.config import load_config_text
+from runners.local import runner_flag
+
+REPO = Path(__file__).resolve().parent.parent
+PLAN = REPO / "schemas" / "tracking_plans" / "example.yaml"
+
+
+def make_pipeline(streaming: bool = False) -> TestPipeline:
+    runner = runner_flag("local-streaming" if streaming else "local")
+    args = ["--streaming"] if streaming else []
+    return TestPipeline(runner=runner, options=None, argv=args, blocking=True)
+
+
+@pytest.fixture
+def pipeline():
+    return make_pipeline
+
+
+def config_from(text: str, base_dir: Path | None = None):
+    return load_config_text(text, "test.yaml", base_dir or REPO / "schemas" / "configs")
+
+
+@pytest.fixture
+def default_config():
+    return config_from(
+        """
+sources: [{name: web, paths: []}]
+tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
+"""
+    )
+
+
+def event(**kw):
+    """A valid track event, overridable field by field (None removes a field)."""
+    base = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": "m-1",
+        "anonymousId": "anon-1",
+        "properties": {"product_id": "p-1", "price": 9.5, "currency": "EUR"},
+        "originalTimestamp": "2026-11-01T10:00:00.000Z",
+        "sentAt": "2026-11-01T10:00:05.000Z",
+        "receivedAt": "2026-11-01T10:00:35.000Z",
+    }
+    base.update(kw)
+    return {k: v for k, v in base.items() if v is not None}

@@ -1,0 +1,151 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, Duration, load_config, load_default_config
+from tests.conftest import REPO, config_from
+
+CONFIGS = REPO / "schemas" / "configs"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "minimal.yaml", "reference.yaml"])
+def test_shipped_configs_parse(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.sources[0].name == "web"
+    assert cfg.dedup.ttl == 7 * 86400
+    assert cfg.resolve(cfg.tracking_plans["default"].path).is_file()
+
+
+def test_reference_config_documents_every_key():
+    """Every dataclass field appears as a key in the reference config (the docs stay complete)."""
+    import dataclasses
+
+    from pipelines import config as c
+
+    text = (CONFIGS / "reference.yaml").read_text()
+    classes = [
+        c.PipelineConfig, c.SourceConfig, c.TrackingPlanRef, c.ValidationConfig, c.EventTimeConfig,
+        c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
+        c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig,
+    ]  # fmt: skip
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("internal"):
+                assert f"{f.name}:" in text or f"{f.name}: " in text or f"{{name: " in text, f.name
+                assert f.name in text, f"{cls.__name__}.{f.name} is not documented"
+
+
+def test_default_config_is_package_data():
+    cfg = load_default_config()
+    assert Path(cfg.resolve(cfg.sources[0].paths[0])).is_file()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sources: [{name: web}]\ntracking_plans: {default: {path: ../tracking_plans/example.yaml}}\ndedupe: {ttl: 1d}",
+    ],
+)
+def test_unknown_top_level_key_suggests_nearest(text):
+    with pytest.raises(ConfigError) as e:
+        config_from(text)
+    assert e.value.problems == ["test.yaml: dedupe: unknown key; did you mean 'dedup'?"]
+
+
+def _base(extra: str) -> str:
+    return "sources: [{name: web}]\ntracking_plans: {default: {path: ../tracking_plans/example.yaml}}\n" + extra
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("dedup: {tll: 1d}", "test.yaml: dedup.tll: unknown key; did you mean 'ttl'?"),
+        (
+            "dedup: {ttl: 7 days}",
+            "test.yaml: dedup.ttl: malformed duration '7 days' (expected a number and a unit, e.g. 500ms, 30s, 10m, 2h, 7d, 1h30m)",
+        ),
+        ("dedup: {ttl: 30}", "test.yaml: dedup.ttl: duration needs a unit, e.g. '30s' or '30m'"),
+        ("validation: {max_event_bytes: big}", "test.yaml: validation.max_event_bytes: expected int, got str 'big'"),
+        ("validation: {max_event_bytes: -1}", "test.yaml: validation: max_event_bytes must be positive"),
+        ("event_time: {on_invalid: clip}", "test.yaml: event_time.on_invalid: must be one of 'quarantine', 'clamp', got 'clip'; did you mean 'clamp'?"),
+        ("event_time: {min_event_time: yesterday}", "test.yaml: event_time: min_event_time 'yesterday' is not an ISO 8601 instant"),
+        ("identity: {blocklist_patterns: ['(']}", "test.yaml: identity: blocklist_patterns: '(' is not a valid regex: missing ), unterminated subpattern at position 0"),
+        ("consent: {destinations: {crm: {purposes: [sales]}}}", "test.yaml: consent.destinations.crm.purposes[0]: unknown purpose 'sales'; declared purposes: analytics, marketing, advertising"),
+        ("sinks: {profiles: {type: postgres}}", "test.yaml: sinks.profiles.type: must be one of 'sqlite', got 'postgres'"),
+        ("audiences: [{name: a}]", "test.yaml: audiences[0].trait: required key is missing"),
+    ],
+)
+def test_each_config_error_is_one_precise_line(extra, expected):
+    with pytest.raises(ConfigError) as e:
+        config_from(_base(extra))
+    assert e.value.problems == [expected]
+
+
+def test_missing_tracking_plan_file_and_unknown_plan_reference():
+    text = "sources: [{name: web, tracking_plan: defualt}]\ntracking_plans: {default: {path: nope.yaml}}"
+    with pytest.raises(ConfigError) as e:
+        config_from(text)
+    assert any("tracking_plans.default.path: file not found" in p for p in e.value.problems)
+    assert any("sources[0].tracking_plan: no tracking plan named 'defualt'" in p and "did you mean 'default'?" in p for p in e.value.problems)
+
+
+def test_wrong_types_and_missing_required():
+    with pytest.raises(ConfigError) as e:
+        config_from("sources: web\n")
+    assert e.value.problems == [
+        "test.yaml: sources: expected a list, got str 'web'",
+        "test.yaml: tracking_plans: required key is missing",
+    ]
+
+
+def test_duration_parse():
+    assert Duration.parse("1h30m") == 5400
+    assert Duration.parse("500ms") == 0.5
+    assert Duration.parse("7d") == 604800
+    for bad in ("", "7", "d", "1 week", "-1s", "1y"):
+        with pytest.raises(ValueError):
+            Duration.parse(bad)
+
+
+def test_validate_config_cli_exit_codes(tmp_path, capsys):
+    assert main(["validate-config", str(CONFIGS / "reference.yaml")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_base("windows: {allowed_latenes: 2d}").replace("../tracking_plans", str(REPO / "schemas/tracking_plans")))
+    assert main(["validate-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: windows.allowed_latenes: unknown key; did you mean 'allowed_lateness'?" in err
+    assert main(["validate-config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_bad_tracking_plan_is_a_config_error(tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\nevents:\n  X:\n    properties: {type: objekt}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources: [{name: web}]\ntracking_plans: {default: {path: plan.yaml}}\n")
+    assert main(["validate-config", str(cfg)]) == 2
+    assert "invalid JSON Schema" in capsys.readouterr().err
+
+
+def test_run_with_bad_config_exits_2_without_starting(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources: [{name: web}]\ntracking_plans: {default: {path: nope.yaml}}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "run", "--config", str(cfg), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "tracking_plans.default.path: file not found" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_with_unmatched_input_exits_2(tmp_path, capsys):
+    assert main(["run", "--input", str(tmp_path / "none-*.ndjson"), "--output", str(tmp_path / "o")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_unknown_subcommand_exits_2(capsys):
+    assert main(["frobnicate"]) == 2

@@ -1,0 +1,99 @@
+import apache_beam as beam
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import event, make_pipeline
+from transforms.dedup import COLLISION, DUPLICATE, FIRST, DeduplicateEvents, decide, dedup_key, fingerprint
+from transforms.envelope import Envelope
+from transforms.quarantine import DUPLICATES, QUARANTINE
+
+
+def env(mid="m-1", t_ms=1_000_000, source="web", **kw):
+    e = event(messageId=mid, **kw)
+    return Envelope(source, "f", "payload-" + mid, e, t_ms, "v1")
+
+
+def test_fingerprint_ignores_transport_times_and_key_order():
+    a = event(receivedAt="2026-11-01T10:00:35Z")
+    b = dict(reversed(list(event(receivedAt="2026-11-01T11:00:00Z", sentAt="x").items())))
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(event(properties={"product_id": "p-2"}))
+
+
+def test_decide_and_key():
+    fp = fingerprint(event())
+    assert decide(None, fp) == FIRST
+    assert decide((fp, "m", 0), fp) == DUPLICATE
+    assert decide(("other", "m", 0), fp) == COLLISION
+    assert dedup_key("web", event(), ("source", "messageId")) != dedup_key("ios", event(), ("source", "messageId"))
+    assert dedup_key("web", event(properties={"order_id": "o1"}), ("properties.order_id",)) == "o1"
+
+
+def test_pipeline_duplicates_collisions_and_sources():
+    items = [
+        env("a"),
+        env("a"),  # exact resend
+        env("a", receivedAt="2026-11-02T00:00:00Z"),  # retry with a new receive time: still a duplicate
+        env("a", properties={"product_id": "zzz"}),  # same key, other payload: collision
+        env("b"),
+        env("a", source="ios"),  # same messageId from another source: not a duplicate by default
+    ]
+    with make_pipeline() as p:
+        out = (
+            p
+            | beam.Create(items)
+            | beam.Map(lambda e: TimestampedValue(e, e.event_time_ms / 1000))
+            | DeduplicateEvents()
+        )
+        assert_that(
+            out.unique | "U" >> beam.Map(lambda e: (e.source, e.event["messageId"])),
+            equal_to([("web", "a"), ("web", "b"), ("ios", "a")]),
+            label="unique",
+        )
+        assert_that(
+            out[DUPLICATES] | "D" >> beam.Map(lambda r: (r["reason"], r["first_message_id"])),
+            equal_to([("dedup.duplicate", "a")] * 2),
+            label="dups",
+        )
+        assert_that(
+            out[QUARANTINE] | "Q" >> beam.Map(lambda r: r["reason"]),
+            equal_to(["dedup.collision"]),
+            label="collisions",
+        )
+
+
+def test_ttl_expires_state_by_event_time():
+    """A copy inside the TTL is suppressed; after the watermark passes first + TTL, state is gone."""
+    ttl = 3600
+    stream = (
+        TestStream()
+        .add_elements([TimestampedValue(env("x", 0), 0)])
+        .advance_watermark_to(1800)
+        .add_elements([TimestampedValue(env("x", 1800_000), 1800)])  # inside TTL: duplicate
+        .advance_watermark_to(3601)  # timer at 0 + 3600 fires, state cleared
+        .add_elements([TimestampedValue(env("x", 3700_000), 3700)])  # outside TTL: passes again
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | DeduplicateEvents(ttl_seconds=ttl)
+        assert_that(out.unique | "U" >> beam.Map(lambda e: e.event_time_ms), equal_to([0, 3700_000]), label="u")
+        assert_that(out[DUPLICATES] | "D" >> beam.Map(lambda r: r["message_id"]), equal_to(["x"]), label="d")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.sampled_from("abcdef"), min_size=1, max_size=25),
+    st.randoms(use_true_random=False),
+)
+def test_any_order_and_duplication_gives_each_key_once(ids, rnd):
+    items = [env(i, t_ms=1000 * ord(i)) for i in ids]
+    rnd.shuffle(items)
+    with make_pipeline() as p:
+        out = p | beam.Create(items) | DeduplicateEvents()
+        assert_that(out.unique | beam.Map(lambda e: e.event["messageId"]), equal_to(sorted(set(ids))), label="u")
+        assert_that(
+            out[DUPLICATES] | "n" >> beam.combiners.Count.Globally(), equal_to([len(ids) - len(set(ids))]), label="d"
+        )

@@ -1,0 +1,105 @@
+import io
+
+import fastavro
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transforms.envelope import (
+    avro_record_to_event,
+    check_event_time,
+    corrected_event_time_ms,
+    decode_json,
+    envelope_avro_schema,
+    event_to_avro_record,
+    format_iso_ms,
+    parse_iso_ms,
+)
+from tests.conftest import event
+
+
+def test_decode_json_classes():
+    assert decode_json('{"a": 1}', 100) == ({"a": 1}, None)
+    _, v = decode_json('{"a": ', 100)
+    assert v.reason == "decode.malformed_json"
+    _, v = decode_json("[1]", 100)
+    assert v.reason == "decode.not_an_object" and "list" in v.message
+    _, v = decode_json('"x"', 100)
+    assert v.reason == "decode.not_an_object"
+    _, v = decode_json('{"a": "' + "x" * 200 + '"}', 100)
+    assert v.reason == "decode.oversize" and "limit 100" in v.message
+    _, v = decode_json(b'{"a": "\xff"}', 100)
+    assert v.reason in ("decode.bad_encoding", "decode.malformed_json")
+
+
+def test_skew_correction_uses_receive_time_minus_client_delay():
+    # Client clock 2 minutes behind: sent 10:00:05 client time, received 10:02:05.2 server time.
+    e = event(
+        originalTimestamp="2026-11-01T10:00:00.000Z",
+        sentAt="2026-11-01T10:00:05.000Z",
+        receivedAt="2026-11-01T10:02:05.200Z",
+    )
+    assert format_iso_ms(corrected_event_time_ms(e)) == "2026-11-01T10:02:00.200Z"
+
+
+def test_event_time_precedence():
+    assert corrected_event_time_ms(event(timestamp="2026-01-01T00:00:00Z")) == parse_iso_ms("2026-01-01T00:00:00Z")
+    only_original = event(sentAt=None, receivedAt=None)
+    assert corrected_event_time_ms(only_original) == parse_iso_ms("2026-11-01T10:00:00Z")
+    only_received = event(originalTimestamp=None, sentAt=None)
+    assert corrected_event_time_ms(only_received) == parse_iso_ms("2026-11-01T10:00:35Z")
+    assert corrected_event_time_ms(event(originalTimestamp=None, sentAt=None, receivedAt=None)) is None
+    assert corrected_event_time_ms(event(originalTimestamp="yesterday", sentAt=None, receivedAt=None)) is None
+
+
+def test_event_time_range_checks():
+    e = event()
+    t = corrected_event_time_ms(e)
+    assert check_event_time(e, t, 3600_000, 0) is None
+    assert check_event_time(e, None, 3600_000, 0).reason == "timestamp.invalid"
+    assert check_event_time(e, t, 3600_000, t + 1).reason == "timestamp.out_of_range"
+    future = event(timestamp="2026-11-01T12:00:00Z")
+    v = check_event_time(future, corrected_event_time_ms(future), 3600_000, 0)
+    assert v.reason == "timestamp.out_of_range" and "after receivedAt" in v.message
+
+
+json_objects = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["track", "identify"]), "messageId": st.text(min_size=1, max_size=8)},
+        optional={
+            "properties": st.dictionaries(st.text(max_size=5), json_objects, max_size=3),
+            "context": st.dictionaries(st.text(max_size=5), json_objects, max_size=3),
+            "custom": json_objects,
+            "userId": st.text(max_size=5),
+        },
+    )
+)
+def test_avro_envelope_roundtrip_is_lossless(e):
+    schema = fastavro.parse_schema(envelope_avro_schema())
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [event_to_avro_record(e)])
+    buf.seek(0)
+    (record,) = list(fastavro.reader(buf))
+    back, violation = avro_record_to_event(record)
+    assert violation is None
+    assert orjson.dumps(back, option=orjson.OPT_SORT_KEYS) == orjson.dumps(e, option=orjson.OPT_SORT_KEYS)
+
+
+def test_avro_record_with_bad_json_text_is_a_violation():
+    _, v = avro_record_to_event({"type": "track", "properties": "{oops"})
+    assert v.reason == "decode.malformed_json" and v.path == "properties"
+    _, v = avro_record_to_event({"type": "track", "context": "[1]"})
+    assert v.reason == "decode.not_an_object" and v.path == "context"
+
+
+@pytest.mark.parametrize("bad", ["", "not a date", None, 5])
+def test_parse_iso_rejects(bad):
+    assert parse_iso_ms(bad) is None

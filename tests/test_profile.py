@@ -1,0 +1,118 @@
+import functools
+
+import apache_beam as beam
+import orjson
+from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.config import IdentityConfig
+from tests.conftest import event, make_pipeline
+from transforms.envelope import Envelope
+from transforms.identity import extract_identifiers, is_blocked, normalize, primary_profile_key
+from transforms.profile import BuildProfiles, empty_profile, fold_event, merge_profiles, profile_row
+
+IDENTITY = IdentityConfig()
+
+
+def test_normalizers_and_blocklist():
+    assert normalize("  Jane.Doe@Example.COM ", "email") == "jane.doe@example.com"
+    assert normalize("+1 (555) 010-9999", "phone") == "15550109999"
+    assert normalize(42, "trim") == "42"
+    assert normalize({"a": 1}, "trim") is None and normalize(True, "trim") is None
+    for junk in ("undefined", "NULL", "0", "", "00000000-0000-0000-0000-000000000000", "1111", "guest"):
+        assert is_blocked(junk, IDENTITY.blocklist, IDENTITY.blocklist_patterns), junk
+    for ok in ("u_1a2b", "7", "device-123", "110"):
+        assert not is_blocked(ok, IDENTITY.blocklist, IDENTITY.blocklist_patterns), ok
+
+
+def test_extract_identifiers_and_primary_key():
+    e = event(
+        userId="u1",
+        anonymousId="undefined",
+        context={"device": {"id": "0000000000000000"}, "traits": {"email": " A@B.com"}},
+    )
+    assert extract_identifiers(e, IDENTITY) == [("user_id", "u1"), ("email", "a@b.com")]
+    assert primary_profile_key(e, IDENTITY) == "user:u1"
+    assert primary_profile_key(event(), IDENTITY) == "anon:anon-1"
+    alias = {"type": "alias", "previousId": "anon-9", "userId": "u9"}
+    assert extract_identifiers(alias, IDENTITY) == [("user_id", "u9"), ("anonymous_id", "anon-9")]
+
+
+def _fold(events):
+    acc = empty_profile()
+    for e, t in events:
+        fold_event(acc, e, t, extract_identifiers(e, IDENTITY))
+    return acc
+
+
+def test_set_trait_latest_event_time_wins_regardless_of_order():
+    older = (event(type="identify", messageId="m1", traits={"plan": "free"}), 1000)
+    newer = (event(type="identify", messageId="m2", traits={"plan": "pro"}), 2000)
+    for order in ([older, newer], [newer, older]):
+        row = profile_row("p", _fold(order))
+        assert orjson.loads(row["traits"]) == {"plan": "pro"}
+        assert row["version"] == 2
+
+
+def test_group_traits_are_not_person_traits_but_context_traits_are():
+    g = event(type="group", groupId="g1", traits={"plan": "enterprise"}, context={"traits": {"name": "Ann"}})
+    row = profile_row("p", _fold([(g, 5)]))
+    assert orjson.loads(row["traits"]) == {"name": "Ann"}
+
+
+profile_events = st.lists(
+    st.tuples(
+        st.sampled_from(["identify", "track", "page"]),
+        st.sampled_from(["m1", "m2", "m3", "m4", "m5"]),
+        st.sampled_from(["free", "pro", "enterprise"]),
+        st.integers(0, 5),  # event time: ties happen and must break by messageId
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def _make(spec):
+    etype, mid, plan, t = spec
+    kw = {"type": etype, "messageId": mid, "traits": {"plan": plan} if etype == "identify" else None}
+    if etype != "track":
+        kw.update(event=None, properties=None)
+    return event(**kw), t
+
+
+@settings(max_examples=60, deadline=None)
+@given(profile_events, st.randoms(use_true_random=False), st.integers(1, 4))
+def test_fold_and_merge_are_order_and_partition_independent(specs, rnd, parts):
+    events = [_make(s) for s in specs]
+    expected = profile_row("p", _fold(events))
+    shuffled = list(events)
+    rnd.shuffle(shuffled)
+    chunks = [shuffled[i::parts] for i in range(parts)]
+    merged = functools.reduce(merge_profiles, [_fold(c) for c in chunks], empty_profile())
+    assert profile_row("p", merged) == expected
+
+
+def test_build_profiles_pipeline():
+    def envl(mid, t, **kw):
+        e = event(messageId=mid, **kw)
+        return Envelope("web", "f", "", e, t, "v")
+
+    items = [
+        envl("1", 1000),
+        envl("2", 2000, type="identify", userId="u1", traits={"email": "U1@X.io"}, event=None, properties=None),
+        envl("3", 3000, userId="u1"),
+        envl("4", 4000, anonymousId="anon-2"),
+    ]
+    with make_pipeline() as p:
+        rows = p | beam.Create(items) | BuildProfiles(IDENTITY)
+        assert_that(
+            rows | beam.Map(lambda r: (r["profile_id"], r["version"], r["traits"])),
+            equal_to(
+                [
+                    ("anon:anon-1", 1, "{}"),
+                    ("user:u1", 2, '{"email":"U1@X.io"}'),
+                    ("anon:anon-2", 1, "{}"),
+                ]
+            ),
+        )
