@@ -83,7 +83,7 @@ def test_sink_never_rolls_a_profile_back(tmp_path):
     from transforms.sinks import open_profile_db, upsert_profiles
 
     conn = open_profile_db(tmp_path / "p.sqlite")
-    row = {"profile_id": "p", "identities": "[]", "traits": "{}", "event_counts": "{}", "first_seen": None, "last_seen": None, "updated_at": "t"}
+    row = {"profile_id": "p", "identities": "[]", "traits": "{}", "computed_traits": "{}", "event_counts": "{}", "first_seen": None, "last_seen": None, "updated_at": "t"}
     upsert_profiles(conn, [{**row, "version": 5, "traits": '{"v":5}'}])
     upsert_profiles(conn, [{**row, "version": 3, "traits": '{"v":3}'}])  # a stale, re-delivered pane
     assert conn.execute("SELECT version, traits FROM profiles").fetchall() == [(5, '{"v":5}')]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import dataclass
+
 import apache_beam as beam
 import orjson
 
@@ -25,23 +27,54 @@ from transforms.envelope import format_iso_ms
 _SEP = "\x1f"
 
 
+@dataclass(frozen=True)
+class TraitRules:
+    """How a trait combines across events; any trait not named here uses ``set``.
+
+    - ``set``: latest event time wins (ties: larger messageId, then the value's canonical JSON);
+      a ``null`` value is an ``unset``: a tombstone with its own event time, absent from the row;
+    - ``set_once``: earliest event time wins (same tie rules, reversed);
+    - ``increment``: numeric values are added (deduplication upstream makes this exactly-once).
+    """
+
+    set_once: frozenset[str] = frozenset()
+    increment: frozenset[str] = frozenset()
+
+
 def empty_profile() -> dict[str, Any]:
-    return {"ids": {}, "traits": {}, "first_seen_ms": None, "last_seen_ms": None, "counts": {}, "events": 0}
+    return {
+        "ids": {},
+        "traits": {},
+        "once": {},
+        "incr": {},
+        "computed": {},
+        "first_seen_ms": None,
+        "last_seen_ms": None,
+        "counts": {},
+        "events": 0,
+        "panes": 0,
+    }
 
 
 def _canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
+def _later(a: list, b: list) -> bool:
+    """True when trait entry ``a`` ([time, messageId, value]) beats ``b`` under ``set``."""
+    ka, kb = (a[0], a[1]), (b[0], b[1])
+    return ka > kb or (ka == kb and _canonical(a[2]) > _canonical(b[2]))
+
+
 def _set_trait(traits: dict, name: str, entry: list) -> None:
-    """``set``: the latest (event time, messageId) wins; a full tie falls back to the value's
-    canonical JSON, so even two sources reusing one messageId resolve the same way in any order."""
     cur = traits.get(name)
-    if cur is None:
+    if cur is None or _later(entry, cur):
         traits[name] = entry
-        return
-    new_key, cur_key = (entry[0], entry[1]), (cur[0], cur[1])
-    if new_key > cur_key or (new_key == cur_key and _canonical(entry[2]) > _canonical(cur[2])):
+
+
+def _set_once(traits: dict, name: str, entry: list) -> None:
+    cur = traits.get(name)
+    if cur is None or _later(cur, entry):
         traits[name] = entry
 
 
@@ -60,7 +93,11 @@ def _trait_sources(event: dict[str, Any]) -> list[dict]:
 
 
 def fold_event(
-    acc: dict[str, Any], event: dict[str, Any], event_time_ms: int, identifiers: list[tuple[str, str]]
+    acc: dict[str, Any],
+    event: dict[str, Any],
+    event_time_ms: int,
+    identifiers: list[tuple[str, str]],
+    rules: TraitRules = TraitRules(),
 ) -> dict[str, Any]:
     """Add one event to a profile (mutates and returns ``acc``)."""
     for t, v in identifiers:
@@ -74,7 +111,14 @@ def fold_event(
     mid = event.get("messageId", "")
     for source in _trait_sources(event):
         for name, value in source.items():
-            _set_trait(acc["traits"], name, [event_time_ms, mid, value])
+            if name in rules.increment:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    acc["incr"][name] = acc["incr"].get(name, 0) + value
+            elif name in rules.set_once:
+                if value is not None:
+                    _set_once(acc["once"], name, [event_time_ms, mid, value])
+            else:
+                _set_trait(acc["traits"], name, [event_time_ms, mid, value])
     first, last = acc["first_seen_ms"], acc["last_seen_ms"]
     acc["first_seen_ms"] = event_time_ms if first is None else min(first, event_time_ms)
     acc["last_seen_ms"] = event_time_ms if last is None else max(last, event_time_ms)
@@ -88,6 +132,25 @@ def fold_event(
     return acc
 
 
+def fold_computed(acc: dict[str, Any], name: str, pane: list) -> dict[str, Any]:
+    """Add one computed-trait pane ``[window_end_ms, window_start_ms, pane_index, value, mode]``.
+
+    The latest window wins; within one window an accumulating pane replaces the earlier ones (a
+    late pane corrects, it never double counts) and a discarding pane's delta is added.
+    """
+    cur = acc["computed"].get(name)
+    if cur is None or (pane[0], pane[1]) > (cur[0], cur[1]):
+        acc["computed"][name] = list(pane)
+    elif (pane[0], pane[1]) == (cur[0], cur[1]):
+        if pane[4] == "discarding":
+            cur[3] = (cur[3] or 0) + (pane[3] or 0)
+            cur[2] = max(cur[2], pane[2])
+        elif pane[2] > cur[2]:
+            acc["computed"][name] = list(pane)
+    acc["panes"] += 1
+    return acc
+
+
 def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Combine two partial profiles of one person (mutates and returns ``a``). Commutative."""
     for key, (lo, hi) in b["ids"].items():
@@ -95,9 +158,17 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         a["ids"][key] = [lo, hi] if span is None else [min(span[0], lo), max(span[1], hi)]
     for name, entry in b["traits"].items():
         _set_trait(a["traits"], name, entry)
-    for field, pick in (("first_seen_ms", min), ("last_seen_ms", max)):
-        vals = [v for v in (a[field], b[field]) if v is not None]
-        a[field] = pick(vals) if vals else None
+    for name, entry in b["once"].items():
+        _set_once(a["once"], name, entry)
+    for name, n in b["incr"].items():
+        a["incr"][name] = a["incr"].get(name, 0) + n
+    panes = a["panes"]
+    for name, pane in b["computed"].items():
+        fold_computed(a, name, pane)
+    a["panes"] = panes + b["panes"]
+    for field_name, pick in (("first_seen_ms", min), ("last_seen_ms", max)):
+        vals = [v for v in (a[field_name], b[field_name]) if v is not None]
+        a[field_name] = pick(vals) if vals else None
     for k, n in b["counts"].items():
         a["counts"][k] = a["counts"].get(k, 0) + n
     a["events"] += b["events"]
@@ -113,31 +184,56 @@ def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
         identities.append(
             {"type": t, "value": v, "first_seen": format_iso_ms(lo), "last_seen": format_iso_ms(hi)}
         )
-    traits = {name: acc["traits"][name][2] for name in sorted(acc["traits"])}
-    dump = lambda x: orjson.dumps(x, option=orjson.OPT_SORT_KEYS).decode()  # noqa: E731
+    traits = {n: e[2] for n, e in acc["traits"].items() if e[2] is not None}
+    traits.update({n: e[2] for n, e in acc["once"].items()})
+    traits.update(acc["incr"])
+    computed = {
+        name: {
+            "value": pane[3],
+            "window_start": format_iso_ms(pane[1]) if pane[1] is not None else None,
+            "window_end": format_iso_ms(pane[0]) if pane[0] is not None else None,
+        }
+        for name, pane in acc["computed"].items()
+    }
+
+    def dump(x):
+        return orjson.dumps(x, option=orjson.OPT_SORT_KEYS).decode()
+
+    seen = acc["last_seen_ms"]
     return {
         "profile_id": profile_id,
         "identities": dump(identities),
         "traits": dump(traits),
+        "computed_traits": dump(computed),
         "event_counts": dump(acc["counts"]),
-        "first_seen": format_iso_ms(acc["first_seen_ms"]),
-        "last_seen": format_iso_ms(acc["last_seen_ms"]),
-        "version": acc["events"],
+        "first_seen": format_iso_ms(acc["first_seen_ms"]) if acc["first_seen_ms"] is not None else None,
+        "last_seen": format_iso_ms(seen) if seen is not None else None,
+        "version": acc["events"] + acc["panes"],
         # The event time of the newest event folded in: a pure function of the input, so a
         # replay writes byte-identical rows (wall-clock time would not).
-        "updated_at": format_iso_ms(acc["last_seen_ms"]),
+        "updated_at": format_iso_ms(seen) if seen is not None else "",
     }
 
 
+EVENT, COMPUTED = "e", "c"
+
+
 class ProfileCombineFn(beam.CombineFn):
-    """Beam shell over :func:`fold_event` / :func:`merge_profiles`; input ``(event, time_ms, ids)``."""
+    """Beam shell over the fold/merge functions.
+
+    Inputs: ``("e", event, time_ms, identifiers)`` or ``("c", trait_name, pane)``.
+    """
+
+    def __init__(self, rules: TraitRules = TraitRules()):
+        self._rules = rules
 
     def create_accumulator(self):
         return empty_profile()
 
     def add_input(self, acc, element):
-        event, event_time_ms, identifiers = element
-        return fold_event(acc, event, event_time_ms, identifiers)
+        if element[0] == EVENT:
+            return fold_event(acc, element[1], element[2], element[3], self._rules)
+        return fold_computed(acc, element[1], element[2])
 
     def merge_accumulators(self, accumulators):
         it = iter(accumulators)
@@ -151,30 +247,54 @@ class ProfileCombineFn(beam.CombineFn):
 
 
 class BuildProfiles(beam.PTransform):
-    """Valid, unique envelopes in; one profile row per profile key out (``profile_row`` shape).
+    """Valid, unique envelopes (and computed-trait panes) in; profile rows out.
 
+    Input: a PCollection of envelopes, or ``{"events": envelopes, "computed": panes}`` where panes
+    are ``(profile_key, (trait_name, pane))`` from :class:`transforms.computed_traits.ComputeTraits`.
     Keyed by :func:`transforms.identity.primary_profile_key` (user id, else anonymous id) until
-    identity stitching assigns person ids. Aggregation is a ``CombineFn`` over
-    :func:`fold_event`/:func:`merge_profiles`, so it is order- and bundling-independent and
-    Beam may pre-combine before the shuffle.
+    identity stitching assigns person ids. Aggregation is a ``CombineFn`` over the fold/merge
+    functions, so it is order- and bundling-independent and Beam may pre-combine before the
+    shuffle. With ``update_every`` (seconds, streaming) the global window fires accumulating panes
+    on processing time; each pane is the whole profile with a larger ``version``.
     """
 
-    def __init__(self, identity):
+    def __init__(self, identity, rules: TraitRules = TraitRules(), update_every: float | None = None):
         super().__init__()
+        if update_every is not None and update_every <= 0:
+            raise ValueError("update_every must be positive")
         self._identity = identity
+        self._rules = rules
+        self._update_every = update_every
 
-    def expand(self, envelopes):
+    def expand(self, inputs):
+        from apache_beam.transforms import trigger, window
+
         from transforms.identity import extract_identifiers, primary_profile_key
 
         identity = self._identity
+        if isinstance(inputs, dict):
+            envelopes, computed = inputs["events"], inputs.get("computed")
+        else:
+            envelopes, computed = inputs, None
 
         def keyed(env):
             ids = extract_identifiers(env.event, identity)
-            return primary_profile_key(env.event, identity), (env.event, env.event_time_ms, ids)
+            return primary_profile_key(env.event, identity), (EVENT, env.event, env.event_time_ms, ids)
 
+        parts = [envelopes | "KeyByProfile" >> beam.Map(keyed)]
+        if computed is not None:
+            parts.append(computed | "TagPanes" >> beam.MapTuple(lambda k, np: (k, (COMPUTED, *np))))
+        fragments = parts[0] if len(parts) == 1 else tuple(parts) | "Fragments" >> beam.Flatten()
+        if self._update_every:
+            fragments = fragments | "Global" >> beam.WindowInto(
+                window.GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._update_every)),
+                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            )
+        else:
+            fragments = fragments | "Global" >> beam.WindowInto(window.GlobalWindows())
         return (
-            envelopes
-            | "KeyByProfile" >> beam.Map(keyed)
-            | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn())
+            fragments
+            | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn(self._rules))
             | "ToRow" >> beam.MapTuple(profile_row)
         )

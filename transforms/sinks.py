@@ -19,6 +19,7 @@ PROFILE_COLUMNS = (
     "profile_id",
     "identities",
     "traits",
+    "computed_traits",
     "event_counts",
     "first_seen",
     "last_seen",
@@ -30,7 +31,8 @@ _CREATE = """
 CREATE TABLE IF NOT EXISTS profiles (
   profile_id   TEXT PRIMARY KEY,
   identities   TEXT NOT NULL,  -- JSON array of {"type", "value", "first_seen", "last_seen"}
-  traits       TEXT NOT NULL,  -- JSON object, trait -> value (latest event time wins)
+  traits       TEXT NOT NULL,  -- JSON object, trait -> value (set/set_once/increment by event time)
+  computed_traits TEXT NOT NULL,  -- JSON object, name -> {value, window_start, window_end}
   event_counts TEXT NOT NULL,  -- JSON object, "type:<type>" / "event:<name>" -> count
   first_seen   TEXT,
   last_seen    TEXT,
