@@ -132,8 +132,70 @@ class DedupConfig:
 
 @dataclass(frozen=True)
 class WindowsConfig:
-    # How far behind the watermark an event may arrive and still update windowed results.
+    # How far behind the watermark an event may arrive and still update windowed results;
+    # later events go to the `late` output. Longer = more complete, more state held longer.
     allowed_lateness: Duration = Duration(2 * 86400)
+
+    def __post_init__(self):
+        if self.allowed_lateness < 0:
+            raise ValueError("allowed_lateness must not be negative")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    type: Literal["fixed", "sliding", "session", "lifetime"] = "lifetime"
+    size: Duration | None = None  # fixed, sliding
+    period: Duration | None = None  # sliding: how often a new window starts
+    gap: Duration | None = None  # session: inactivity that closes a session
+
+    def __post_init__(self):
+        need = {"fixed": ("size",), "sliding": ("size", "period"), "session": ("gap",), "lifetime": ()}
+        for name in need[self.type]:
+            value = getattr(self, name)
+            if value is None or value <= 0:
+                raise ValueError(f"a {self.type} window needs a positive '{name}'")
+        if self.type == "sliding" and self.period > self.size:
+            raise ValueError("a sliding window's period must not exceed its size")
+
+
+@dataclass(frozen=True)
+class TriggerConfig:
+    # Early (speculative) panes this long in processing time after new data; none by default.
+    early: Duration | None = None
+    # A pane at the watermark (window end) is always emitted. `late`: a corrected pane for each
+    # event that arrives after it but within windows.allowed_lateness.
+    late: bool = True
+    # accumulating: each pane is the window's full value (replaces the earlier pane);
+    # discarding: each pane is the delta since the last one (count and sum only).
+    accumulation: Literal["accumulating", "discarding"] = "accumulating"
+
+
+@dataclass(frozen=True)
+class ComputedTraitConfig:
+    name: str
+    aggregate: Literal["count", "sum", "distinct_count", "first_seen", "last_seen"]
+    # Track event name to aggregate; omitted = every event (any type).
+    event: str | None = None
+    # JSON path into the event (e.g. properties.revenue) for sum and distinct_count.
+    property: str | None = None
+    window: WindowConfig = WindowConfig()
+    trigger: TriggerConfig = TriggerConfig()
+
+    def __post_init__(self):
+        if self.aggregate in ("sum", "distinct_count") and not self.property:
+            raise ValueError(f"aggregate '{self.aggregate}' needs a 'property'")
+        if self.trigger.accumulation == "discarding" and self.aggregate not in ("count", "sum"):
+            raise ValueError("discarding panes are additive deltas: only count and sum support them")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    # Traits where the earliest event time wins (every other trait: latest event time wins).
+    set_once: tuple[str, ...] = ()
+    # Numeric traits that are added up instead of replaced.
+    increment: tuple[str, ...] = ()
+    # Streaming: emit updated profiles this often (processing time). Batch: once, at the end.
+    update_every: Duration | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +274,8 @@ class PipelineConfig:
     event_time: EventTimeConfig = EventTimeConfig()
     dedup: DedupConfig = DedupConfig()
     windows: WindowsConfig = WindowsConfig()
+    profile: ProfileConfig = ProfileConfig()
+    computed_traits: tuple[ComputedTraitConfig, ...] = ()
     identity: IdentityConfig = IdentityConfig()
     consent: ConsentConfig = ConsentConfig()
     audiences: tuple[AudienceConfig, ...] = ()
@@ -225,6 +289,9 @@ class PipelineConfig:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"sources: source names must be unique, got {names}")
+        traits = [t.name for t in self.computed_traits]
+        if len(set(traits)) != len(traits):
+            raise ValueError(f"computed_traits: names must be unique, got {traits}")
 
     def resolve(self, path: str) -> Path:
         p = Path(path)

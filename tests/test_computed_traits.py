@@ -1,0 +1,171 @@
+"""Windowed computed traits: pure window/aggregate logic, and TestStream scenarios that move the
+watermark explicitly (on time, late within lateness, too late, sessions merging, early panes)."""
+
+import apache_beam as beam
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from tests.conftest import event, make_pipeline
+from transforms.computed_traits import (
+    LATE,
+    ComputedTraitSpec,
+    ComputeTraits,
+    agg_add,
+    agg_init,
+    agg_merge,
+    agg_value,
+    assign_windows,
+    extract_value,
+)
+from transforms.envelope import Envelope
+
+S = 1000  # ms
+
+
+def spec(**kw):
+    base = dict(name="n", aggregate="count", window="fixed", size_ms=10 * S)
+    base.update(kw)
+    return ComputedTraitSpec(**base)
+
+
+def test_assign_windows():
+    assert assign_windows(spec(), 12_345) == [(10_000, 20_000)]
+    assert assign_windows(spec(window="sliding", size_ms=10 * S, period_ms=5 * S), 12_000) == [
+        (5_000, 15_000),
+        (10_000, 20_000),
+    ]
+    assert assign_windows(spec(window="session", gap_ms=30 * S), 7_000) == [(7_000, 37_000)]
+    assert assign_windows(spec(window="lifetime"), 7)[0][0] == -1
+
+
+def test_aggregates_merge_like_they_add():
+    for kind, values in [("count", [None] * 3), ("sum", [1, 2.5, 3]), ("distinct_count", ["a", "b", "a"])]:
+        whole = agg_init(kind)
+        for i, v in enumerate(values):
+            whole = agg_add(kind, whole, v, i)
+        a = agg_add(kind, agg_init(kind), values[0], 0)
+        b = agg_init(kind)
+        for i, v in enumerate(values[1:], 1):
+            b = agg_add(kind, b, v, i)
+        assert agg_value(kind, agg_merge(kind, a, b)) == agg_value(kind, whole)
+    assert agg_value("distinct_count", agg_add("distinct_count", ["a"], "a", 0)) == 1
+
+
+def test_extract_value_filters_by_event_and_property():
+    s = spec(aggregate="sum", event="Order Completed", property="properties.revenue")
+    assert extract_value(s, event(event="Order Completed", properties={"revenue": 5})) == (True, 5)
+    assert extract_value(s, event(event="Product Viewed", properties={"revenue": 5}))[0] is False
+    assert extract_value(s, event(event="Order Completed", properties={"revenue": "5"}))[0] is False
+
+
+def env(mid, t_s):
+    return Envelope("web", "f", mid, event(messageId=mid), int(t_s * S), "v")
+
+
+def at(mid, t_s, key="k"):
+    return TimestampedValue((key, env(mid, t_s)), t_s)
+
+
+def panes(out):
+    return out.computed | beam.MapTuple(lambda k, np: (k, np[0], np[1][2], np[1][3]))
+
+
+def test_on_time_late_within_lateness_and_too_late():
+    stream = (
+        TestStream()
+        .add_elements([at("a", 1), at("b", 2)])
+        .advance_watermark_to(10)  # window [0,10) closes: ON_TIME pane, count 2
+        .add_elements([at("c", 3)])  # late but within 5 s lateness: LATE pane, corrected count 3
+        .advance_watermark_to(16)  # window state garbage-collected at 10 + 5
+        .add_elements([at("d", 4)])  # too late: to the late output, not counted
+        .add_elements([at("e", 17)])  # on time for [10, 20)
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | ComputeTraits([spec()], allowed_lateness_ms=5 * S)
+        assert_that(
+            panes(out),
+            equal_to([("k", "n", 0, 2), ("k", "n", 1, 3), ("k", "n", 0, 1)]),
+            label="panes",
+        )
+        assert_that(
+            out[LATE] | beam.Map(lambda r: (r["message_id"], r["behind_watermark_ms"], r["traits"])),
+            equal_to([("d", 11 * S, ["n"])]),
+            label="late",
+        )
+
+
+def test_discarding_panes_are_deltas():
+    s = spec(aggregate="count")
+    s = ComputedTraitSpec(**{**s.__dict__, "accumulation": "discarding"})
+    stream = (
+        TestStream()
+        .add_elements([at("a", 1), at("b", 2)])
+        .advance_watermark_to(10)
+        .add_elements([at("c", 3)])
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | ComputeTraits([s], allowed_lateness_ms=5 * S)
+        assert_that(panes(out), equal_to([("k", "n", 0, 2), ("k", "n", 1, 1)]))
+
+
+def test_sessions_merge_when_a_gap_is_filled():
+    s = spec(window="session", gap_ms=10 * S)
+    stream = (
+        TestStream()
+        .add_elements([at("a", 0), at("b", 15)])  # two sessions: [0,10) and [15,25)
+        .add_elements([at("c", 8)])  # [8,18) bridges both: one session [0,25) with 3 events
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | ComputeTraits([s], allowed_lateness_ms=0)
+        assert_that(
+            out.computed | beam.MapTuple(lambda k, np: (np[1][1], np[1][0], np[1][3])),
+            equal_to([(0, 25 * S, 3)]),
+        )
+
+
+def test_early_panes_on_processing_time():
+    s = ComputedTraitSpec(name="n", aggregate="count", window="fixed", size_ms=100 * S, early_ms=5 * S)
+    clock = [0.0]
+    stream = (
+        TestStream()
+        .add_elements([at("a", 1)])
+        .advance_processing_time(10)
+        .add_elements([at("b", 2)])
+        .advance_processing_time(10)
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | ComputeTraits([s], allowed_lateness_ms=0, clock=lambda: clock[0])
+        # Early panes count 1 then 2, then the ON_TIME pane with 2.
+        assert_that(panes(out), equal_to([("k", "n", 0, 1), ("k", "n", 1, 2), ("k", "n", 2, 2)]))
+
+
+def test_lifetime_and_sliding_in_batch():
+    specs = [
+        spec(name="life", window="lifetime"),
+        spec(name="slide", window="sliding", size_ms=10 * S, period_ms=5 * S),
+    ]
+    items = [("k", env(m, t)) for m, t in [("a", 1), ("b", 6), ("c", 12)]]
+    with make_pipeline() as p:
+        out = (
+            p
+            | beam.Create(items)
+            | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+            | ComputeTraits(specs, allowed_lateness_ms=0)
+        )
+        assert_that(
+            out.computed | beam.MapTuple(lambda k, np: (np[0], np[1][1], np[1][3])),
+            equal_to(
+                [
+                    ("life", None, 3),
+                    ("slide", -5 * S, 1),  # [-5, 5): a
+                    ("slide", 0, 2),  # [0, 10): a, b
+                    ("slide", 5 * S, 2),  # [5, 15): b, c
+                    ("slide", 10 * S, 1),  # [10, 20): c
+                ]
+            ),
+        )

@@ -1,0 +1,359 @@
+"""Windowed computed traits with allowed lateness, configurable triggers and a `late` output.
+
+Stream contract:
+- Keyed by profile key; event time is the element timestamp (the corrected event time).
+- Windows per trait: fixed, sliding, session (merging) or lifetime, assigned by the pure
+  :func:`assign_windows`; aggregates (count, sum, distinct_count, first_seen, last_seen) by the pure
+  ``agg_*`` functions.
+- Panes: EARLY after ``trigger.early`` of processing time (when set), ON_TIME when the watermark
+  passes the window end, LATE for each event that arrives after that but within
+  ``allowed_lateness``. Accumulating panes carry the full value (a late pane corrects the value);
+  discarding panes carry the delta since the previous pane.
+- State per key: one small dict of open windows per trait, a watermark lower bound, the armed
+  timer times. A window's state is cleared by an event-time timer at ``end + allowed_lateness``.
+- Too late: an event whose window was already garbage-collected goes to the ``late`` output with
+  how far behind the watermark it was; nothing is dropped silently. We do the windowing in keyed
+  state rather than with ``WindowInto`` + ``GroupByKey`` because Beam drops data past the allowed
+  lateness at the GroupByKey without any output or hook, and the late output is a promise here.
+  The watermark is known per key from the event-time timers that fired for it (a timer at T fires
+  only once the input watermark has passed T); for a key with no closed window yet, a very late
+  event opens a window of its own and is emitted in a pane of its own at once: it is counted,
+  never double counted, and no earlier value is overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.envelope import Envelope, format_iso_ms, get_path
+
+LATE = "late"
+COMPUTED = "computed"
+
+# The lifetime window ends where Beam's global window ends: its on-time pane fires when a bounded
+# input is exhausted (and never, in streaming, where early panes carry it).
+LIFETIME_END_MS = int(GlobalWindow().max_timestamp().micros // 1000)
+
+
+@dataclass(frozen=True)
+class ComputedTraitSpec:
+    name: str
+    aggregate: str  # count | sum | distinct_count | first_seen | last_seen
+    event: str | None = None
+    property: str | None = None
+    window: str = "lifetime"  # fixed | sliding | session | lifetime
+    size_ms: int = 0
+    period_ms: int = 0
+    gap_ms: int = 0
+    early_ms: int | None = None
+    late_panes: bool = True
+    accumulation: str = "accumulating"
+
+    @classmethod
+    def from_config(cls, c) -> ComputedTraitSpec:
+        ms = lambda d: int(d * 1000) if d is not None else 0  # noqa: E731
+        return cls(
+            name=c.name,
+            aggregate=c.aggregate,
+            event=c.event,
+            property=c.property,
+            window=c.window.type,
+            size_ms=ms(c.window.size),
+            period_ms=ms(c.window.period),
+            gap_ms=ms(c.window.gap),
+            early_ms=ms(c.trigger.early) if c.trigger.early else None,
+            late_panes=c.trigger.late,
+            accumulation=c.trigger.accumulation,
+        )
+
+
+# --- pure core ---------------------------------------------------------------------------------
+
+
+def assign_windows(spec: ComputedTraitSpec, ts_ms: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` windows an event at ``ts_ms`` belongs to (sessions before merging)."""
+    if spec.window == "fixed":
+        start = ts_ms - ts_ms % spec.size_ms
+        return [(start, start + spec.size_ms)]
+    if spec.window == "sliding":
+        last = ts_ms - ts_ms % spec.period_ms
+        out = []
+        start = last
+        while start > ts_ms - spec.size_ms:
+            out.append((start, start + spec.size_ms))
+            start -= spec.period_ms
+        return sorted(out)
+    if spec.window == "session":
+        return [(ts_ms, ts_ms + spec.gap_ms)]
+    return [(-1, LIFETIME_END_MS)]
+
+
+def extract_value(spec: ComputedTraitSpec, event: dict[str, Any]) -> tuple[bool, Any]:
+    """Whether the event feeds this trait, and the value it contributes."""
+    if spec.event is not None and (event.get("type") != "track" or event.get("event") != spec.event):
+        return False, None
+    if spec.aggregate in ("sum", "distinct_count"):
+        value = get_path(event, spec.property)
+        if spec.aggregate == "sum":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            return ok, value
+        return value is not None, value
+    return True, None
+
+
+def agg_init(kind: str) -> Any:
+    return [] if kind == "distinct_count" else None
+
+
+def agg_add(kind: str, acc: Any, value: Any, ts_ms: int) -> Any:
+    if kind == "count":
+        return (acc or 0) + 1
+    if kind == "sum":
+        return (acc or 0) + value
+    if kind == "distinct_count":
+        # Kept sorted and unique so the state (and the merge) is deterministic.
+        key = value if isinstance(value, (str, int, float, bool)) else repr(value)
+        if key not in acc:
+            acc = sorted([*acc, key], key=repr)
+        return acc
+    if kind == "first_seen":
+        return ts_ms if acc is None else min(acc, ts_ms)
+    return ts_ms if acc is None else max(acc, ts_ms)  # last_seen
+
+
+def agg_merge(kind: str, a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return b if a is None else a
+    if kind in ("count", "sum"):
+        return a + b
+    if kind == "distinct_count":
+        return sorted(set(a) | set(b), key=repr)
+    return min(a, b) if kind == "first_seen" else max(a, b)
+
+
+def agg_value(kind: str, acc: Any) -> Any:
+    if kind == "distinct_count":
+        return len(acc)
+    if kind in ("first_seen", "last_seen"):
+        return format_iso_ms(acc) if acc is not None else None
+    return acc if acc is not None else 0
+
+
+def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) -> tuple[str, dict]:
+    """Merge a new session with every overlapping open one; returns the merged entry's key."""
+    lo, hi = new
+    merged = {"acc": agg_init(kind), "pane": 0, "fired": False, "dirty": False}
+    for key in list(windows):
+        s, e = map(int, key.split(":"))
+        if s <= hi and lo <= e:  # overlapping or touching sessions merge
+            w = windows.pop(key)
+            lo, hi = min(lo, s), max(hi, e)
+            merged["acc"] = agg_merge(kind, merged["acc"], w["acc"])
+            merged["pane"] = max(merged["pane"], w["pane"])
+            merged["dirty"] = merged["dirty"] or w["dirty"]
+    key = f"{lo}:{hi}"
+    windows[key] = merged
+    return key, merged
+
+
+# --- Beam shell --------------------------------------------------------------------------------
+
+
+def _pane(spec: ComputedTraitSpec, key: str, w: dict) -> list:
+    start, end = map(int, key.split(":"))
+    return [end, None if spec.window == "lifetime" else start, w["pane"], agg_value(spec.aggregate, w["acc"]), spec.accumulation]
+
+
+class _ComputeTraitsFn(beam.DoFn):
+    WINDOWS_STATE = ReadModifyWriteStateSpec("windows", FastPrimitivesCoder())
+    WATERMARK_STATE = ReadModifyWriteStateSpec("watermark_lb", VarIntCoder())
+    ARMED_STATE = ReadModifyWriteStateSpec("armed", VarIntCoder())
+    EARLY_ARMED_STATE = ReadModifyWriteStateSpec("early_armed", VarIntCoder())
+    WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
+    EARLY_TIMER = TimerSpec("early", TimeDomain.REAL_TIME)
+
+    def __init__(self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int, clock=None):
+        self._specs = specs
+        self._lateness = allowed_lateness_ms
+        self._early_ms = min((s.early_ms for s in specs if s.early_ms), default=None)
+        # Processing time source; injectable because TestStream's clock is not the wall clock.
+        self._clock = clock
+        self._late = Metrics.counter("cdi", "late")
+        self._panes = Metrics.counter("cdi", "computed_trait_panes")
+
+    def _now(self) -> Timestamp:
+        return Timestamp.of(self._clock()) if self._clock else Timestamp.now()
+
+    def process(
+        self,
+        element: tuple[str, Envelope],
+        ts=beam.DoFn.TimestampParam,
+        windows_state=beam.DoFn.StateParam(WINDOWS_STATE),
+        wm_state=beam.DoFn.StateParam(WATERMARK_STATE),
+        armed_state=beam.DoFn.StateParam(ARMED_STATE),
+        early_state=beam.DoFn.StateParam(EARLY_ARMED_STATE),
+        window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
+        early_timer=beam.DoFn.TimerParam(EARLY_TIMER),
+    ):
+        profile_key, env = element
+        ts_ms = env.event_time_ms
+        wm = wm_state.read()
+        state = windows_state.read() or {}
+        too_late = []
+        changed = False
+        for spec in self._specs:
+            feeds, value = extract_value(spec, env.event)
+            if not feeds:
+                continue
+            open_windows = state.setdefault(spec.name, {})
+            for lo, hi in assign_windows(spec, ts_ms):
+                if spec.window != "lifetime" and wm is not None and hi + self._lateness <= wm:
+                    too_late.append(spec.name)
+                    continue
+                if spec.window == "session":
+                    key, w = merge_sessions(open_windows, (lo, hi), spec.aggregate)
+                    w["fired"] = wm is not None and int(key.split(":")[1]) <= wm
+                else:
+                    key = f"{lo}:{hi}"
+                    w = open_windows.setdefault(
+                        key, {"acc": agg_init(spec.aggregate), "pane": 0, "fired": False, "dirty": False}
+                    )
+                w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
+                changed = True
+                if w["fired"]:
+                    if spec.late_panes:  # a LATE pane, corrected value, right away
+                        yield self._emit(profile_key, spec, key, w)
+                    else:
+                        w["dirty"] = True
+                else:
+                    w["dirty"] = True
+        if too_late:
+            self._late.inc()
+            yield beam.pvalue.TaggedOutput(LATE, self._late_record(env, wm, sorted(set(too_late))))
+        if changed:
+            windows_state.write(state)
+            self._arm(state, wm, armed_state, window_timer)
+            if self._early_ms and early_state.read() is None:
+                early_state.write(1)
+                early_timer.set(self._now() + self._early_ms / 1000)
+
+    def _emit(self, profile_key: str, spec: ComputedTraitSpec, key: str, w: dict):
+        pane = _pane(spec, key, w)
+        w["pane"] += 1
+        w["dirty"] = False
+        if spec.accumulation == "discarding":
+            w["acc"] = agg_init(spec.aggregate)
+        self._panes.inc()
+        return (profile_key, (spec.name, pane))
+
+    def _deadline(self, spec_window: str, key: str, w: dict) -> int | None:
+        end = int(key.split(":")[1])
+        if not w["fired"]:
+            return end
+        if spec_window == "lifetime":
+            return None
+        return end + self._lateness
+
+    def _arm(self, state, wm, armed_state, timer) -> None:
+        deadlines = [
+            self._deadline(spec.window, key, w)
+            for spec in self._specs
+            for key, w in state.get(spec.name, {}).items()
+        ]
+        deadlines = [d for d in deadlines if d is not None]
+        if not deadlines:
+            armed_state.clear()
+            return
+        nxt = min(deadlines)
+        if armed_state.read() != nxt:
+            armed_state.write(nxt)
+            timer.set(Timestamp(micros=nxt * 1000))
+
+    @on_timer(WINDOW_TIMER)
+    def on_window_timer(
+        self,
+        key=beam.DoFn.KeyParam,
+        fired=beam.DoFn.TimestampParam,
+        windows_state=beam.DoFn.StateParam(WINDOWS_STATE),
+        wm_state=beam.DoFn.StateParam(WATERMARK_STATE),
+        armed_state=beam.DoFn.StateParam(ARMED_STATE),
+        window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
+    ):
+        now_ms = int(fired.micros // 1000)
+        wm = max(wm_state.read() or now_ms, now_ms)
+        wm_state.write(wm)  # the input watermark has passed `fired`
+        state = windows_state.read() or {}
+        for spec in self._specs:
+            open_windows = state.get(spec.name, {})
+            for wkey in sorted(open_windows, key=lambda k: int(k.split(":")[1])):
+                w = open_windows[wkey]
+                end = int(wkey.split(":")[1])
+                if not w["fired"] and end <= wm:
+                    w["fired"] = True
+                    yield self._emit(key, spec, wkey, w)  # the ON_TIME pane
+                if w["fired"] and spec.window != "lifetime" and end + self._lateness <= wm:
+                    if w["dirty"]:  # late data held back (late panes off): final pane now
+                        yield self._emit(key, spec, wkey, w)
+                    del open_windows[wkey]
+        windows_state.write(state)
+        armed_state.clear()
+        self._arm(state, wm, armed_state, window_timer)
+
+    @on_timer(EARLY_TIMER)
+    def on_early_timer(
+        self,
+        key=beam.DoFn.KeyParam,
+        windows_state=beam.DoFn.StateParam(WINDOWS_STATE),
+        early_state=beam.DoFn.StateParam(EARLY_ARMED_STATE),
+    ):
+        early_state.clear()
+        state = windows_state.read() or {}
+        for spec in self._specs:
+            if not spec.early_ms:
+                continue
+            for wkey, w in state.get(spec.name, {}).items():
+                if w["dirty"] and not w["fired"]:
+                    yield self._emit(key, spec, wkey, w)  # an EARLY pane
+        windows_state.write(state)
+
+    def _late_record(self, env: Envelope, wm: int, traits: list[str]) -> dict:
+        return {
+            "stage": "lateness",
+            "reason": "late.beyond_allowed_lateness",
+            "message_id": env.event.get("messageId"),
+            "event_time": format_iso_ms(env.event_time_ms),
+            "watermark_at_least": format_iso_ms(wm),
+            "behind_watermark_ms": wm - env.event_time_ms,
+            "allowed_lateness_ms": self._lateness,
+            "traits": traits,
+            "source": env.source,
+            "origin": env.origin,
+            "payload": env.payload,
+        }
+
+
+class ComputeTraits(beam.PTransform):
+    """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes and ``late`` records out."""
+
+    def __init__(self, specs, allowed_lateness_ms: int, clock=None):
+        super().__init__()
+        specs = tuple(specs)
+        if not specs:
+            raise ValueError("at least one computed trait is required")
+        if allowed_lateness_ms < 0:
+            raise ValueError("allowed_lateness_ms must not be negative")
+        self._specs, self._lateness, self._clock = specs, allowed_lateness_ms, clock
+
+    def expand(self, keyed_envelopes):
+        return keyed_envelopes | "Windows" >> beam.ParDo(
+            _ComputeTraitsFn(self._specs, self._lateness, self._clock)
+        ).with_outputs(LATE, main=COMPUTED)

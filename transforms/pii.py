@@ -1,0 +1,337 @@
+"""PII classification and the per-destination policy that keeps, hashes or drops it.
+
+Pure functions only. Contract:
+
+- A :class:`PiiRule` names a PII class (``email``, ``phone``, ``ip``, ``free_text`` or any class a
+  user names) and how to find its values: dotted JSON ``paths`` into the Segment event (``*`` is
+  one key, any name), and/or a ``pattern`` searched (``re.search``) in string and integer values
+  anywhere in the event, optionally only under keys whose name matches ``key_pattern``.
+- List indices are transparent to rule paths: ``properties.*.email`` matches
+  ``properties.items[0].email``; a classified list has each of its items classified. Reported
+  paths are concrete: ``properties.items[0].email``, ``traits.email[1]``.
+- Path rules win over pattern rules: a value (or whole sub-object) a path rule classifies is never
+  looked into by a pattern, so ``free_text: keep`` keeps an e-mail address written inside a note.
+  Among path rules, and among pattern rules, the first rule in order wins.
+- When a pattern matches, the *whole* value is that class (``"mail me at a@b.com"`` is an email).
+- ``None`` values are never classified: there is nothing to protect.
+- Object keys are not inspected: PII used as a key (a map keyed by e-mail) is not found.
+- A policy maps class -> ``keep`` | ``hash`` | ``drop``; a class the policy does not name gets the
+  default action. ``hash`` replaces the value by :func:`hash_value`; ``drop`` removes the key from
+  its object, and a dropped list item becomes ``None`` (list positions stay meaningful).
+- Identifier fields (``userId``, ``traits.email`` used for identity) are not special-cased: the
+  caller decides which policy applies before identity resolution and which after.
+
+Values are never logged or put in messages, and the salt never appears in any message or repr.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+KEEP, HASH, DROP = "keep", "hash", "drop"
+ACTIONS = frozenset({KEEP, HASH, DROP})
+HASH_PREFIX = "sha256:"
+SALT_ENV_VAR = "CDI_PII_SALT"
+
+
+@dataclass(frozen=True)
+class PiiRule:
+    pii_class: str
+    # Dotted paths into the event; `*` matches exactly one object key.
+    paths: tuple[str, ...] = ()
+    # Regex searched in string (and integer) values anywhere a path rule did not already classify.
+    pattern: str | None = None
+    # Case-insensitive regex the value's own key must match for `pattern` to apply (list items use
+    # the key of their list). Lets a broad value pattern (phone digits) stay conservative.
+    key_pattern: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.pii_class, str) or not self.pii_class:
+            raise ValueError("PiiRule: pii_class must be a non-empty string")
+        if isinstance(self.paths, str):  # a lone string would be split into characters
+            raise ValueError(f"PiiRule {self.pii_class}: paths must be a tuple of paths")
+        if not self.paths and self.pattern is None:
+            raise ValueError(f"PiiRule {self.pii_class}: give paths, a pattern, or both")
+        if self.key_pattern is not None and self.pattern is None:
+            raise ValueError(f"PiiRule {self.pii_class}: key_pattern needs a pattern")
+        for path in self.paths:
+            if not isinstance(path, str) or any(part == "" for part in path.split(".")):
+                raise ValueError(f"PiiRule {self.pii_class}: malformed path {path!r}")
+        for name, regex in (("pattern", self.pattern), ("key_pattern", self.key_pattern)):
+            if regex is None:
+                continue
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise ValueError(
+                    f"PiiRule {self.pii_class}: {name} is not a valid regex: {e}"
+                ) from None
+
+
+# Deliberately loose: a false positive costs a hashed harmless string, a miss leaks an address.
+# The lookbehind starts matches only at the start of a run of address characters: without it a
+# long string with no `@` costs quadratic time (every position re-scans the rest of the run).
+EMAIL_PATTERN = r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+# At least 7 digits, optional leading +, common separators. Too broad to run on every value
+# (dates, order numbers, versions look alike), so it only runs under phone-like keys.
+PHONE_PATTERN = r"^(?=(?:\D*\d){7})\+?[0-9(][0-9 ()./-]{5,}[0-9]$"
+PHONE_KEYS = r"phone|mobile|cell|fax|^tel$"
+# A whole IPv4 or IPv6 address; only under keys ending in ip / ip_address (clientIp, remote_ip),
+# because version strings such as "1.2.3.4" look exactly like IPv4 addresses.
+IP_PATTERN = (
+    r"^(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)$"
+    r"|^(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{0,4}|(?:\d{1,3}\.){3}\d{1,3})$"
+)
+IP_KEYS = r"ip(_?addr(ess)?)?$"
+
+DEFAULT_RULES: tuple[PiiRule, ...] = (
+    PiiRule(
+        "email",
+        ("traits.email", "context.traits.email", "properties.email"),
+        pattern=EMAIL_PATTERN,
+    ),
+    PiiRule(
+        "phone",
+        ("traits.phone", "context.traits.phone", "properties.phone"),
+        pattern=PHONE_PATTERN,
+        key_pattern=PHONE_KEYS,
+    ),
+    PiiRule("ip", ("context.ip",), pattern=IP_PATTERN, key_pattern=IP_KEYS),
+    # Free text has no recognisable shape, so paths only: the Segment `description` trait, and
+    # the note / comment fields the tracking plans use for user-typed text.
+    PiiRule(
+        "free_text",
+        ("traits.description", "traits.notes", "properties.comment", "properties.notes"),
+    ),
+)
+
+
+# --- hashing and the salt ----------------------------------------------------------------------
+
+
+def hash_value(value: Any, salt: str) -> str:
+    """``sha256:`` + hex HMAC-SHA256 of the value keyed by ``salt``. Deterministic.
+
+    Strings are hashed stripped and otherwise as given (no lowercasing: normalising identifiers is
+    the caller's business); other values as their compact, key-sorted JSON text, so ``5`` and
+    ``"5"`` hash alike. HMAC rather than ``sha256(salt + value)``: no ambiguity where salt ends.
+    """
+    if not isinstance(salt, str) or not salt:
+        raise ValueError("hashing PII needs a non-empty salt")
+    if isinstance(value, str):
+        text = value.strip()
+    else:
+        text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    digest = hmac.new(
+        salt.encode("utf-8", "surrogatepass"), text.encode("utf-8", "surrogatepass"), hashlib.sha256
+    ).hexdigest()
+    return HASH_PREFIX + digest
+
+
+def needs_salt(policy: Mapping[str, str], default_action: str = KEEP) -> bool:
+    """Whether applying ``policy`` may hash anything (and so needs a salt)."""
+    return default_action == HASH or any(a == HASH for a in policy.values())
+
+
+def resolve_salt(
+    config_salt: str | None,
+    env_var: str = SALT_ENV_VAR,
+    *,
+    required: bool = True,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """The salt: the ``env_var`` environment variable if set, else ``config_salt``.
+
+    The environment wins so a secret store can override a committed config. With neither set,
+    returns ``""`` when not ``required`` (no policy hashes, see :func:`needs_salt`), else raises.
+    """
+    env = os.environ if environ is None else environ
+    salt = env.get(env_var) or config_salt or ""
+    if required and not salt:
+        raise ValueError(
+            f"a PII policy hashes values but no salt is set: set the {env_var} environment "
+            "variable (or a salt in the config)"
+        )
+    return salt
+
+
+def require_salt(
+    config_salt: str | None,
+    policies: Iterable[Mapping[str, str]],
+    default_action: str = KEEP,
+    env_var: str = SALT_ENV_VAR,
+) -> str:
+    """:func:`resolve_salt`, required only if one of ``policies`` hashes. Call once at build time."""
+    required = any(needs_salt(p, default_action) for p in policies)
+    return resolve_salt(config_salt, env_var, required=required)
+
+
+# --- classification ----------------------------------------------------------------------------
+
+_DROPPED = object()  # a visit's verdict: remove this value
+
+# A path-rule state while walking down: (rule index, number of segments matched so far).
+_State = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    path_rules: tuple[tuple[tuple[str, ...], str], ...]  # (segments, class), in rule order
+    start: tuple[_State, ...]
+    patterns: tuple[tuple[re.Pattern[str], re.Pattern[str] | None, str], ...]
+
+
+@lru_cache(maxsize=64)
+def _compile(rules: tuple[PiiRule, ...]) -> _Compiled:
+    path_rules = tuple((tuple(p.split(".")), r.pii_class) for r in rules for p in r.paths)
+    patterns = tuple(
+        (
+            re.compile(r.pattern),
+            re.compile(r.key_pattern, re.IGNORECASE) if r.key_pattern else None,
+            r.pii_class,
+        )
+        for r in rules
+        if r.pattern is not None
+    )
+    return _Compiled(path_rules, tuple((i, 0) for i in range(len(path_rules))), patterns)
+
+
+def _advance(
+    states: tuple[_State, ...], key: str, c: _Compiled
+) -> tuple[tuple[_State, ...], str | None]:
+    """Step the live path rules down into ``key``: the surviving states, and the class of the
+    first rule that now matches completely (None if none does)."""
+    nxt: list[_State] = []
+    hit: int | None = None
+    for i, pos in states:
+        segments = c.path_rules[i][0]
+        if segments[pos] == "*" or segments[pos] == key:
+            if pos + 1 == len(segments):
+                hit = i if hit is None else min(hit, i)
+            else:
+                nxt.append((i, pos + 1))
+    return tuple(nxt), (c.path_rules[hit][1] if hit is not None else None)
+
+
+def _pattern_class(value: Any, key: str, c: _Compiled) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = value if isinstance(value, str) else str(value)
+    for regex, key_regex, cls in c.patterns:
+        if key_regex is not None and not key_regex.search(key):
+            continue
+        if regex.search(text):
+            return cls
+    return None
+
+
+_Visit = Callable[[str, str, Any], Any]
+
+
+def _whole(value: Any, cls: str, path: str, visit: _Visit) -> Any:
+    """A value a path rule classified: the whole of it is ``cls`` (a list item by item)."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        out = []
+        for i, item in enumerate(value):
+            new = _whole(item, cls, f"{path}[{i}]", visit)
+            out.append(None if new is _DROPPED else new)
+        return out
+    new = visit(path, cls, value)
+    # A kept object would otherwise be the input's own dict: copy it so the output never aliases.
+    return copy.deepcopy(new) if new is value and isinstance(value, dict) else new
+
+
+def _walk(
+    node: Any, key: str, path: str, states: tuple[_State, ...], c: _Compiled, visit: _Visit
+) -> Any:
+    """A rebuilt copy of ``node`` (containers are new, so the result never aliases the input)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            child_path = f"{path}.{k}" if path else str(k)
+            child_states, cls = _advance(states, k, c) if states else ((), None)
+            if cls is not None:
+                new = _whole(v, cls, child_path, visit)
+            else:
+                new = _walk(v, k, child_path, child_states, c, visit)
+            if new is not _DROPPED:
+                out[k] = new
+        return out
+    if isinstance(node, list):
+        out_list = []
+        for i, item in enumerate(node):
+            new = _walk(item, key, f"{path}[{i}]", states, c, visit)
+            out_list.append(None if new is _DROPPED else new)
+        return out_list
+    cls = _pattern_class(node, key, c) if c.patterns else None
+    return node if cls is None else visit(path, cls, node)
+
+
+def _check_event(event: Any) -> None:
+    if not isinstance(event, dict):
+        raise TypeError(f"expected an event dict, got {type(event).__name__}")
+
+
+def find_pii(event: dict[str, Any], rules: Iterable[PiiRule]) -> list[tuple[str, str]]:
+    """``(path, class)`` of every classified value, in document order."""
+    _check_event(event)
+    c = _compile(tuple(rules))
+    found: list[tuple[str, str]] = []
+
+    def visit(path: str, cls: str, value: Any) -> Any:
+        found.append((path, cls))
+        return value
+
+    _walk(event, "", "", c.start, c, visit)
+    return found
+
+
+def apply_policy(
+    event: dict[str, Any],
+    rules: Iterable[PiiRule],
+    policy: Mapping[str, str],
+    salt: str,
+    default_action: str = KEEP,
+) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """A new event with every classified value kept, hashed or dropped per ``policy``.
+
+    Returns ``(event, applied)`` where ``applied`` lists ``(path, class, action)`` for every
+    classified value, ``keep`` included (an audit of what was found). The input is never mutated;
+    the output shares no container with it.
+    """
+    _check_event(event)
+    for cls, action in policy.items():
+        if action not in ACTIONS:
+            raise ValueError(
+                f"PII policy: class {cls!r}: unknown action {action!r} (expected keep, hash or drop)"
+            )
+    if default_action not in ACTIONS:
+        raise ValueError(f"PII policy: unknown default action {default_action!r}")
+    if needs_salt(policy, default_action) and not salt:
+        # Fail on every event, not only on the first one that happens to carry PII.
+        raise ValueError("PII policy hashes values but the salt is empty")
+    c = _compile(tuple(rules))
+    applied: list[tuple[str, str, str]] = []
+
+    def visit(path: str, cls: str, value: Any) -> Any:
+        action = policy.get(cls, default_action)
+        applied.append((path, cls, action))
+        if action == HASH:
+            return hash_value(value, salt)
+        if action == DROP:
+            return _DROPPED
+        return value
+
+    return _walk(event, "", "", c.start, c, visit), applied
