@@ -1,8 +1,10 @@
 """The main job: governed events in, unified profiles and typed side outputs out.
 
-    sources -> ValidateEvents -> DeduplicateEvents -> BuildProfiles -> profile sink
-                   |                  |   |
-                   quarantine <-------+   duplicates
+    sources -> ValidateEvents -> DeduplicateEvents -+-> BuildProfiles ---------> profile sink
+                   |                  |   |         |         ^
+                   quarantine <-------+   duplicates +-> ComputeTraits (windowed panes)
+                                                               |
+                                                               late
 
 ``build(p, config, inputs)`` wires the graph and returns its outputs by name, so tests drive it
 without a CLI; ``write_outputs`` attaches the sinks of the output-directory contract (README).
@@ -12,20 +14,24 @@ Step labels are fixed: they and the state names are part of the streaming update
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
 
 from pipelines.config import PipelineConfig, parse_instant
 from runners.sources import ReadFileSource
+from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.dedup import DeduplicateEvents
-from transforms.profile import BuildProfiles
+from transforms.identity import primary_profile_key
+from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
 from transforms.tracking_plan import load_plan
+from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
 VALID, PROFILES = "valid", "profiles"
-OUTPUTS = (VALID, QUARANTINE, DUPLICATES, PROFILES)
+OUTPUTS = (VALID, QUARANTINE, DUPLICATES, LATE, PROFILES)
 
 
 def source_inputs(config: PipelineConfig, override: list[str] | None = None) -> dict[str, list[str]]:
@@ -49,17 +55,44 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
         config.dedup.key, config.dedup.ttl
     )
     unique = deduped.unique
-    profiles = unique | "BuildProfiles" >> BuildProfiles(config.identity)
+    identity = config.identity
+    fragments = {"events": unique}
+    late = None
+    if config.computed_traits:
+        traits = (
+            unique
+            | "KeyByProfile"
+            >> beam.Map(lambda env: (primary_profile_key(env.event, identity), env)).with_output_types(
+                beam.typehints.KV[str, Any]
+            )
+            | "ComputeTraits"
+            >> ComputeTraits(
+                [ComputedTraitSpec.from_config(c) for c in config.computed_traits],
+                int(config.windows.allowed_lateness * 1000),
+            )
+        )
+        fragments["computed"] = traits.computed
+        late = traits[LATE]
+    rules = TraitRules(frozenset(config.profile.set_once), frozenset(config.profile.increment))
+    profiles = fragments | "BuildProfiles" >> BuildProfiles(
+        identity, rules, config.profile.update_every
+    )
+    if late is None:
+        late = p | "NoLateEvents" >> beam.Create([])
     quarantine = (
         validated[QUARANTINE],
         deduped[QUARANTINE],
     ) | "MergeQuarantine" >> beam.Flatten()
-    return {VALID: unique, QUARANTINE: quarantine, DUPLICATES: deduped[DUPLICATES], PROFILES: profiles}
+    return {
+        VALID: unique,
+        QUARANTINE: quarantine,
+        DUPLICATES: deduped[DUPLICATES],
+        LATE: late,
+        PROFILES: profiles,
+    }
 
 
 def _validate(config: PipelineConfig, plans):
-    from transforms.validate import ValidateEvents
-
     return ValidateEvents(
         {s.name: plans[s.tracking_plan] for s in config.sources},
         config.identity,
@@ -77,6 +110,7 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
         PROFILES: out / config.sinks.profiles.path,
         QUARANTINE: out / "quarantine",
         DUPLICATES: out / "duplicates",
+        LATE: out / "late",
         "report": out / "run_report.json",
     }
 
@@ -86,3 +120,4 @@ def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path)
     outputs[PROFILES] | "WriteProfiles" >> WriteProfilesToSqlite(str(paths[PROFILES]))
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(str(paths[QUARANTINE]))
     outputs[DUPLICATES] | "WriteDuplicates" >> WriteRecordsAsJson(str(paths[DUPLICATES]))
+    outputs[LATE] | "WriteLate" >> WriteRecordsAsJson(str(paths[LATE]))

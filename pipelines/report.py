@@ -48,6 +48,8 @@ def build_report(metrics: dict[str, int], paths: dict[str, Path], wall_seconds: 
         "quarantined": total_q,
         "quarantined_by_reason": quarantined,
         "duplicates": duplicates,
+        "late": metrics.get("late", 0),
+        "computed_trait_panes": metrics.get("computed_trait_panes", 0),
         "profiles": count_profiles(paths["profiles"]),
         "profile_updates_written": metrics.get("profiles_written", 0),
         "accounted": events_in == valid + total_q + duplicates,
@@ -71,6 +73,7 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  {reason:<28}{n:>8,}")
     lines += [
         f"duplicates        {report['duplicates']:>10,}",
+        f"late (too late)   {report['late']:>10,}",
         f"profiles          {report['profiles']:>10,}",
         "accounted         "
         + ("yes: in = valid + quarantined + duplicates" if report["accounted"] else "NO: counts do not add up"),

@@ -191,7 +191,7 @@ def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
         name: {
             "value": pane[3],
             "window_start": format_iso_ms(pane[1]) if pane[1] is not None else None,
-            "window_end": format_iso_ms(pane[0]) if pane[0] is not None else None,
+            "window_end": format_iso_ms(pane[0]) if pane[1] is not None else None,  # lifetime: none
         }
         for name, pane in acc["computed"].items()
     }

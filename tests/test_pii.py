@@ -1,0 +1,320 @@
+"""PII classification and per-destination policy: keep, hash, drop; nothing raw leaks."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transforms.pii import (
+    DEFAULT_RULES,
+    EMAIL_PATTERN,
+    PiiRule,
+    apply_policy,
+    find_pii,
+    hash_value,
+    needs_salt,
+    require_salt,
+    resolve_salt,
+)
+
+SALT = "test-salt"
+
+
+def identify(**extra):
+    event = {
+        "type": "identify",
+        "messageId": "m-1",
+        "userId": "u-1",
+        "traits": {"email": "Ada@Example.com", "phone": "+49 151 2345678", "plan": "pro"},
+        "context": {"ip": "203.0.113.7", "traits": {"email": "ada@example.com"}},
+        "properties": {"comment": "call me maybe", "price": 3},
+    }
+    event.update(extra)
+    return event
+
+
+def at(obj, path):
+    """The value at a concrete path such as ``properties.items[0].email``."""
+    for key, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        obj = obj[int(index)] if index else obj[key]
+    return obj
+
+
+def is_hash(value):
+    return isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value) is not None
+
+
+# --- hashing and salt ---------------------------------------------------------------------------
+
+
+def test_hash_is_deterministic_salted_and_strips():
+    h = hash_value("a@b.com", SALT)
+    assert is_hash(h)
+    assert h == hash_value("a@b.com", SALT) == hash_value("  a@b.com\n", SALT)
+    assert h != hash_value("a@b.com", "other-salt")
+    assert h != hash_value("A@b.com", SALT)  # no lowercasing here: the caller normalises
+    assert hash_value(4915123, SALT) == hash_value("4915123", SALT)
+    assert hash_value({"b": 1, "a": 2}, SALT) == hash_value({"a": 2, "b": 1}, SALT)
+
+
+def test_hash_needs_a_salt():
+    with pytest.raises(ValueError, match="salt"):
+        hash_value("a@b.com", "")
+
+
+def test_resolve_salt_prefers_environment_and_never_shows_it():
+    assert resolve_salt("from-config", environ={"CDI_PII_SALT": "from-env"}) == "from-env"
+    assert resolve_salt("from-config", environ={}) == "from-config"
+    assert resolve_salt(None, "MY_SALT", environ={"MY_SALT": "x"}) == "x"
+    assert resolve_salt(None, environ={}, required=False) == ""
+    with pytest.raises(ValueError, match="CDI_PII_SALT") as e:
+        resolve_salt(None, environ={"CDI_PII_SALT": ""})
+    assert "from-" not in str(e.value)
+
+
+def test_require_salt_only_when_a_policy_hashes(monkeypatch):
+    monkeypatch.delenv("CDI_PII_SALT", raising=False)
+    assert require_salt(None, [{"email": "drop"}, {"ip": "keep"}]) == ""
+    with pytest.raises(ValueError):
+        require_salt(None, [{"email": "drop"}, {"ip": "hash"}])
+    monkeypatch.setenv("CDI_PII_SALT", "s3cret")
+    assert require_salt(None, [{"ip": "hash"}]) == "s3cret"
+    assert needs_salt({}, default_action="hash")
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"pii_class": ""},
+        {"pii_class": "x"},  # neither paths nor pattern
+        {"pii_class": "x", "paths": ("a..b",)},
+        {"pii_class": "x", "paths": "traits.email"},
+        {"pii_class": "x", "pattern": "("},
+        {"pii_class": "x", "paths": ("a",), "key_pattern": "phone"},
+    ],
+)
+def test_bad_rules_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        PiiRule(**kwargs)
+
+
+def test_bad_policy_is_refused_and_empty_salt_fails_up_front():
+    with pytest.raises(ValueError, match="unknown action"):
+        apply_policy(identify(), DEFAULT_RULES, {"email": "mask"}, SALT)
+    # Even an event without PII: a misconfiguration must not wait for the first email to show.
+    with pytest.raises(ValueError, match="salt"):
+        apply_policy({"type": "track"}, DEFAULT_RULES, {"email": "hash"}, "")
+
+
+def test_default_rules_classify_the_usual_fields():
+    found = dict(find_pii(identify(), DEFAULT_RULES))
+    assert found == {
+        "traits.email": "email",
+        "traits.phone": "phone",
+        "context.ip": "ip",
+        "context.traits.email": "email",
+        "properties.comment": "free_text",
+    }
+
+
+# --- keep / hash / drop -----------------------------------------------------------------------
+
+
+def test_keep_hash_drop_per_class():
+    event = identify()
+    policy = {"email": "hash", "phone": "drop", "ip": "drop", "free_text": "keep"}
+    out, applied = apply_policy(event, DEFAULT_RULES, policy, SALT)
+    assert out["traits"]["email"] == hash_value("Ada@Example.com", SALT)
+    assert out["context"]["traits"]["email"] == hash_value("ada@example.com", SALT)
+    assert "phone" not in out["traits"] and "ip" not in out["context"]
+    assert out["properties"] == {"comment": "call me maybe", "price": 3}
+    assert out["traits"]["plan"] == "pro" and out["userId"] == "u-1"  # identifiers untouched
+    assert sorted(applied) == sorted(
+        [
+            ("traits.email", "email", "hash"),
+            ("traits.phone", "phone", "drop"),
+            ("context.ip", "ip", "drop"),
+            ("context.traits.email", "email", "hash"),
+            ("properties.comment", "free_text", "keep"),
+        ]
+    )
+
+
+def test_absent_class_uses_the_default_action():
+    out, applied = apply_policy(identify(), DEFAULT_RULES, {"email": "keep"}, SALT, "drop")
+    assert out["traits"] == {"email": "Ada@Example.com", "plan": "pro"}
+    assert out["context"] == {"traits": {"email": "ada@example.com"}}
+    assert ("context.ip", "ip", "drop") in applied
+
+
+def test_input_is_never_mutated_and_output_shares_nothing():
+    event = identify(properties={"items": [{"email": "x@y.io", "meta": {"k": 1}}]})
+    before = copy.deepcopy(event)
+    rules = (*DEFAULT_RULES, PiiRule("meta", ("properties.items.meta",)))
+    out, _ = apply_policy(event, rules, {"email": "drop", "meta": "keep"}, SALT, "hash")
+    assert event == before
+    out["properties"]["items"][0]["meta"]["k"] = 2
+    out["traits"]["new"] = 1
+    assert event == before
+
+
+# --- paths, wildcards and lists ---------------------------------------------------------------
+
+
+def test_wildcard_and_list_paths_are_concrete_in_the_report():
+    rules = (PiiRule("email", ("properties.*.email",)),)
+    event = {
+        "properties": {
+            "billing": {"email": "b@x.io", "city": "Paris"},
+            "items": [{"email": "i0@x.io"}, {"sku": "s"}, {"email": "i2@x.io"}],
+            "email": "top-level is not one segment deeper",
+        }
+    }
+    out, applied = apply_policy(event, rules, {"email": "hash"}, SALT)
+    assert [p for p, _, _ in applied] == [
+        "properties.billing.email",
+        "properties.items[0].email",
+        "properties.items[2].email",
+    ]
+    assert is_hash(out["properties"]["items"][2]["email"])
+    assert out["properties"]["items"][1] == {"sku": "s"}
+    assert out["properties"]["email"] == "top-level is not one segment deeper"
+
+
+def test_classified_list_is_handled_item_by_item_and_dropped_items_become_none():
+    rules = (PiiRule("email", ("traits.emails",)),)
+    event = {"traits": {"emails": ["a@x.io", None, "b@x.io"]}}
+    out, applied = apply_policy(event, rules, {"email": "drop"}, SALT)
+    assert out == {"traits": {"emails": [None, None, None]}}
+    assert applied == [("traits.emails[0]", "email", "drop"), ("traits.emails[2]", "email", "drop")]
+
+
+def test_a_classified_object_is_hashed_or_dropped_whole():
+    rules = (PiiRule("address", ("traits.address",)),)
+    event = {"traits": {"address": {"street": "1 Main St", "city": "Springfield"}, "k": 1}}
+    out, _ = apply_policy(event, rules, {"address": "hash"}, SALT)
+    assert out["traits"]["address"] == hash_value(event["traits"]["address"], SALT)
+    out, _ = apply_policy(event, rules, {"address": "drop"}, SALT)
+    assert out == {"traits": {"k": 1}}
+
+
+def test_first_path_rule_wins_and_paths_beat_patterns():
+    rules = (
+        PiiRule("free_text", ("traits.notes",)),
+        PiiRule("email", ("traits.notes",), pattern=EMAIL_PATTERN),
+    )
+    event = {"traits": {"notes": "write to a@b.com"}}
+    assert find_pii(event, rules) == [("traits.notes", "free_text")]
+
+
+# --- patterns ---------------------------------------------------------------------------------
+
+
+def test_pattern_catches_an_email_in_an_unexpected_place_and_treats_the_whole_value():
+    event = identify(properties={"note": "mail me at a@b.com", "tags": ["x", "or c.d@e.org"]})
+    assert ("properties.note", "email") in find_pii(event, DEFAULT_RULES)
+    out, applied = apply_policy(event, DEFAULT_RULES, {"email": "hash"}, SALT)
+    assert out["properties"]["note"] == hash_value("mail me at a@b.com", SALT)
+    assert out["properties"]["tags"] == ["x", hash_value("or c.d@e.org", SALT)]
+    assert ("properties.tags[1]", "email", "hash") in applied
+    out, _ = apply_policy(event, DEFAULT_RULES, {"email": "drop"}, SALT)
+    assert "note" not in out["properties"] and out["properties"]["tags"] == ["x", None]
+
+
+def test_phone_pattern_only_under_phone_like_keys():
+    event = {
+        "properties": {
+            "mobileNumber": "+44 (20) 7946-0958",
+            "contact_phone": 4915123456789,
+            "orderDate": "2026-11-01",  # looks like digits and dashes, is not a phone
+            "order_id": "1234567890",
+            "phone_verified": True,
+            "fax": "12-34",  # too few digits
+        }
+    }
+    assert find_pii(event, DEFAULT_RULES) == [
+        ("properties.mobileNumber", "phone"),
+        ("properties.contact_phone", "phone"),
+    ]
+
+
+def test_ip_pattern_only_under_ip_like_keys():
+    event = {
+        "context": {"app": {"version": "1.2.3.4"}},
+        "properties": {"client_ip": "10.0.0.1", "remoteIp": "2001:db8::1", "zip": "12345"},
+    }
+    assert find_pii(event, DEFAULT_RULES) == [
+        ("properties.client_ip", "ip"),
+        ("properties.remoteIp", "ip"),
+    ]
+
+
+def test_email_pattern_is_linear_on_long_values():
+    # Without the lookbehind this takes seconds (quadratic backtracking).
+    event = {"properties": {"blob": "a" * 32_000, "dots": "a." * 16_000 + "@x"}}
+    assert find_pii(event, DEFAULT_RULES) == []
+
+
+# --- nothing raw leaks ------------------------------------------------------------------------
+
+_KEYS = st.text("abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
+_EMAILS = st.builds(
+    lambda user, domain, tld: f"{user}@{domain}.{tld}",
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789._+-", min_size=1, max_size=12),
+    st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=10),
+    st.text("abcdefghijklmnopqrstuvwxyz", min_size=2, max_size=5),
+)
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=20),
+)
+
+
+@st.composite
+def events_with_emails(draw):
+    email = draw(_EMAILS)
+    # Some values carry the address, alone or inside text: anywhere in the tree.
+    with_email = st.one_of(
+        st.just(email),
+        st.builds(lambda a, b: f"{a}{email}{b}", st.text(max_size=10), st.text(max_size=10)),
+    )
+    leaves = st.one_of(_SCALARS, with_email)
+    tree = st.recursive(
+        leaves,
+        lambda children: st.one_of(
+            st.lists(children, max_size=4), st.dictionaries(_KEYS, children, max_size=4)
+        ),
+        max_leaves=20,
+    )
+    body = draw(st.dictionaries(_KEYS, tree, max_size=5))
+    event = {
+        "type": "identify",
+        "messageId": "m-1",
+        "traits": {"email": email, "other": draw(tree)},
+        "properties": body,
+    }
+    return event, email
+
+
+@settings(max_examples=200, deadline=None)
+@given(events_with_emails(), st.sampled_from(["hash", "drop"]))
+def test_no_raw_email_survives_a_hash_or_drop_policy(case, action):
+    event, email = case
+    before = orjson.dumps(event)
+    out, _ = apply_policy(event, DEFAULT_RULES, {"email": action}, SALT)
+    assert orjson.dumps(event) == before
+    assert email.encode() not in orjson.dumps(out)
+    for path, cls in find_pii(out, DEFAULT_RULES):
+        if cls == "email":
+            assert is_hash(at(out, path)), path
