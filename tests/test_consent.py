@@ -1,0 +1,155 @@
+"""Consent by event time: grant, withdraw, late and out-of-order arrivals, deletion and replay."""
+
+import apache_beam as beam
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines.config import IdentityConfig
+from tests.conftest import event, make_pipeline
+from transforms.consent import (
+    DELETED,
+    DENIED,
+    DestinationRule,
+    EnforceConsent,
+    add_observation,
+    consent_at,
+    consent_observation,
+    judge_destinations,
+)
+from transforms.envelope import Envelope
+
+DESTS = (DestinationRule("email_tool", ("marketing",)), DestinationRule("analytics", ("analytics",)))
+
+
+def prefs(**p):
+    return {"consent": {"categoryPreferences": p}}
+
+
+def test_timeline_is_by_event_time_not_arrival():
+    tl = []
+    tl = add_observation(tl, 300, "m3", {"marketing": False})  # withdrawal arrives first
+    tl = add_observation(tl, 100, "m1", {"marketing": True, "analytics": True})
+    assert consent_at(tl, 50) == {}
+    assert consent_at(tl, 200) == {"marketing": True, "analytics": True}
+    assert consent_at(tl, 300) == {"marketing": False, "analytics": True}
+    assert add_observation(tl, 300, "m3", {"marketing": False}) == tl  # idempotent
+
+
+def test_default_deny_and_missing_purposes():
+    allowed, denied = judge_destinations({"analytics": True}, DESTS)
+    assert allowed == ["analytics"] and denied == [("email_tool", ["marketing"])]
+    assert judge_destinations({}, DESTS)[0] == []
+    assert consent_observation(event(context=prefs(marketing=True, ads="yes"))) == {"marketing": True, "ads": False}
+    assert consent_observation(event()) is None
+
+
+def env(mid, t_s, key_user="u1", **kw):
+    e = event(messageId=mid, userId=key_user, **kw)
+    return Envelope("web", "f", "", e, int(t_s * 1000), "v")
+
+
+def run(elements, streaming_stream=None, deleted_ids=()):
+    with make_pipeline(streaming=streaming_stream is not None) as p:
+        src = p | streaming_stream if streaming_stream is not None else (
+            p | beam.Create(elements) | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+        )
+        out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig())
+        yield out
+
+
+def deliveries(out):
+    return out.delivered | beam.Map(lambda d: (d[0], d[2].event["messageId"]) if d[2] else (d[0], d[1]))
+
+
+def test_withdrawal_applies_to_later_events_even_if_they_arrived_first():
+    stream = (
+        TestStream()
+        .add_elements([TimestampedValue(("u1", env("grant", 10, context=prefs(marketing=True, analytics=True))), 10)])
+        .add_elements([TimestampedValue(("u1", env("after", 40)), 40)])  # arrives before the withdrawal
+        .add_elements([TimestampedValue(("u1", env("withdraw", 30, context=prefs(marketing=False))), 30)])
+        .advance_watermark_to(20)
+        .add_elements([TimestampedValue(("u1", env("between", 20)), 20)])  # late-ish, before withdrawal
+        .advance_watermark_to(100)
+        .add_elements([TimestampedValue(("u1", env("late-old", 15)), 15)])  # late, judged at its own time
+        .advance_watermark_to_infinity()
+    )
+    for out in run([], stream):
+        assert_that(
+            deliveries(out),
+            equal_to(
+                [
+                    ("email_tool", "grant"),
+                    ("analytics", "grant"),
+                    ("email_tool", "between"),
+                    ("analytics", "between"),
+                    ("analytics", "withdraw"),
+                    ("analytics", "after"),
+                    ("email_tool", "late-old"),
+                    ("analytics", "late-old"),
+                ]
+            ),
+            label="delivered",
+        )
+        assert_that(
+            out[DENIED] | beam.Map(lambda r: (r["destination"], r["message_id"], r["missing_purposes"])),
+            equal_to([("email_tool", "withdraw", ["marketing"]), ("email_tool", "after", ["marketing"])]),
+            label="denied",
+        )
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.permutations(range(5)))
+def test_batch_verdicts_do_not_depend_on_arrival_order(order):
+    events = [
+        env("a", 1),  # no consent yet: denied everywhere
+        env("b", 2, context=prefs(analytics=True, marketing=True)),
+        env("c", 3),
+        env("d", 4, context=prefs(marketing=False)),
+        env("e", 5),
+    ]
+    items = [("u1", events[i]) for i in order]
+    for out in run(items):
+        assert_that(
+            deliveries(out),
+            equal_to(
+                [
+                    ("email_tool", "b"), ("analytics", "b"), ("email_tool", "c"), ("analytics", "c"),
+                    ("analytics", "d"), ("analytics", "e"),
+                ]
+            ),  # fmt: skip
+        )
+
+
+def test_deletion_purges_and_suppresses_in_any_order_and_on_replay():
+    grant = prefs(analytics=True, marketing=True)
+    history = [
+        ("u1", env("a", 1, context=grant)),
+        ("u1", env("del", 2, type="delete", event=None, properties=None)),
+        ("u1", env("b", 3, context=grant)),
+        ("u2", env("x", 1, key_user="u2", context=grant)),
+    ]
+    replayed = history + history  # the same history again: still suppressed
+    for items in (history, list(reversed(history)), replayed):
+        for out in run(items):
+            assert_that(
+                deliveries(out),
+                equal_to(
+                    [("email_tool", "x"), ("analytics", "x")] * (1 + (items is replayed))
+                    + [("profiles-delete", "u1")]  # once: the replayed delete finds the tombstone
+                ),
+                label="delivered",
+            )
+            assert_that(
+                out[DELETED] | beam.Map(lambda r: r["message_id"]),
+                equal_to(["a", "del", "b"] * (1 + (items is replayed))),
+                label="deleted",
+            )
+
+
+def test_config_listed_identifier_is_deleted():
+    items = [("u9", env("a", 1, key_user="u9", context=prefs(analytics=True)))]
+    for out in run(items, deleted_ids=("user_id:u9",)):
+        assert_that(out[DELETED] | beam.Map(lambda r: r["message_id"]), equal_to(["a"]))

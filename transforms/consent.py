@@ -1,0 +1,249 @@
+"""Consent enforcement and deletion, per person, by event time, before fan-out.
+
+Stream contract:
+- Keyed by profile key. Consent observations come from ``context.consent.categoryPreferences``
+  on any event (a snapshot of the purposes it names) and are kept as a timeline by event time.
+- Each event is held in a bag until the watermark passes its event time, so every consent change
+  with an earlier event time has arrived before it is judged; then it is judged by the consent in
+  force *at its own event time*. A withdrawal therefore applies to every later event, including
+  ones that arrived before it out of order; a late event older than the withdrawal is judged by
+  the consent of its own time. In a bounded run every event is judged after all input is read.
+- Default deny: a destination receives an event only if every purpose it needs was granted in
+  the latest observation (by event time, then messageId) at or before the event's time.
+- Deletion: a ``delete`` control event (or an identifier listed in ``privacy.deleted_identifiers``)
+  purges the person's held events and consent state and suppresses every event for the person
+  from then on; the tombstone stays in state, and because the delete event is part of the
+  history, replaying that history suppresses the same events again. A deleted person's profile is
+  removed from the sink.
+- State per key: the timeline (one entry per consent change), the held events (drained at each
+  watermark step), a deletion flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.envelope import Envelope
+
+DENIED = "consent_denied"
+DELETED = "deleted"
+DELETE_TYPE = "delete"
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    name: str
+    purposes: tuple[str, ...]
+
+
+# --- pure core ---------------------------------------------------------------------------------
+
+
+def consent_observation(event: dict[str, Any]) -> dict[str, bool] | None:
+    """The purposes -> granted snapshot an event carries, if any."""
+    ctx = event.get("context")
+    if not isinstance(ctx, dict):
+        return None
+    consent = ctx.get("consent")
+    if not isinstance(consent, dict):
+        return None
+    prefs = consent.get("categoryPreferences")
+    if not isinstance(prefs, dict):
+        return None
+    return {str(k): v is True for k, v in prefs.items()}
+
+
+def add_observation(timeline: list, t_ms: int, message_id: str, prefs: dict[str, bool]) -> list:
+    """Insert an observation, keeping the timeline sorted by (time, messageId), no duplicates."""
+    entry = [t_ms, message_id, prefs]
+    if entry not in timeline:
+        timeline = sorted([*timeline, entry], key=lambda e: (e[0], e[1]))
+    return timeline
+
+
+def consent_at(timeline: list, t_ms: int) -> dict[str, bool]:
+    """Per purpose, the latest observation at or before ``t_ms`` that names it."""
+    state: dict[str, bool] = {}
+    for obs_t, _mid, prefs in timeline:  # sorted, so later observations overwrite earlier ones
+        if obs_t > t_ms:
+            break
+        state.update(prefs)
+    return state
+
+
+def judge_destinations(
+    consent: dict[str, bool], destinations: tuple[DestinationRule, ...]
+) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """``(allowed destination names, [(denied name, missing purposes)])``; default deny."""
+    allowed, denied = [], []
+    for d in destinations:
+        missing = [p for p in d.purposes if not consent.get(p, False)]
+        if missing:
+            denied.append((d.name, missing))
+        else:
+            allowed.append(d.name)
+    return allowed, denied
+
+
+def is_deletion(event: dict[str, Any]) -> bool:
+    return event.get("type") == DELETE_TYPE
+
+
+# --- Beam shell --------------------------------------------------------------------------------
+
+
+class _EnforceConsentFn(beam.DoFn):
+    TIMELINE_STATE = ReadModifyWriteStateSpec("consent_timeline", FastPrimitivesCoder())
+    HELD_STATE = BagStateSpec("held", FastPrimitivesCoder())
+    DELETED_STATE = ReadModifyWriteStateSpec("deleted", VarIntCoder())
+    ARMED_STATE = ReadModifyWriteStateSpec("armed", VarIntCoder())
+    RELEASE_TIMER = TimerSpec("release", TimeDomain.WATERMARK)
+
+    def __init__(self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity):
+        self._destinations = destinations
+        self._deleted_ids = deleted_identifiers
+        self._identity = identity
+        self._denied = Metrics.counter("cdi", "consent.denied")
+        self._suppressed = Metrics.counter("cdi", "privacy.deleted")
+        self._delivered = Metrics.counter("cdi", "delivered")
+
+    def _listed_for_deletion(self, event) -> bool:
+        if not self._deleted_ids:
+            return False
+        from transforms.identity import extract_identifiers
+
+        return any(f"{t}:{v}" in self._deleted_ids for t, v in extract_identifiers(event, self._identity))
+
+    def process(
+        self,
+        element: tuple[str, Envelope],
+        held=beam.DoFn.StateParam(HELD_STATE),
+        timeline_state=beam.DoFn.StateParam(TIMELINE_STATE),
+        deleted=beam.DoFn.StateParam(DELETED_STATE),
+        armed=beam.DoFn.StateParam(ARMED_STATE),
+        timer=beam.DoFn.TimerParam(RELEASE_TIMER),
+    ):
+        key, env = element
+        if deleted.read() is not None:
+            self._suppressed.inc()
+            yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
+            return
+        if is_deletion(env.event) or self._listed_for_deletion(env.event):
+            # Purge: everything held for this person is suppressed, consent state dropped.
+            for old in held.read():
+                self._suppressed.inc()
+                yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(_envelope(old), key))
+            held.clear()
+            timeline_state.clear()
+            armed.clear()
+            deleted.write(env.event_time_ms)
+            self._suppressed.inc()
+            yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
+            yield ("profiles-delete", key, None)
+            return
+        prefs = consent_observation(env.event)
+        if prefs is not None:
+            timeline = timeline_state.read() or []
+            timeline_state.write(add_observation(timeline, env.event_time_ms, env.event.get("messageId", ""), prefs))
+        held.add(tuple(env))
+        current = armed.read()
+        if current is None or env.event_time_ms < current:
+            armed.write(env.event_time_ms)
+            timer.set(Timestamp(micros=env.event_time_ms * 1000))
+
+    @on_timer(RELEASE_TIMER)
+    def release(
+        self,
+        key=beam.DoFn.KeyParam,
+        fired=beam.DoFn.TimestampParam,
+        held=beam.DoFn.StateParam(HELD_STATE),
+        timeline_state=beam.DoFn.StateParam(TIMELINE_STATE),
+        armed=beam.DoFn.StateParam(ARMED_STATE),
+        timer=beam.DoFn.TimerParam(RELEASE_TIMER),
+    ):
+        now_ms = int(fired.micros // 1000)
+        timeline = timeline_state.read() or []
+        keep = []
+        for item in held.read():
+            env = _envelope(item)
+            if env.event_time_ms > now_ms:
+                keep.append(item)
+                continue
+            allowed, denied = judge_destinations(consent_at(timeline, env.event_time_ms), self._destinations)
+            for name in allowed:
+                self._delivered.inc()
+                yield (name, key, env)
+            for name, missing in denied:
+                self._denied.inc()
+                yield beam.pvalue.TaggedOutput(DENIED, _denied_record(env, key, name, missing))
+        held.clear()
+        armed.clear()
+        for item in keep:
+            held.add(item)
+        if keep:
+            nxt = min(_envelope(i).event_time_ms for i in keep)
+            armed.write(nxt)
+            timer.set(Timestamp(micros=nxt * 1000))
+
+
+def _envelope(item) -> Envelope:
+    return item if isinstance(item, Envelope) else Envelope(*item)
+
+
+def _deleted_record(env: Envelope, key: str) -> dict:
+    # No payload: the person asked to be forgotten.
+    return {
+        "stage": "consent",
+        "reason": "privacy.deleted",
+        "profile_key": key,
+        "message_id": env.event.get("messageId"),
+        "source": env.source,
+    }
+
+
+def _denied_record(env: Envelope, key: str, destination: str, missing: list[str]) -> dict:
+    # No payload: the event must not travel further than the consent allows, not even here.
+    return {
+        "stage": "consent",
+        "reason": "consent.denied",
+        "destination": destination,
+        "missing_purposes": missing,
+        "profile_key": key,
+        "message_id": env.event.get("messageId"),
+        "source": env.source,
+    }
+
+
+class EnforceConsent(beam.PTransform):
+    """``(profile_key, envelope)`` in. Main output: ``(destination, profile_key, envelope)`` per
+    allowed delivery, plus ``("profiles-delete", profile_key, None)`` for deleted persons;
+    tagged ``consent_denied`` and ``deleted`` records."""
+
+    def __init__(self, destinations, deleted_identifiers=(), identity=None):
+        super().__init__()
+        self._destinations = tuple(destinations)
+        names = [d.name for d in self._destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique: {names}")
+        self._deleted = frozenset(deleted_identifiers)
+        if self._deleted and identity is None:
+            raise ValueError("deleted_identifiers need the identity config to match identifiers")
+        self._identity = identity
+
+    def expand(self, keyed):
+        return keyed | "Judge" >> beam.ParDo(
+            _EnforceConsentFn(self._destinations, self._deleted, self._identity)
+        ).with_outputs(DENIED, DELETED, main="delivered")
