@@ -31,15 +31,27 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the governed profile job")
     run.add_argument("--config", help="pipeline config YAML (default: the embedded default config)")
-    run.add_argument("--input", action="append", default=[], help="input glob (repeatable); replaces the first source's paths")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        help="input glob (repeatable); replaces the first source's paths",
+    )
     run.add_argument("--output", help="output directory (default: sinks.output_dir)")
-    run.add_argument("--runner", help="local (default), local-streaming, or a Beam runner name (DataflowRunner, FlinkRunner...)")
+    run.add_argument(
+        "--runner",
+        help="local (default), local-streaming, or a Beam runner name (DataflowRunner, FlinkRunner...)",
+    )
 
-    gen = sub.add_parser("generate", help="write synthetic Segment-spec events and their ground truth")
+    gen = sub.add_parser(
+        "generate", help="write synthetic Segment-spec events and their ground truth"
+    )
     gen.add_argument("--events", type=int, required=True)
     gen.add_argument("--persons", type=int, required=True)
     gen.add_argument("--seed", type=int, default=1)
-    gen.add_argument("--out", required=True, help="NDJSON file to write; ground truth goes to FILE.truth.json")
+    gen.add_argument(
+        "--out", required=True, help="NDJSON file to write; ground truth goes to FILE.truth.json"
+    )
 
     val = sub.add_parser("validate-config", help="check a pipeline config and its tracking plans")
     val.add_argument("file")

@@ -149,7 +149,12 @@ class WindowConfig:
     gap: Duration | None = None  # session: inactivity that closes a session
 
     def __post_init__(self):
-        need = {"fixed": ("size",), "sliding": ("size", "period"), "session": ("gap",), "lifetime": ()}
+        need = {
+            "fixed": ("size",),
+            "sliding": ("size", "period"),
+            "session": ("gap",),
+            "lifetime": (),
+        }
         for name in need[self.type]:
             value = getattr(self, name)
             if value is None or value <= 0:
@@ -185,7 +190,9 @@ class ComputedTraitConfig:
         if self.aggregate in ("sum", "distinct_count") and not self.property:
             raise ValueError(f"aggregate '{self.aggregate}' needs a 'property'")
         if self.trigger.accumulation == "discarding" and self.aggregate not in ("count", "sum"):
-            raise ValueError("discarding panes are additive deltas: only count and sum support them")
+            raise ValueError(
+                "discarding panes are additive deltas: only count and sum support them"
+            )
 
 
 @dataclass(frozen=True)
@@ -229,18 +236,69 @@ class IdentityConfig:
                 raise ValueError(f"blocklist_patterns: {p!r} is not a valid regex: {e}") from None
 
 
+PiiAction = Literal["keep", "hash", "drop"]
+
+
 @dataclass(frozen=True)
 class DestinationConfig:
     # Consent purposes the person must have granted for an event to reach this destination.
     purposes: tuple[str, ...] = ()
     # PII class -> keep | hash | drop, for this destination.
-    pii: dict[str, Literal["keep", "hash", "drop"]] = field(default_factory=dict)
+    pii: dict[str, PiiAction] = field(default_factory=dict)
+    # What happens to a PII class the `pii` map does not name: safe by default.
+    pii_default: PiiAction = "drop"
+
+
+@dataclass(frozen=True)
+class PiiRuleConfig:
+    # The PII class (email, phone, ip, free_text, or your own name).
+    pii_class: str
+    # Dotted JSON paths; `*` matches one key; list indices are transparent.
+    paths: tuple[str, ...] = ()
+    # A regex searched in string values anywhere in the event.
+    pattern: str | None = None
+    # With `pattern`: only under keys whose name matches this regex.
+    key_pattern: str | None = None
+
+    def __post_init__(self):
+        if not self.paths and not self.pattern:
+            raise ValueError("a PII rule needs paths or a pattern")
+        for name in ("pattern", "key_pattern"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"{name} {value!r} is not a valid regex: {e}") from None
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    # Salt for `hash`; the CDI_PII_SALT environment variable overrides it. Never logged.
+    salt: str | None = None
+    # Classification rules; empty = the built-in rules (email, phone, ip, free_text).
+    rules: tuple[PiiRuleConfig, ...] = ()
 
 
 @dataclass(frozen=True)
 class ConsentConfig:
     purposes: tuple[str, ...] = ("analytics", "marketing", "advertising")
     destinations: dict[str, DestinationConfig] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if "profiles" in self.destinations:
+            raise ValueError("'profiles' is reserved: set sinks.profiles.purposes and .pii instead")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    # Identifiers whose persons are deleted and suppressed, as "type:value" (user_id:u_123).
+    deleted_identifiers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for item in self.deleted_identifiers:
+            if ":" not in item:
+                raise ValueError(f"deleted_identifiers: {item!r} must be 'type:value'")
 
 
 @dataclass(frozen=True)
@@ -258,6 +316,12 @@ class ProfileSinkConfig:
     type: Literal["sqlite"] = "sqlite"
     # Relative to the output directory.
     path: str = "profiles.sqlite"
+    # Consent purposes an event needs to be folded into a profile (none by default: the profile
+    # store is the system of record; deletion applies regardless).
+    purposes: tuple[str, ...] = ()
+    # PII policy for what the profile store keeps (traits, identities).
+    pii: dict[str, PiiAction] = field(default_factory=dict)
+    pii_default: PiiAction = "keep"
 
 
 @dataclass(frozen=True)
@@ -278,6 +342,8 @@ class PipelineConfig:
     computed_traits: tuple[ComputedTraitConfig, ...] = ()
     identity: IdentityConfig = IdentityConfig()
     consent: ConsentConfig = ConsentConfig()
+    pii: PiiConfig = PiiConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     audiences: tuple[AudienceConfig, ...] = ()
     sinks: SinksConfig = SinksConfig()
     # Directory the config file lives in: relative paths resolve against it. Not a YAML key.
@@ -342,7 +408,9 @@ class _Loader:
             if data not in choices:
                 hint = difflib.get_close_matches(str(data), [str(c) for c in choices], n=1)
                 extra = f"; did you mean {hint[0]!r}?" if hint else ""
-                self.problem(path, f"must be one of {', '.join(map(repr, choices))}, got {data!r}{extra}")
+                self.problem(
+                    path, f"must be one of {', '.join(map(repr, choices))}, got {data!r}{extra}"
+                )
             return data
         if tp is Duration:
             if isinstance(data, (int, float)) and not isinstance(data, bool):
@@ -389,7 +457,9 @@ class _Loader:
         for key in data:
             if key not in fields:
                 hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-                extra = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"
+                extra = (
+                    f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"
+                )
                 self.problem(f"{path}.{key}" if path else str(key), f"unknown key{extra}")
         kwargs = {}
         for name, f in fields.items():
@@ -428,7 +498,9 @@ def _check_references(cfg: PipelineConfig, loader: _Loader) -> None:
     """Cross-field checks: referenced plans, files and purposes exist."""
     for name, ref in cfg.tracking_plans.items():
         if not cfg.resolve(ref.path).is_file():
-            loader.problem(f"tracking_plans.{name}.path", f"file not found: {cfg.resolve(ref.path)}")
+            loader.problem(
+                f"tracking_plans.{name}.path", f"file not found: {cfg.resolve(ref.path)}"
+            )
     for i, src in enumerate(cfg.sources):
         if src.tracking_plan not in cfg.tracking_plans:
             hint = difflib.get_close_matches(src.tracking_plan, list(cfg.tracking_plans), n=1)
@@ -444,6 +516,16 @@ def _check_references(cfg: PipelineConfig, loader: _Loader) -> None:
                     f"consent.destinations.{dname}.purposes[{j}]",
                     f"unknown purpose {purpose!r}; declared purposes: {', '.join(cfg.consent.purposes)}",
                 )
+    for j, purpose in enumerate(cfg.sinks.profiles.purposes):
+        if purpose not in cfg.consent.purposes:
+            loader.problem(f"sinks.profiles.purposes[{j}]", f"unknown purpose {purpose!r}")
+    id_types = {t.name for t in cfg.identity.types}
+    for j, item in enumerate(cfg.privacy.deleted_identifiers):
+        if item.split(":", 1)[0] not in id_types:
+            loader.problem(
+                f"privacy.deleted_identifiers[{j}]",
+                f"unknown identifier type {item.split(':', 1)[0]!r}; types: {', '.join(sorted(id_types))}",
+            )
     for i, aud in enumerate(cfg.audiences):
         for j, d in enumerate(aud.destinations):
             if d not in cfg.consent.destinations:

@@ -17,12 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.config import PipelineConfig, parse_instant
 from runners.sources import ReadFileSource
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
+from transforms.consent import DELETED, DestinationRule, EnforceConsent
+from transforms.consent import DENIED as CONSENT_DENIED
 from transforms.dedup import DeduplicateEvents
+from transforms.envelope import format_iso_ms
 from transforms.identity import primary_profile_key
+from transforms.pii import DEFAULT_RULES, PiiRule, apply_policy, needs_salt, resolve_salt
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
@@ -31,10 +36,12 @@ from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
 VALID, PROFILES = "valid", "profiles"
-OUTPUTS = (VALID, QUARANTINE, DUPLICATES, LATE, PROFILES)
+OUTPUTS = (VALID, QUARANTINE, DUPLICATES, LATE, CONSENT_DENIED, DELETED, PROFILES)
 
 
-def source_inputs(config: PipelineConfig, override: list[str] | None = None) -> dict[str, list[str]]:
+def source_inputs(
+    config: PipelineConfig, override: list[str] | None = None
+) -> dict[str, list[str]]:
     """Input globs per source: ``--input`` replaces the first source's paths."""
     out = {s.name: [str(config.resolve(p)) for p in s.paths] for s in config.sources}
     if override:
@@ -42,12 +49,55 @@ def source_inputs(config: PipelineConfig, override: list[str] | None = None) -> 
     return out
 
 
+PROFILES_DESTINATION = "profiles"
+DESTINATIONS = "destinations"
+
+
+def destination_rules(config: PipelineConfig) -> list[DestinationRule]:
+    rules = [DestinationRule(PROFILES_DESTINATION, tuple(config.sinks.profiles.purposes))]
+    rules += [DestinationRule(n, tuple(d.purposes)) for n, d in config.consent.destinations.items()]
+    return rules
+
+
+def pii_policies(config: PipelineConfig) -> dict[str, tuple[dict, str]]:
+    """Destination -> (policy, default action), the profile sink included."""
+    out = {
+        PROFILES_DESTINATION: (dict(config.sinks.profiles.pii), config.sinks.profiles.pii_default)
+    }
+    for name, d in config.consent.destinations.items():
+        out[name] = (dict(d.pii), d.pii_default)
+    return out
+
+
+def pii_rules(config: PipelineConfig) -> tuple[PiiRule, ...]:
+    if not config.pii.rules:
+        return DEFAULT_RULES
+    return tuple(
+        PiiRule(r.pii_class, tuple(r.paths), r.pattern, r.key_pattern) for r in config.pii.rules
+    )
+
+
+def pii_salt(config: PipelineConfig) -> str:
+    """The salt (environment first); raises ValueError when a policy hashes and none is set."""
+    policies = pii_policies(config).values()
+    required = any(needs_salt(p, default) for p, default in policies)
+    return resolve_salt(config.pii.salt, required=required)
+
+
 def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]) -> dict:
-    """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`."""
-    plans = {name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()}
+    """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
+    plus ``destinations``: ``{destination name: PCollection of delivery records}``."""
+    plans = {
+        name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
+    }
+    salt = pii_salt(config)
+    rules = pii_rules(config)
+    policies = pii_policies(config)
     reads = []
     for src in config.sources:
-        reads.append(p | f"Read[{src.name}]" >> ReadFileSource(src.name, src.format, inputs[src.name]))
+        reads.append(
+            p | f"Read[{src.name}]" >> ReadFileSource(src.name, src.format, inputs[src.name])
+        )
     raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
 
     validated = raw | "ValidateEvents" >> _validate(config, plans)
@@ -56,29 +106,62 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     )
     unique = deduped.unique
     identity = config.identity
-    fragments = {"events": unique}
+    keyed = unique | "KeyByProfile" >> beam.Map(
+        lambda env: (primary_profile_key(env.event, identity), env)
+    ).with_output_types(beam.typehints.KV[str, Any])
+    consent = keyed | "EnforceConsent" >> EnforceConsent(
+        destination_rules(config), config.privacy.deleted_identifiers, identity
+    )
+    delivered = consent.delivered
+
+    def redact_for(dest):
+        policy, default = policies[dest]
+        return lambda env: env._replace(
+            event=apply_policy(env.event, rules, policy, salt, default)[0]
+        )
+
+    profile_redact = redact_for(PROFILES_DESTINATION)
+    to_profiles = (
+        delivered
+        | "ForProfiles" >> beam.Filter(lambda d: d[0] == PROFILES_DESTINATION)
+        | "RedactForProfiles"
+        >> beam.Map(lambda d: (d[1], profile_redact(d[2]))).with_output_types(
+            beam.typehints.KV[str, Any]
+        )
+    )
+    deletes = (
+        delivered
+        | "Deletions" >> beam.Filter(lambda d: d[0] == "profiles-delete")
+        | ("DeletionKeys" >> beam.Map(lambda d: (d[1], None)))
+    )
+    fragments = {"events": to_profiles, "deletes": deletes}
     late = None
     if config.computed_traits:
-        traits = (
-            unique
-            | "KeyByProfile"
-            >> beam.Map(lambda env: (primary_profile_key(env.event, identity), env)).with_output_types(
-                beam.typehints.KV[str, Any]
-            )
-            | "ComputeTraits"
-            >> ComputeTraits(
-                [ComputedTraitSpec.from_config(c) for c in config.computed_traits],
-                int(config.windows.allowed_lateness * 1000),
-            )
+        traits = to_profiles | "ComputeTraits" >> ComputeTraits(
+            [ComputedTraitSpec.from_config(c) for c in config.computed_traits],
+            int(config.windows.allowed_lateness * 1000),
+            bounded=not p.options.view_as(StandardOptions).streaming,
         )
         fragments["computed"] = traits.computed
         late = traits[LATE]
-    rules = TraitRules(frozenset(config.profile.set_once), frozenset(config.profile.increment))
+    trait_rules = TraitRules(
+        frozenset(config.profile.set_once), frozenset(config.profile.increment)
+    )
     profiles = fragments | "BuildProfiles" >> BuildProfiles(
-        identity, rules, config.profile.update_every
+        identity, trait_rules, config.profile.update_every
     )
     if late is None:
         late = p | "NoLateEvents" >> beam.Create([])
+
+    destinations = {}
+    for name in config.consent.destinations:
+        redact = redact_for(name)
+        destinations[name] = (
+            delivered
+            | f"For[{name}]" >> beam.Filter(lambda d, n=name: d[0] == n)
+            | f"Redact[{name}]"
+            >> beam.Map(lambda d, r=redact: delivery_record(d[0], d[1], r(d[2])))
+        )
     quarantine = (
         validated[QUARANTINE],
         deduped[QUARANTINE],
@@ -88,7 +171,20 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
         QUARANTINE: quarantine,
         DUPLICATES: deduped[DUPLICATES],
         LATE: late,
+        CONSENT_DENIED: consent[CONSENT_DENIED],
+        DELETED: consent[DELETED],
         PROFILES: profiles,
+        DESTINATIONS: destinations,
+    }
+
+
+def delivery_record(destination: str, profile_key: str, env) -> dict:
+    """What an activation destination receives: the event as its PII policy allows."""
+    return {
+        "destination": destination,
+        "profile_key": profile_key,
+        "event_time": format_iso_ms(env.event_time_ms),
+        "event": env.event,
     }
 
 
@@ -111,6 +207,9 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
         QUARANTINE: out / "quarantine",
         DUPLICATES: out / "duplicates",
         LATE: out / "late",
+        CONSENT_DENIED: out / "consent_denied",
+        DELETED: out / "deleted",
+        DESTINATIONS: out / "destinations",
         "report": out / "run_report.json",
     }
 
@@ -121,3 +220,7 @@ def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path)
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(str(paths[QUARANTINE]))
     outputs[DUPLICATES] | "WriteDuplicates" >> WriteRecordsAsJson(str(paths[DUPLICATES]))
     outputs[LATE] | "WriteLate" >> WriteRecordsAsJson(str(paths[LATE]))
+    outputs[CONSENT_DENIED] | "WriteDenied" >> WriteRecordsAsJson(str(paths[CONSENT_DENIED]))
+    outputs[DELETED] | "WriteDeleted" >> WriteRecordsAsJson(str(paths[DELETED]))
+    for name, records in outputs[DESTINATIONS].items():
+        records | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name))

@@ -57,9 +57,7 @@ def _parse_line(file: Path, lineno: int, line: bytes) -> dict[str, Any]:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as e:
         # e.msg and the column only: the exception text never quotes the line (it may hold PII).
-        raise ValueError(
-            f"{file}:{lineno}: not valid JSON ({e.msg} at column {e.colno})"
-        ) from None
+        raise ValueError(f"{file}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
         raise ValueError(f"{file}:{lineno}: not a quarantine record (expected a JSON object)")
     for key in _REQUIRED_KEYS:

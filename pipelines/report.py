@@ -32,7 +32,9 @@ def count_profiles(db_path: Path) -> int:
         return conn.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
 
 
-def build_report(metrics: dict[str, int], paths: dict[str, Path], wall_seconds: float) -> dict[str, Any]:
+def build_report(
+    metrics: dict[str, int], paths: dict[str, Path], wall_seconds: float
+) -> dict[str, Any]:
     quarantined = {
         name[len("quarantined.") :]: n
         for name, n in sorted(metrics.items())
@@ -49,6 +51,9 @@ def build_report(metrics: dict[str, int], paths: dict[str, Path], wall_seconds: 
         "quarantined_by_reason": quarantined,
         "duplicates": duplicates,
         "late": metrics.get("late", 0),
+        "consent_denied": metrics.get("consent.denied", 0),
+        "deleted": metrics.get("privacy.deleted", 0),
+        "deliveries": metrics.get("delivered", 0),
         "computed_trait_panes": metrics.get("computed_trait_panes", 0),
         "profiles": count_profiles(paths["profiles"]),
         "profile_updates_written": metrics.get("profiles_written", 0),
@@ -74,12 +79,19 @@ def format_summary(report: dict[str, Any]) -> str:
     lines += [
         f"duplicates        {report['duplicates']:>10,}",
         f"late (too late)   {report['late']:>10,}",
+        f"deliveries        {report['deliveries']:>10,}  (event x destination, profile store included)",
+        f"consent denied    {report['consent_denied']:>10,}  (event x destination)",
+        f"deleted (privacy) {report['deleted']:>10,}",
         f"profiles          {report['profiles']:>10,}",
         "accounted         "
-        + ("yes: in = valid + quarantined + duplicates" if report["accounted"] else "NO: counts do not add up"),
+        + (
+            "yes: in = valid + quarantined + duplicates"
+            if report["accounted"]
+            else "NO: counts do not add up"
+        ),
         f"wall time         {report['wall_seconds']:>10.1f} s",
         "outputs:",
     ]
     for name, path in report["outputs"].items():
-        lines.append(f"  {name:<12}{path}")
+        lines.append(f"  {name:<16}{path}")
     return "\n".join(lines)

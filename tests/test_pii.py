@@ -59,6 +59,7 @@ def test_hash_is_deterministic_salted_and_strips():
     assert h != hash_value("a@b.com", "other-salt")
     assert h != hash_value("A@b.com", SALT)  # no lowercasing here: the caller normalises
     assert hash_value(4915123, SALT) == hash_value("4915123", SALT)
+    assert is_hash(hash_value(10**30, SALT))
     assert hash_value({"b": 1, "a": 2}, SALT) == hash_value({"a": 2, "b": 1}, SALT)
 
 
@@ -206,13 +207,43 @@ def test_a_classified_object_is_hashed_or_dropped_whole():
     assert out == {"traits": {"k": 1}}
 
 
-def test_first_path_rule_wins_and_paths_beat_patterns():
+def test_first_path_rule_wins_and_a_pattern_adds_a_class():
     rules = (
         PiiRule("free_text", ("traits.notes",)),
-        PiiRule("email", ("traits.notes",), pattern=EMAIL_PATTERN),
+        PiiRule("secret", ("traits.notes",)),
+        PiiRule("email", pattern=EMAIL_PATTERN),
     )
+    event = {"traits": {"notes": "write to a@b.com", "bio": "no address here"}}
+    assert find_pii(event, rules) == [("traits.notes", "free_text"), ("traits.notes", "email")]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({"free_text": "keep", "email": "hash"}, ("email", "hash")),
+        ({"free_text": "drop", "email": "hash"}, ("free_text", "drop")),
+        ({"free_text": "hash", "email": "hash"}, ("free_text", "hash")),  # tie: the path class
+        ({"free_text": "keep", "email": "keep"}, ("free_text", "keep")),
+    ],
+)
+def test_the_strictest_action_of_a_values_classes_wins(policy, expected):
+    # Keeping free text must not let an email through when emails are hashed.
     event = {"traits": {"notes": "write to a@b.com"}}
-    assert find_pii(event, rules) == [("traits.notes", "free_text")]
+    out, applied = apply_policy(event, DEFAULT_RULES, policy, SALT)
+    assert applied == [("traits.notes", *expected)]
+    if expected[1] == "hash":
+        assert out["traits"]["notes"] == hash_value("write to a@b.com", SALT)
+
+
+def test_a_kept_object_is_still_looked_into():
+    rules = (PiiRule("address", ("traits.address",)), *DEFAULT_RULES)
+    event = {"traits": {"address": {"city": "Springfield", "contact": "a@b.com"}}}
+    out, applied = apply_policy(event, rules, {"address": "keep", "email": "drop"}, SALT)
+    assert out == {"traits": {"address": {"city": "Springfield"}}}
+    assert applied == [
+        ("traits.address", "address", "keep"),
+        ("traits.address.contact", "email", "drop"),
+    ]
 
 
 # --- patterns ---------------------------------------------------------------------------------
@@ -275,7 +306,7 @@ _EMAILS = st.builds(
 _SCALARS = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(),
+    st.integers(-(2**63), 2**63 - 1),  # what orjson decodes
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=20),
 )

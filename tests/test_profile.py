@@ -105,7 +105,8 @@ def test_build_profiles_pipeline():
         envl("4", 4000, anonymousId="anon-2"),
     ]
     with make_pipeline() as p:
-        rows = p | beam.Create(items) | BuildProfiles(IDENTITY)
+        keyed = p | beam.Create(items) | beam.Map(lambda e: (primary_profile_key(e.event, IDENTITY), e))
+        rows = {"events": keyed} | BuildProfiles(IDENTITY)
         assert_that(
             rows | beam.Map(lambda r: (r["profile_id"], r["version"], r["traits"])),
             equal_to(

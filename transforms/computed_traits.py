@@ -19,6 +19,11 @@ Stream contract:
   only once the input watermark has passed T); for a key with no closed window yet, a very late
   event opens a window of its own and is emitted in a pane of its own at once: it is counted,
   never double counted, and no earlier value is overwritten.
+- Bounded runs (batch, backfills from files): nothing is late, by definition of a bounded input,
+  and window state lives until the input is exhausted. The in-process FnApiRunner can deliver
+  elements that an upstream stage emitted from its own timers after this stage's timers fired, so
+  in bounded mode panes that fire early are corrected by later panes (the profile keeps the last
+  pane of each window) instead of the event being called late.
 """
 
 from __future__ import annotations
@@ -99,7 +104,9 @@ def assign_windows(spec: ComputedTraitSpec, ts_ms: int) -> list[tuple[int, int]]
 
 def extract_value(spec: ComputedTraitSpec, event: dict[str, Any]) -> tuple[bool, Any]:
     """Whether the event feeds this trait, and the value it contributes."""
-    if spec.event is not None and (event.get("type") != "track" or event.get("event") != spec.event):
+    if spec.event is not None and (
+        event.get("type") != "track" or event.get("event") != spec.event
+    ):
         return False, None
     if spec.aggregate in ("sum", "distinct_count"):
         value = get_path(event, spec.property)
@@ -170,7 +177,13 @@ def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) ->
 
 def _pane(spec: ComputedTraitSpec, key: str, w: dict) -> list:
     start, end = map(int, key.split(":"))
-    return [end, None if spec.window == "lifetime" else start, w["pane"], agg_value(spec.aggregate, w["acc"]), spec.accumulation]
+    return [
+        end,
+        None if spec.window == "lifetime" else start,
+        w["pane"],
+        agg_value(spec.aggregate, w["acc"]),
+        spec.accumulation,
+    ]
 
 
 class _ComputeTraitsFn(beam.DoFn):
@@ -181,8 +194,11 @@ class _ComputeTraitsFn(beam.DoFn):
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
     EARLY_TIMER = TimerSpec("early", TimeDomain.REAL_TIME)
 
-    def __init__(self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int, clock=None):
+    def __init__(
+        self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int | None, clock=None
+    ):
         self._specs = specs
+        # None: bounded input, unlimited lateness (no garbage collection, nothing too late).
         self._lateness = allowed_lateness_ms
         self._early_ms = min((s.early_ms for s in specs if s.early_ms), default=None)
         # Processing time source; injectable because TestStream's clock is not the wall clock.
@@ -216,7 +232,12 @@ class _ComputeTraitsFn(beam.DoFn):
                 continue
             open_windows = state.setdefault(spec.name, {})
             for lo, hi in assign_windows(spec, ts_ms):
-                if spec.window != "lifetime" and wm is not None and hi + self._lateness <= wm:
+                if (
+                    spec.window != "lifetime"
+                    and wm is not None
+                    and self._lateness is not None
+                    and hi + self._lateness <= wm
+                ):
                     too_late.append(spec.name)
                     continue
                 if spec.window == "session":
@@ -225,7 +246,13 @@ class _ComputeTraitsFn(beam.DoFn):
                 else:
                     key = f"{lo}:{hi}"
                     w = open_windows.setdefault(
-                        key, {"acc": agg_init(spec.aggregate), "pane": 0, "fired": False, "dirty": False}
+                        key,
+                        {
+                            "acc": agg_init(spec.aggregate),
+                            "pane": 0,
+                            "fired": False,
+                            "dirty": False,
+                        },
                     )
                 w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
                 changed = True
@@ -259,7 +286,7 @@ class _ComputeTraitsFn(beam.DoFn):
         end = int(key.split(":")[1])
         if not w["fired"]:
             return end
-        if spec_window == "lifetime":
+        if spec_window == "lifetime" or self._lateness is None:
             return None
         return end + self._lateness
 
@@ -300,7 +327,12 @@ class _ComputeTraitsFn(beam.DoFn):
                 if not w["fired"] and end <= wm:
                     w["fired"] = True
                     yield self._emit(key, spec, wkey, w)  # the ON_TIME pane
-                if w["fired"] and spec.window != "lifetime" and end + self._lateness <= wm:
+                if (
+                    w["fired"]
+                    and spec.window != "lifetime"
+                    and self._lateness is not None
+                    and end + self._lateness <= wm
+                ):
                     if w["dirty"]:  # late data held back (late panes off): final pane now
                         yield self._emit(key, spec, wkey, w)
                     del open_windows[wkey]
@@ -344,14 +376,15 @@ class _ComputeTraitsFn(beam.DoFn):
 class ComputeTraits(beam.PTransform):
     """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes and ``late`` records out."""
 
-    def __init__(self, specs, allowed_lateness_ms: int, clock=None):
+    def __init__(self, specs, allowed_lateness_ms: int, clock=None, bounded: bool = False):
         super().__init__()
         specs = tuple(specs)
         if not specs:
             raise ValueError("at least one computed trait is required")
         if allowed_lateness_ms < 0:
             raise ValueError("allowed_lateness_ms must not be negative")
-        self._specs, self._lateness, self._clock = specs, allowed_lateness_ms, clock
+        self._specs, self._clock = specs, clock
+        self._lateness = None if bounded else allowed_lateness_ms
 
     def expand(self, keyed_envelopes):
         return keyed_envelopes | "Windows" >> beam.ParDo(

@@ -112,7 +112,9 @@ class _EnforceConsentFn(beam.DoFn):
     ARMED_STATE = ReadModifyWriteStateSpec("armed", VarIntCoder())
     RELEASE_TIMER = TimerSpec("release", TimeDomain.WATERMARK)
 
-    def __init__(self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity):
+    def __init__(
+        self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity
+    ):
         self._destinations = destinations
         self._deleted_ids = deleted_identifiers
         self._identity = identity
@@ -125,7 +127,9 @@ class _EnforceConsentFn(beam.DoFn):
             return False
         from transforms.identity import extract_identifiers
 
-        return any(f"{t}:{v}" in self._deleted_ids for t, v in extract_identifiers(event, self._identity))
+        return any(
+            f"{t}:{v}" in self._deleted_ids for t, v in extract_identifiers(event, self._identity)
+        )
 
     def process(
         self,
@@ -157,7 +161,9 @@ class _EnforceConsentFn(beam.DoFn):
         prefs = consent_observation(env.event)
         if prefs is not None:
             timeline = timeline_state.read() or []
-            timeline_state.write(add_observation(timeline, env.event_time_ms, env.event.get("messageId", ""), prefs))
+            timeline_state.write(
+                add_observation(timeline, env.event_time_ms, env.event.get("messageId", ""), prefs)
+            )
         held.add(tuple(env))
         current = armed.read()
         if current is None or env.event_time_ms < current:
@@ -182,7 +188,9 @@ class _EnforceConsentFn(beam.DoFn):
             if env.event_time_ms > now_ms:
                 keep.append(item)
                 continue
-            allowed, denied = judge_destinations(consent_at(timeline, env.event_time_ms), self._destinations)
+            allowed, denied = judge_destinations(
+                consent_at(timeline, env.event_time_ms), self._destinations
+            )
             for name in allowed:
                 self._delivered.inc()
                 yield (name, key, env)

@@ -103,7 +103,9 @@ class _DedupFn(beam.DoFn):
             yield env
         elif decision == DUPLICATE:
             self._dups.inc()
-            yield beam.pvalue.TaggedOutput(DUPLICATES, duplicate_record(env, key, state[1], state[2]))
+            yield beam.pvalue.TaggedOutput(
+                DUPLICATES, duplicate_record(env, key, state[1], state[2])
+            )
         else:
             self._collisions.inc()
             violation = Violation(
@@ -133,7 +135,9 @@ class _DedupFn(beam.DoFn):
 class DeduplicateEvents(beam.PTransform):
     """Envelopes in; unique envelopes out, plus ``duplicates`` and ``quarantine`` tagged outputs."""
 
-    def __init__(self, key_paths: tuple[str, ...] = ("source", "messageId"), ttl_seconds: float = 7 * 86400):
+    def __init__(
+        self, key_paths: tuple[str, ...] = ("source", "messageId"), ttl_seconds: float = 7 * 86400
+    ):
         super().__init__()
         if not key_paths:
             raise ValueError("key_paths must not be empty")
@@ -147,9 +151,9 @@ class DeduplicateEvents(beam.PTransform):
         return (
             envelopes
             | "KeyByIdempotencyKey"
-            >> beam.Map(lambda env: (dedup_key(env.source, env.event, key_paths), env)).with_output_types(
-                beam.typehints.KV[str, Any]
-            )
+            >> beam.Map(
+                lambda env: (dedup_key(env.source, env.event, key_paths), env)
+            ).with_output_types(beam.typehints.KV[str, Any])
             | "DropRepeats"
             >> beam.ParDo(_DedupFn(self._ttl)).with_outputs(DUPLICATES, QUARANTINE, main="unique")
         )

@@ -9,10 +9,12 @@ Pure functions only. Contract:
 - List indices are transparent to rule paths: ``properties.*.email`` matches
   ``properties.items[0].email``; a classified list has each of its items classified. Reported
   paths are concrete: ``properties.items[0].email``, ``traits.email[1]``.
-- Path rules win over pattern rules: a value (or whole sub-object) a path rule classifies is never
-  looked into by a pattern, so ``free_text: keep`` keeps an e-mail address written inside a note.
-  Among path rules, and among pattern rules, the first rule in order wins.
-- When a pattern matches, the *whole* value is that class (``"mail me at a@b.com"`` is an email).
+- A value has the class of the first path rule (in rule order) that reaches it, plus the class of
+  every pattern rule it matches; when a pattern matches, the *whole* value is that class
+  (``"mail me at a@b.com"`` is an email). With several classes the strictest action wins
+  (drop > hash > keep): ``free_text: keep`` does not let through an e-mail address written inside
+  a note when the policy hashes e-mails. A path rule that reaches an object classifies it whole
+  (hash or drop act on the whole object); a kept object's contents are still classified.
 - ``None`` values are never classified: there is nothing to protect.
 - Object keys are not inspected: PII used as a key (a map keyed by e-mail) is not found.
 - A policy maps class -> ``keep`` | ``hash`` | ``drop``; a class the policy does not name gets the
@@ -26,7 +28,6 @@ Values are never logged or put in messages, and the salt never appears in any me
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
 import os
@@ -81,7 +82,9 @@ class PiiRule:
 # Deliberately loose: a false positive costs a hashed harmless string, a miss leaks an address.
 # The lookbehind starts matches only at the start of a run of address characters: without it a
 # long string with no `@` costs quadratic time (every position re-scans the rest of the run).
-EMAIL_PATTERN = r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+EMAIL_PATTERN = (
+    r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+)
 # At least 7 digits, optional leading +, common separators. Too broad to run on every value
 # (dates, order numbers, versions look alike), so it only runs under phone-like keys.
 PHONE_PATTERN = r"^(?=(?:\D*\d){7})\+?[0-9(][0-9 ()./-]{5,}[0-9]$"
@@ -130,6 +133,8 @@ def hash_value(value: Any, salt: str) -> str:
         raise ValueError("hashing PII needs a non-empty salt")
     if isinstance(value, str):
         text = value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)  # orjson refuses integers beyond 64 bits
     else:
         text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
     digest = hmac.new(
@@ -178,7 +183,7 @@ def require_salt(
 
 # --- classification ----------------------------------------------------------------------------
 
-_DROPPED = object()  # a visit's verdict: remove this value
+_DROPPED = object()  # a verdict: remove this value
 
 # A path-rule state while walking down: (rule index, number of segments matched so far).
 _State = tuple[int, int]
@@ -210,7 +215,7 @@ def _advance(
     states: tuple[_State, ...], key: str, c: _Compiled
 ) -> tuple[tuple[_State, ...], str | None]:
     """Step the live path rules down into ``key``: the surviving states, and the class of the
-    first rule that now matches completely (None if none does)."""
+    first rule (in rule order) that now matches completely, if any."""
     nxt: list[_State] = []
     hit: int | None = None
     for i, pos in states:
@@ -223,60 +228,70 @@ def _advance(
     return tuple(nxt), (c.path_rules[hit][1] if hit is not None else None)
 
 
-def _pattern_class(value: Any, key: str, c: _Compiled) -> str | None:
+def _pattern_classes(value: Any, key: str, c: _Compiled) -> list[str]:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None
+        return []
     text = value if isinstance(value, str) else str(value)
+    found: list[str] = []
     for regex, key_regex, cls in c.patterns:
-        if key_regex is not None and not key_regex.search(key):
+        if cls in found or (key_regex is not None and not key_regex.search(key)):
             continue
         if regex.search(text):
-            return cls
-    return None
+            found.append(cls)
+    return found
 
 
-_Visit = Callable[[str, str, Any], Any]
+# Called once per classified value with its classes (path class first, then pattern classes in
+# rule order); returns the action to take.
+_Visit = Callable[[str, tuple[str, ...], Any], str]
 
 
-def _whole(value: Any, cls: str, path: str, visit: _Visit) -> Any:
-    """A value a path rule classified: the whole of it is ``cls`` (a list item by item)."""
-    if value is None:
-        return None
-    if isinstance(value, list):
-        out = []
-        for i, item in enumerate(value):
-            new = _whole(item, cls, f"{path}[{i}]", visit)
-            out.append(None if new is _DROPPED else new)
-        return out
-    new = visit(path, cls, value)
-    # A kept object would otherwise be the input's own dict: copy it so the output never aliases.
-    return copy.deepcopy(new) if new is value and isinstance(value, dict) else new
+def _act(action: str, value: Any, salt: str) -> Any:
+    if action == HASH:
+        return hash_value(value, salt)
+    return _DROPPED if action == DROP else value
 
 
 def _walk(
-    node: Any, key: str, path: str, states: tuple[_State, ...], c: _Compiled, visit: _Visit
+    node: Any,
+    key: str,
+    path: str,
+    states: tuple[_State, ...],
+    path_class: str | None,
+    c: _Compiled,
+    visit: _Visit,
+    salt: str,
 ) -> Any:
-    """A rebuilt copy of ``node`` (containers are new, so the result never aliases the input)."""
+    """A rebuilt copy of ``node``: containers are new, so the result never aliases the input."""
     if isinstance(node, dict):
+        if path_class is not None:
+            action = visit(path, (path_class,), node)
+            if action != KEEP:
+                return _act(action, node, salt)
+            # Kept whole: what is inside still gets its own classification.
         out = {}
         for k, v in node.items():
             child_path = f"{path}.{k}" if path else str(k)
             child_states, cls = _advance(states, k, c) if states else ((), None)
-            if cls is not None:
-                new = _whole(v, cls, child_path, visit)
-            else:
-                new = _walk(v, k, child_path, child_states, c, visit)
+            new = _walk(v, k, child_path, child_states, cls, c, visit, salt)
             if new is not _DROPPED:
                 out[k] = new
         return out
     if isinstance(node, list):
+        # Transparent to paths: each item is classified like the list itself.
         out_list = []
         for i, item in enumerate(node):
-            new = _walk(item, key, f"{path}[{i}]", states, c, visit)
+            new = _walk(item, key, f"{path}[{i}]", states, path_class, c, visit, salt)
             out_list.append(None if new is _DROPPED else new)
         return out_list
-    cls = _pattern_class(node, key, c) if c.patterns else None
-    return node if cls is None else visit(path, cls, node)
+    if node is None:
+        return None
+    classes = [path_class] if path_class is not None else []
+    if c.patterns:
+        classes += [p for p in _pattern_classes(node, key, c) if p != path_class]
+    if not classes:
+        return node
+    return _act(visit(path, tuple(classes), node), node, salt)
 
 
 def _check_event(event: Any) -> None:
@@ -285,17 +300,21 @@ def _check_event(event: Any) -> None:
 
 
 def find_pii(event: dict[str, Any], rules: Iterable[PiiRule]) -> list[tuple[str, str]]:
-    """``(path, class)`` of every classified value, in document order."""
+    """``(path, class)`` for every class of every classified value, in document order (a value
+    that is, say, at a phone path and looks like an email is listed twice)."""
     _check_event(event)
     c = _compile(tuple(rules))
     found: list[tuple[str, str]] = []
 
-    def visit(path: str, cls: str, value: Any) -> Any:
-        found.append((path, cls))
-        return value
+    def visit(path: str, classes: tuple[str, ...], value: Any) -> str:
+        found.extend((path, cls) for cls in classes)
+        return KEEP
 
-    _walk(event, "", "", c.start, c, visit)
+    _walk(event, "", "", c.start, None, c, visit, "")
     return found
+
+
+_STRICTNESS = {KEEP: 0, HASH: 1, DROP: 2}
 
 
 def apply_policy(
@@ -307,9 +326,10 @@ def apply_policy(
 ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """A new event with every classified value kept, hashed or dropped per ``policy``.
 
-    Returns ``(event, applied)`` where ``applied`` lists ``(path, class, action)`` for every
-    classified value, ``keep`` included (an audit of what was found). The input is never mutated;
-    the output shares no container with it.
+    A value with several classes gets the strictest of their actions (drop > hash > keep; a tie
+    goes to the path class, then to rule order). Returns ``(event, applied)``: ``applied`` lists
+    ``(path, deciding class, action)`` once per classified value, ``keep`` included, in document
+    order. The input is never mutated; the output shares no container with it.
     """
     _check_event(event)
     for cls, action in policy.items():
@@ -325,13 +345,13 @@ def apply_policy(
     c = _compile(tuple(rules))
     applied: list[tuple[str, str, str]] = []
 
-    def visit(path: str, cls: str, value: Any) -> Any:
-        action = policy.get(cls, default_action)
-        applied.append((path, cls, action))
-        if action == HASH:
-            return hash_value(value, salt)
-        if action == DROP:
-            return _DROPPED
-        return value
+    def visit(path: str, classes: tuple[str, ...], value: Any) -> str:
+        best_cls, best = classes[0], policy.get(classes[0], default_action)
+        for cls in classes[1:]:
+            action = policy.get(cls, default_action)
+            if _STRICTNESS[action] > _STRICTNESS[best]:
+                best_cls, best = cls, action
+        applied.append((path, best_cls, best))
+        return best
 
-    return _walk(event, "", "", c.start, c, visit), applied
+    return _walk(event, "", "", c.start, None, c, visit, salt), applied

@@ -172,6 +172,8 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, n in b["counts"].items():
         a["counts"][k] = a["counts"].get(k, 0) + n
     a["events"] += b["events"]
+    if b.get("deleted"):
+        a["deleted"] = True
     return a
 
 
@@ -200,13 +202,18 @@ def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
         return orjson.dumps(x, option=orjson.OPT_SORT_KEYS).decode()
 
     seen = acc["last_seen_ms"]
+    if acc.get("deleted"):
+        # A deletion request: nothing about the person survives, only the instruction to delete.
+        return {"profile_id": profile_id, "deleted": True}
     return {
         "profile_id": profile_id,
         "identities": dump(identities),
         "traits": dump(traits),
         "computed_traits": dump(computed),
         "event_counts": dump(acc["counts"]),
-        "first_seen": format_iso_ms(acc["first_seen_ms"]) if acc["first_seen_ms"] is not None else None,
+        "first_seen": format_iso_ms(acc["first_seen_ms"])
+        if acc["first_seen_ms"] is not None
+        else None,
         "last_seen": format_iso_ms(seen) if seen is not None else None,
         "version": acc["events"] + acc["panes"],
         # The event time of the newest event folded in: a pure function of the input, so a
@@ -215,7 +222,7 @@ def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-EVENT, COMPUTED = "e", "c"
+EVENT, COMPUTED, DELETE = "e", "c", "d"
 
 
 class ProfileCombineFn(beam.CombineFn):
@@ -233,6 +240,9 @@ class ProfileCombineFn(beam.CombineFn):
     def add_input(self, acc, element):
         if element[0] == EVENT:
             return fold_event(acc, element[1], element[2], element[3], self._rules)
+        if element[0] == DELETE:
+            acc["deleted"] = True
+            return acc
         return fold_computed(acc, element[1], element[2])
 
     def merge_accumulators(self, accumulators):
@@ -247,18 +257,19 @@ class ProfileCombineFn(beam.CombineFn):
 
 
 class BuildProfiles(beam.PTransform):
-    """Valid, unique envelopes (and computed-trait panes) in; profile rows out.
+    """Keyed envelopes (and computed-trait panes, and deletions) in; profile rows out.
 
-    Input: a PCollection of envelopes, or ``{"events": envelopes, "computed": panes}`` where panes
-    are ``(profile_key, (trait_name, pane))`` from :class:`transforms.computed_traits.ComputeTraits`.
-    Keyed by :func:`transforms.identity.primary_profile_key` (user id, else anonymous id) until
-    identity stitching assigns person ids. Aggregation is a ``CombineFn`` over the fold/merge
-    functions, so it is order- and bundling-independent and Beam may pre-combine before the
-    shuffle. With ``update_every`` (seconds, streaming) the global window fires accumulating panes
-    on processing time; each pane is the whole profile with a larger ``version``.
+    Input: ``{"events": (profile_key, envelope), "computed": (profile_key, (trait, pane)),
+    "deletes": (profile_key, None)}``; only ``events`` is required. Aggregation is a ``CombineFn``
+    over the fold/merge functions, so it is order- and bundling-independent and Beam may
+    pre-combine before the shuffle. A deletion makes the row a tombstone (``deleted``), which the
+    sink turns into a DELETE. With ``update_every`` (seconds, streaming) the global window fires
+    accumulating panes on processing time; each pane is the whole profile with a larger version.
     """
 
-    def __init__(self, identity, rules: TraitRules = TraitRules(), update_every: float | None = None):
+    def __init__(
+        self, identity, rules: TraitRules = TraitRules(), update_every: float | None = None
+    ):
         super().__init__()
         if update_every is not None and update_every <= 0:
             raise ValueError("update_every must be positive")
@@ -269,21 +280,24 @@ class BuildProfiles(beam.PTransform):
     def expand(self, inputs):
         from apache_beam.transforms import trigger, window
 
-        from transforms.identity import extract_identifiers, primary_profile_key
+        from transforms.identity import extract_identifiers
 
         identity = self._identity
-        if isinstance(inputs, dict):
-            envelopes, computed = inputs["events"], inputs.get("computed")
-        else:
-            envelopes, computed = inputs, None
 
-        def keyed(env):
+        def fragment(key, env):
             ids = extract_identifiers(env.event, identity)
-            return primary_profile_key(env.event, identity), (EVENT, env.event, env.event_time_ms, ids)
+            return key, (EVENT, env.event, env.event_time_ms, ids)
 
-        parts = [envelopes | "KeyByProfile" >> beam.Map(keyed)]
-        if computed is not None:
-            parts.append(computed | "TagPanes" >> beam.MapTuple(lambda k, np: (k, (COMPUTED, *np))))
+        parts = [inputs["events"] | "EventFragments" >> beam.MapTuple(fragment)]
+        if inputs.get("computed") is not None:
+            parts.append(
+                inputs["computed"]
+                | "PaneFragments" >> beam.MapTuple(lambda k, np: (k, (COMPUTED, *np)))
+            )
+        if inputs.get("deletes") is not None:
+            parts.append(
+                inputs["deletes"] | "DeleteFragments" >> beam.MapTuple(lambda k, _: (k, (DELETE,)))
+            )
         fragments = parts[0] if len(parts) == 1 else tuple(parts) | "Fragments" >> beam.Flatten()
         if self._update_every:
             fragments = fragments | "Global" >> beam.WindowInto(

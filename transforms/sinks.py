@@ -58,8 +58,12 @@ def open_profile_db(path: str | Path) -> sqlite3.Connection:
 
 
 def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:
+    """Upsert live rows and delete tombstoned ones (``{"profile_id", "deleted": True}``)."""
+    live = [tuple(r[c] for c in PROFILE_COLUMNS) for r in rows if not r.get("deleted")]
+    gone = [(r["profile_id"],) for r in rows if r.get("deleted")]
     with conn:
-        conn.executemany(_UPSERT, [tuple(r[c] for c in PROFILE_COLUMNS) for r in rows])
+        conn.executemany(_UPSERT, live)
+        conn.executemany("DELETE FROM profiles WHERE profile_id = ?", gone)
 
 
 class _SqliteProfileWriter(beam.DoFn):

@@ -68,7 +68,9 @@ def parse_plan(data: Any, filename: str) -> TrackingPlan:
         raise PlanError(f"{filename}: <root>: expected a mapping")
     unknown = set(data) - {"plan", "version", "types", "events"}
     if unknown:
-        raise PlanError(f"{filename}: {sorted(unknown)[0]}: unknown key; valid keys: plan, version, types, events")
+        raise PlanError(
+            f"{filename}: {sorted(unknown)[0]}: unknown key; valid keys: plan, version, types, events"
+        )
     version = data.get("version")
     if not isinstance(version, (str, int)) or version == "":
         raise PlanError(f"{filename}: version: required, a string such as '2026.11.1'")
@@ -78,12 +80,18 @@ def parse_plan(data: Any, filename: str) -> TrackingPlan:
         raise PlanError(f"{filename}: types/events: expected mappings")
     for t, spec in types.items():
         if t not in EVENT_TYPES:
-            raise PlanError(f"{filename}: types.{t}: not a Segment event type ({', '.join(sorted(EVENT_TYPES))})")
+            raise PlanError(
+                f"{filename}: types.{t}: not a Segment event type ({', '.join(sorted(EVENT_TYPES))})"
+            )
         if not isinstance(spec, dict) or set(spec) - {"properties", "traits"}:
-            raise PlanError(f"{filename}: types.{t}: expected a mapping with 'properties' and/or 'traits'")
+            raise PlanError(
+                f"{filename}: types.{t}: expected a mapping with 'properties' and/or 'traits'"
+            )
     for name, spec in events.items():
         if not isinstance(spec, dict) or set(spec) - {"properties", "description"}:
-            raise PlanError(f"{filename}: events.{name}: expected a mapping with 'properties' (a JSON Schema)")
+            raise PlanError(
+                f"{filename}: events.{name}: expected a mapping with 'properties' (a JSON Schema)"
+            )
     plan = TrackingPlan(str(data.get("plan", Path(filename).stem)), str(version), types, events)
     try:
         compile_plan(plan)
@@ -163,11 +171,15 @@ def envelope_violations(event: dict[str, Any]) -> list[Violation]:
     if not (_nonempty_str(event.get("userId")) or _nonempty_str(event.get("anonymousId"))):
         out.append(Violation("identity.missing", "userId", "userId or anonymousId is required"))
     if etype == "track" and not _nonempty_str(event.get("event")):
-        out.append(Violation("event.missing_event_name", "event", "a track event needs an event name"))
+        out.append(
+            Violation("event.missing_event_name", "event", "a track event needs an event name")
+        )
     return out
 
 
-def plan_violations(event: dict[str, Any], compiled: CompiledPlan, max_depth: int) -> list[Violation]:
+def plan_violations(
+    event: dict[str, Any], compiled: CompiledPlan, max_depth: int
+) -> list[Violation]:
     """Checks against the tracking plan; assumes :func:`envelope_violations` passed."""
     if _depth(event, max_depth):
         return [Violation("schema.too_deep", "", f"nesting deeper than {max_depth} levels")]
@@ -179,7 +191,9 @@ def plan_violations(event: dict[str, Any], compiled: CompiledPlan, max_depth: in
         name = event["event"]
         key = ("track", name)
         if key not in compiled.validators:
-            return [Violation("event.unplanned", "event", f"event {name!r} is not in plan {plan.name}")]
+            return [
+                Violation("event.unplanned", "event", f"event {name!r} is not in plan {plan.name}")
+            ]
     else:
         key = (etype, "")
     out = []

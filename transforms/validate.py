@@ -100,7 +100,9 @@ def judge(
 
 
 class _ValidateFn(beam.DoFn):
-    def __init__(self, plans_by_source: dict[str, TrackingPlan], settings: dict[str, Any], identity):
+    def __init__(
+        self, plans_by_source: dict[str, TrackingPlan], settings: dict[str, Any], identity
+    ):
         self._plans = plans_by_source
         self._settings = settings
         self._identity = identity
@@ -122,7 +124,9 @@ class _ValidateFn(beam.DoFn):
             reason = record["reason"]
             counter = self._quarantined.get(reason)
             if counter is None:
-                counter = self._quarantined[reason] = Metrics.counter("cdi", "quarantined." + reason)
+                counter = self._quarantined[reason] = Metrics.counter(
+                    "cdi", "quarantined." + reason
+                )
             counter.inc()
             yield beam.pvalue.TaggedOutput(QUARANTINE, record)
 
