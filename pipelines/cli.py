@@ -55,6 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate-config", help="check a pipeline config and its tracking plans")
     val.add_argument("file")
+
+    q = sub.add_parser("quarantine", help="inspect and replay quarantined events")
+    qsub = q.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    qs = qsub.add_parser("summarize", help="counts by reason and source")
+    qs.add_argument("dir", help="a run's output dir or its quarantine/ dir")
+    qr = qsub.add_parser(
+        "replay",
+        help="write the (repaired) payloads as NDJSON to re-submit with `cdi run --input`; "
+        "messageId and source are kept, so an event already accepted is caught as a duplicate",
+    )
+    qr.add_argument("dir", help="a run's output dir or its quarantine/ dir")
+    qr.add_argument("--out", required=True, help="NDJSON file to write")
     return p
 
 
@@ -173,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, rest)
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "quarantine":
+            from pipelines import quarantine_tools
+
+            if args.action == "summarize":
+                return quarantine_tools.main_summarize(args.dir)
+            return quarantine_tools.main_replay(args.dir, args.out)
         return cmd_validate_config(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

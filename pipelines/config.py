@@ -76,6 +76,22 @@ class SourceConfig:
     # Globs, relative to the config file; `cdi run --input` replaces them.
     paths: tuple[str, ...] = ()
     tracking_plan: str = "default"
+    # Per tracking-plan rule: block (quarantine), omit (strip the offending value, keep the event,
+    # note it in context.cdi), allow (keep and note). `default` applies to unnamed rules.
+    violations: dict[str, Literal["block", "omit", "allow"]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from transforms.tracking_plan import CONFIGURABLE_RULES
+
+        for rule in self.violations:
+            if rule != "default" and rule not in CONFIGURABLE_RULES:
+                hint = difflib.get_close_matches(rule, CONFIGURABLE_RULES, n=1)
+                extra = (
+                    f"; did you mean {hint[0]!r}?"
+                    if hint
+                    else f"; rules: default, {', '.join(CONFIGURABLE_RULES)}"
+                )
+                raise ValueError(f"violations: unknown rule {rule!r}{extra}")
 
 
 @dataclass(frozen=True)

@@ -750,9 +750,8 @@ def _arrange(
 
 def _identities(drafts: list[Draft], persons: list[Person]) -> list[dict]:
     """Per person, the non-junk identifiers its valid events carry."""
-    found = [
-        (set(), set(), set(), set()) for _ in persons
-    ]  # user ids, emails, anon ids, device ids
+    # Per person: user ids, emails, anonymous ids, device ids.
+    found = [(set(), set(), set(), set()) for _ in persons]
     junk_devices = set(JUNK_DEVICE_IDS.values())
     for d in drafts:
         e = d.event

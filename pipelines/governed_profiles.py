@@ -197,6 +197,7 @@ def _validate(config: PipelineConfig, plans):
         max_future_skew_ms=int(config.event_time.max_future_skew * 1000),
         floor_ms=int(parse_instant(config.event_time.min_event_time) * 1000),
         clamp_event_time=config.event_time.on_invalid == "clamp",
+        rule_modes={s.name: dict(s.violations) for s in config.sources},
     )
 
 

@@ -40,7 +40,11 @@ def test_assign_windows():
 
 
 def test_aggregates_merge_like_they_add():
-    for kind, values in [("count", [None] * 3), ("sum", [1, 2.5, 3]), ("distinct_count", ["a", "b", "a"])]:
+    for kind, values in [
+        ("count", [None] * 3),
+        ("sum", [1, 2.5, 3]),
+        ("distinct_count", ["a", "b", "a"]),
+    ]:
         whole = agg_init(kind)
         for i, v in enumerate(values):
             whole = agg_add(kind, whole, v, i)
@@ -90,7 +94,8 @@ def test_on_time_late_within_lateness_and_too_late():
             label="panes",
         )
         assert_that(
-            out[LATE] | beam.Map(lambda r: (r["message_id"], r["behind_watermark_ms"], r["traits"])),
+            out[LATE]
+            | beam.Map(lambda r: (r["message_id"], r["behind_watermark_ms"], r["traits"])),
             equal_to([("d", 11 * S, ["n"])]),
             label="late",
         )
@@ -128,7 +133,9 @@ def test_sessions_merge_when_a_gap_is_filled():
 
 
 def test_early_panes_on_processing_time():
-    s = ComputedTraitSpec(name="n", aggregate="count", window="fixed", size_ms=100 * S, early_ms=5 * S)
+    s = ComputedTraitSpec(
+        name="n", aggregate="count", window="fixed", size_ms=100 * S, early_ms=5 * S
+    )
     clock = [0.0]
     stream = (
         TestStream()

@@ -34,13 +34,16 @@ def test_reference_config_documents_every_key():
     for cls in classes:
         for f in dataclasses.fields(cls):
             if not f.metadata.get("internal"):
-                assert f"{f.name}:" in text or f"{f.name}: " in text or f"{{name: " in text, f.name
+                assert f"{f.name}:" in text or f"{f.name}: " in text or "{name: " in text, f.name
                 assert f.name in text, f"{cls.__name__}.{f.name} is not documented"
 
 
 def test_default_config_is_package_data():
     cfg = load_default_config()
     assert Path(cfg.resolve(cfg.sources[0].paths[0])).is_file()
+    assert str(REPO) in str(cfg.resolve(cfg.sources[0].paths[0])) or "site-packages" in str(
+        cfg.base_dir
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,7 +59,10 @@ def test_unknown_top_level_key_suggests_nearest(text):
 
 
 def _base(extra: str) -> str:
-    return "sources: [{name: web}]\ntracking_plans: {default: {path: ../tracking_plans/example.yaml}}\n" + extra
+    return (
+        "sources: [{name: web}]\ntracking_plans: {default: {path: ../tracking_plans/example.yaml}}\n"
+        + extra
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,13 +74,34 @@ def _base(extra: str) -> str:
             "test.yaml: dedup.ttl: malformed duration '7 days' (expected a number and a unit, e.g. 500ms, 30s, 10m, 2h, 7d, 1h30m)",
         ),
         ("dedup: {ttl: 30}", "test.yaml: dedup.ttl: duration needs a unit, e.g. '30s' or '30m'"),
-        ("validation: {max_event_bytes: big}", "test.yaml: validation.max_event_bytes: expected int, got str 'big'"),
-        ("validation: {max_event_bytes: -1}", "test.yaml: validation: max_event_bytes must be positive"),
-        ("event_time: {on_invalid: clip}", "test.yaml: event_time.on_invalid: must be one of 'quarantine', 'clamp', got 'clip'; did you mean 'clamp'?"),
-        ("event_time: {min_event_time: yesterday}", "test.yaml: event_time: min_event_time 'yesterday' is not an ISO 8601 instant"),
-        ("identity: {blocklist_patterns: ['(']}", "test.yaml: identity: blocklist_patterns: '(' is not a valid regex: missing ), unterminated subpattern at position 0"),
-        ("consent: {destinations: {crm: {purposes: [sales]}}}", "test.yaml: consent.destinations.crm.purposes[0]: unknown purpose 'sales'; declared purposes: analytics, marketing, advertising"),
-        ("sinks: {profiles: {type: postgres}}", "test.yaml: sinks.profiles.type: must be one of 'sqlite', got 'postgres'"),
+        (
+            "validation: {max_event_bytes: big}",
+            "test.yaml: validation.max_event_bytes: expected int, got str 'big'",
+        ),
+        (
+            "validation: {max_event_bytes: -1}",
+            "test.yaml: validation: max_event_bytes must be positive",
+        ),
+        (
+            "event_time: {on_invalid: clip}",
+            "test.yaml: event_time.on_invalid: must be one of 'quarantine', 'clamp', got 'clip'; did you mean 'clamp'?",
+        ),
+        (
+            "event_time: {min_event_time: yesterday}",
+            "test.yaml: event_time: min_event_time 'yesterday' is not an ISO 8601 instant",
+        ),
+        (
+            "identity: {blocklist_patterns: ['(']}",
+            "test.yaml: identity: blocklist_patterns: '(' is not a valid regex: missing ), unterminated subpattern at position 0",
+        ),
+        (
+            "consent: {destinations: {crm: {purposes: [sales]}}}",
+            "test.yaml: consent.destinations.crm.purposes[0]: unknown purpose 'sales'; declared purposes: analytics, marketing, advertising",
+        ),
+        (
+            "sinks: {profiles: {type: postgres}}",
+            "test.yaml: sinks.profiles.type: must be one of 'sqlite', got 'postgres'",
+        ),
         ("audiences: [{name: a}]", "test.yaml: audiences[0].trait: required key is missing"),
     ],
 )
@@ -89,7 +116,11 @@ def test_missing_tracking_plan_file_and_unknown_plan_reference():
     with pytest.raises(ConfigError) as e:
         config_from(text)
     assert any("tracking_plans.default.path: file not found" in p for p in e.value.problems)
-    assert any("sources[0].tracking_plan: no tracking plan named 'defualt'" in p and "did you mean 'default'?" in p for p in e.value.problems)
+    assert any(
+        "sources[0].tracking_plan: no tracking plan named 'defualt'" in p
+        and "did you mean 'default'?" in p
+        for p in e.value.problems
+    )
 
 
 def test_wrong_types_and_missing_required():
@@ -113,7 +144,11 @@ def test_duration_parse():
 def test_validate_config_cli_exit_codes(tmp_path, capsys):
     assert main(["validate-config", str(CONFIGS / "reference.yaml")]) == 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text(_base("windows: {allowed_latenes: 2d}").replace("../tracking_plans", str(REPO / "schemas/tracking_plans")))
+    bad.write_text(
+        _base("windows: {allowed_latenes: 2d}").replace(
+            "../tracking_plans", str(REPO / "schemas/tracking_plans")
+        )
+    )
     assert main(["validate-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: windows.allowed_latenes: unknown key; did you mean 'allowed_lateness'?" in err
@@ -143,7 +178,10 @@ def test_run_with_bad_config_exits_2_without_starting(tmp_path):
 
 
 def test_run_with_unmatched_input_exits_2(tmp_path, capsys):
-    assert main(["run", "--input", str(tmp_path / "none-*.ndjson"), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(["run", "--input", str(tmp_path / "none-*.ndjson"), "--output", str(tmp_path / "o")])
+        == 2
+    )
     assert "no file matches" in capsys.readouterr().err
 
 

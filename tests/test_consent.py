@@ -21,7 +21,10 @@ from transforms.consent import (
 )
 from transforms.envelope import Envelope
 
-DESTS = (DestinationRule("email_tool", ("marketing",)), DestinationRule("analytics", ("analytics",)))
+DESTS = (
+    DestinationRule("email_tool", ("marketing",)),
+    DestinationRule("analytics", ("analytics",)),
+)
 
 
 def prefs(**p):
@@ -42,7 +45,10 @@ def test_default_deny_and_missing_purposes():
     allowed, denied = judge_destinations({"analytics": True}, DESTS)
     assert allowed == ["analytics"] and denied == [("email_tool", ["marketing"])]
     assert judge_destinations({}, DESTS)[0] == []
-    assert consent_observation(event(context=prefs(marketing=True, ads="yes"))) == {"marketing": True, "ads": False}
+    assert consent_observation(event(context=prefs(marketing=True, ads="yes"))) == {
+        "marketing": True,
+        "ads": False,
+    }
     assert consent_observation(event()) is None
 
 
@@ -53,27 +59,49 @@ def env(mid, t_s, key_user="u1", **kw):
 
 def run(elements, streaming_stream=None, deleted_ids=()):
     with make_pipeline(streaming=streaming_stream is not None) as p:
-        src = p | streaming_stream if streaming_stream is not None else (
-            p | beam.Create(elements) | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+        src = (
+            p | streaming_stream
+            if streaming_stream is not None
+            else (
+                p
+                | beam.Create(elements)
+                | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+            )
         )
         out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig())
         yield out
 
 
 def deliveries(out):
-    return out.delivered | beam.Map(lambda d: (d[0], d[2].event["messageId"]) if d[2] else (d[0], d[1]))
+    return out.delivered | beam.Map(
+        lambda d: (d[0], d[2].event["messageId"]) if d[2] else (d[0], d[1])
+    )
 
 
 def test_withdrawal_applies_to_later_events_even_if_they_arrived_first():
     stream = (
         TestStream()
-        .add_elements([TimestampedValue(("u1", env("grant", 10, context=prefs(marketing=True, analytics=True))), 10)])
-        .add_elements([TimestampedValue(("u1", env("after", 40)), 40)])  # arrives before the withdrawal
-        .add_elements([TimestampedValue(("u1", env("withdraw", 30, context=prefs(marketing=False))), 30)])
+        .add_elements(
+            [
+                TimestampedValue(
+                    ("u1", env("grant", 10, context=prefs(marketing=True, analytics=True))), 10
+                )
+            ]
+        )
+        .add_elements(
+            [TimestampedValue(("u1", env("after", 40)), 40)]
+        )  # arrives before the withdrawal
+        .add_elements(
+            [TimestampedValue(("u1", env("withdraw", 30, context=prefs(marketing=False))), 30)]
+        )
         .advance_watermark_to(20)
-        .add_elements([TimestampedValue(("u1", env("between", 20)), 20)])  # late-ish, before withdrawal
+        .add_elements(
+            [TimestampedValue(("u1", env("between", 20)), 20)]
+        )  # late-ish, before withdrawal
         .advance_watermark_to(100)
-        .add_elements([TimestampedValue(("u1", env("late-old", 15)), 15)])  # late, judged at its own time
+        .add_elements(
+            [TimestampedValue(("u1", env("late-old", 15)), 15)]
+        )  # late, judged at its own time
         .advance_watermark_to_infinity()
     )
     for out in run([], stream):
@@ -94,8 +122,11 @@ def test_withdrawal_applies_to_later_events_even_if_they_arrived_first():
             label="delivered",
         )
         assert_that(
-            out[DENIED] | beam.Map(lambda r: (r["destination"], r["message_id"], r["missing_purposes"])),
-            equal_to([("email_tool", "withdraw", ["marketing"]), ("email_tool", "after", ["marketing"])]),
+            out[DENIED]
+            | beam.Map(lambda r: (r["destination"], r["message_id"], r["missing_purposes"])),
+            equal_to(
+                [("email_tool", "withdraw", ["marketing"]), ("email_tool", "after", ["marketing"])]
+            ),
             label="denied",
         )
 
@@ -116,8 +147,12 @@ def test_batch_verdicts_do_not_depend_on_arrival_order(order):
             deliveries(out),
             equal_to(
                 [
-                    ("email_tool", "b"), ("analytics", "b"), ("email_tool", "c"), ("analytics", "c"),
-                    ("analytics", "d"), ("analytics", "e"),
+                    ("email_tool", "b"),
+                    ("analytics", "b"),
+                    ("email_tool", "c"),
+                    ("analytics", "c"),
+                    ("analytics", "d"),
+                    ("analytics", "e"),
                 ]
             ),  # fmt: skip
         )

@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import event, make_pipeline
-from transforms.dedup import COLLISION, DUPLICATE, FIRST, DeduplicateEvents, decide, dedup_key, fingerprint
+from transforms.dedup import (
+    COLLISION,
+    DUPLICATE,
+    FIRST,
+    DeduplicateEvents,
+    decide,
+    dedup_key,
+    fingerprint,
+)
 from transforms.envelope import Envelope
 from transforms.quarantine import DUPLICATES, QUARANTINE
 
@@ -28,7 +36,9 @@ def test_decide_and_key():
     assert decide(None, fp) == FIRST
     assert decide((fp, "m", 0), fp) == DUPLICATE
     assert decide(("other", "m", 0), fp) == COLLISION
-    assert dedup_key("web", event(), ("source", "messageId")) != dedup_key("ios", event(), ("source", "messageId"))
+    assert dedup_key("web", event(), ("source", "messageId")) != dedup_key(
+        "ios", event(), ("source", "messageId")
+    )
     assert dedup_key("web", event(properties={"order_id": "o1"}), ("properties.order_id",)) == "o1"
 
 
@@ -36,7 +46,9 @@ def test_pipeline_duplicates_collisions_and_sources():
     items = [
         env("a"),
         env("a"),  # exact resend
-        env("a", receivedAt="2026-11-02T00:00:00Z"),  # retry with a new receive time: still a duplicate
+        env(
+            "a", receivedAt="2026-11-02T00:00:00Z"
+        ),  # retry with a new receive time: still a duplicate
         env("a", properties={"product_id": "zzz"}),  # same key, other payload: collision
         env("b"),
         env("a", source="ios"),  # same messageId from another source: not a duplicate by default
@@ -79,8 +91,14 @@ def test_ttl_expires_state_by_event_time():
     )
     with make_pipeline(streaming=True) as p:
         out = p | stream | DeduplicateEvents(ttl_seconds=ttl)
-        assert_that(out.unique | "U" >> beam.Map(lambda e: e.event_time_ms), equal_to([0, 3700_000]), label="u")
-        assert_that(out[DUPLICATES] | "D" >> beam.Map(lambda r: r["message_id"]), equal_to(["x"]), label="d")
+        assert_that(
+            out.unique | "U" >> beam.Map(lambda e: e.event_time_ms),
+            equal_to([0, 3700_000]),
+            label="u",
+        )
+        assert_that(
+            out[DUPLICATES] | "D" >> beam.Map(lambda r: r["message_id"]), equal_to(["x"]), label="d"
+        )
 
 
 @settings(max_examples=15, deadline=None)
@@ -93,7 +111,13 @@ def test_any_order_and_duplication_gives_each_key_once(ids, rnd):
     rnd.shuffle(items)
     with make_pipeline() as p:
         out = p | beam.Create(items) | DeduplicateEvents()
-        assert_that(out.unique | beam.Map(lambda e: e.event["messageId"]), equal_to(sorted(set(ids))), label="u")
         assert_that(
-            out[DUPLICATES] | "n" >> beam.combiners.Count.Globally(), equal_to([len(ids) - len(set(ids))]), label="d"
+            out.unique | beam.Map(lambda e: e.event["messageId"]),
+            equal_to(sorted(set(ids))),
+            label="u",
+        )
+        assert_that(
+            out[DUPLICATES] | "n" >> beam.combiners.Count.Globally(),
+            equal_to([len(ids) - len(set(ids))]),
+            label="d",
         )

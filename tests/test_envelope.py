@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import event
 from transforms.envelope import (
     avro_record_to_event,
     check_event_time,
@@ -16,7 +17,6 @@ from transforms.envelope import (
     format_iso_ms,
     parse_iso_ms,
 )
-from tests.conftest import event
 
 
 def test_decode_json_classes():
@@ -44,13 +44,20 @@ def test_skew_correction_uses_receive_time_minus_client_delay():
 
 
 def test_event_time_precedence():
-    assert corrected_event_time_ms(event(timestamp="2026-01-01T00:00:00Z")) == parse_iso_ms("2026-01-01T00:00:00Z")
+    assert corrected_event_time_ms(event(timestamp="2026-01-01T00:00:00Z")) == parse_iso_ms(
+        "2026-01-01T00:00:00Z"
+    )
     only_original = event(sentAt=None, receivedAt=None)
     assert corrected_event_time_ms(only_original) == parse_iso_ms("2026-11-01T10:00:00Z")
     only_received = event(originalTimestamp=None, sentAt=None)
     assert corrected_event_time_ms(only_received) == parse_iso_ms("2026-11-01T10:00:35Z")
-    assert corrected_event_time_ms(event(originalTimestamp=None, sentAt=None, receivedAt=None)) is None
-    assert corrected_event_time_ms(event(originalTimestamp="yesterday", sentAt=None, receivedAt=None)) is None
+    assert (
+        corrected_event_time_ms(event(originalTimestamp=None, sentAt=None, receivedAt=None)) is None
+    )
+    assert (
+        corrected_event_time_ms(event(originalTimestamp="yesterday", sentAt=None, receivedAt=None))
+        is None
+    )
 
 
 def test_event_time_range_checks():
@@ -66,14 +73,19 @@ def test_event_time_range_checks():
 
 json_objects = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=10,
 )
 
 
 @given(
     st.fixed_dictionaries(
-        {"type": st.sampled_from(["track", "identify"]), "messageId": st.text(min_size=1, max_size=8)},
+        {
+            "type": st.sampled_from(["track", "identify"]),
+            "messageId": st.text(min_size=1, max_size=8),
+        },
         optional={
             "properties": st.dictionaries(st.text(max_size=5), json_objects, max_size=3),
             "context": st.dictionaries(st.text(max_size=5), json_objects, max_size=3),
@@ -90,7 +102,9 @@ def test_avro_envelope_roundtrip_is_lossless(e):
     (record,) = list(fastavro.reader(buf))
     back, violation = avro_record_to_event(record)
     assert violation is None
-    assert orjson.dumps(back, option=orjson.OPT_SORT_KEYS) == orjson.dumps(e, option=orjson.OPT_SORT_KEYS)
+    assert orjson.dumps(back, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        e, option=orjson.OPT_SORT_KEYS
+    )
 
 
 def test_avro_record_with_bad_json_text_is_a_violation():

@@ -15,7 +15,16 @@ LINES = [
     orjson.dumps(event(messageId="1")).decode(),
     orjson.dumps(event(messageId="1")).decode(),  # duplicate
     orjson.dumps(event(messageId="2", userId="u1")).decode(),
-    orjson.dumps(event(messageId="3", type="identify", userId="u1", traits={"email": "A@x.io"}, event=None, properties=None)).decode(),
+    orjson.dumps(
+        event(
+            messageId="3",
+            type="identify",
+            userId="u1",
+            traits={"email": "A@x.io"},
+            event=None,
+            properties=None,
+        )
+    ).decode(),
     orjson.dumps(event(messageId="4", properties={"product_id": 5})).decode(),  # type mismatch
     "{truncated",
     "",  # blank separator line: not an event
@@ -38,7 +47,11 @@ def test_build_routes_every_event_to_exactly_one_output(tmp_path):
     cfg = _config(tmp_path)
     with make_pipeline() as p:
         out = job.build(p, cfg, {"web": [str(src)]})
-        assert_that(out["valid"] | beam.Map(lambda e: e.event["messageId"]), equal_to(["1", "2", "3"]), label="valid")
+        assert_that(
+            out["valid"] | beam.Map(lambda e: e.event["messageId"]),
+            equal_to(["1", "2", "3"]),
+            label="valid",
+        )
         assert_that(
             out["quarantine"] | beam.Map(lambda r: (r["reason"], r["payload"])),
             equal_to(
@@ -50,7 +63,11 @@ def test_build_routes_every_event_to_exactly_one_output(tmp_path):
             ),
             label="quarantine",
         )
-        assert_that(out["duplicates"] | beam.Map(lambda r: r["first_message_id"]), equal_to(["1"]), label="dups")
+        assert_that(
+            out["duplicates"] | beam.Map(lambda r: r["first_message_id"]),
+            equal_to(["1"]),
+            label="dups",
+        )
         assert_that(
             out["profiles"] | beam.Map(lambda r: (r["profile_id"], r["version"])),
             equal_to([("anon:anon-1", 1), ("user:u1", 2)]),
@@ -72,7 +89,11 @@ def test_avro_source_and_sinks(tmp_path):
         rows = dict(conn.execute("SELECT profile_id, identities FROM profiles").fetchall())
     assert set(rows) == {"anon:anon-1", "user:u1"}
     assert {"type": "email", "value": "a@x.io"}.items() <= orjson.loads(rows["user:u1"])[1].items()
-    quarantine = [orjson.loads(x) for f in (outdir / "quarantine").glob("part-*") for x in f.read_text().splitlines()]
+    quarantine = [
+        orjson.loads(x)
+        for f in (outdir / "quarantine").glob("part-*")
+        for x in f.read_text().splitlines()
+    ]
     assert [q["reason"] for q in quarantine] == ["schema.type_mismatch"]
     assert quarantine[0]["origin"].endswith("events.avro")
     dups = [x for f in (outdir / "duplicates").glob("part-*") for x in f.read_text().splitlines()]
@@ -83,9 +104,20 @@ def test_sink_never_rolls_a_profile_back(tmp_path):
     from transforms.sinks import open_profile_db, upsert_profiles
 
     conn = open_profile_db(tmp_path / "p.sqlite")
-    row = {"profile_id": "p", "identities": "[]", "traits": "{}", "computed_traits": "{}", "event_counts": "{}", "first_seen": None, "last_seen": None, "updated_at": "t"}
+    row = {
+        "profile_id": "p",
+        "identities": "[]",
+        "traits": "{}",
+        "computed_traits": "{}",
+        "event_counts": "{}",
+        "first_seen": None,
+        "last_seen": None,
+        "updated_at": "t",
+    }
     upsert_profiles(conn, [{**row, "version": 5, "traits": '{"v":5}'}])
-    upsert_profiles(conn, [{**row, "version": 3, "traits": '{"v":3}'}])  # a stale, re-delivered pane
+    upsert_profiles(
+        conn, [{**row, "version": 3, "traits": '{"v":3}'}]
+    )  # a stale, re-delivered pane
     assert conn.execute("SELECT version, traits FROM profiles").fetchall() == [(5, '{"v":5}')]
     upsert_profiles(conn, [{**row, "version": 6, "traits": '{"v":6}'}])
     assert conn.execute("SELECT version, traits FROM profiles").fetchall() == [(6, '{"v":6}')]

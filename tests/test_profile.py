@@ -20,7 +20,15 @@ def test_normalizers_and_blocklist():
     assert normalize("+1 (555) 010-9999", "phone") == "15550109999"
     assert normalize(42, "trim") == "42"
     assert normalize({"a": 1}, "trim") is None and normalize(True, "trim") is None
-    for junk in ("undefined", "NULL", "0", "", "00000000-0000-0000-0000-000000000000", "1111", "guest"):
+    for junk in (
+        "undefined",
+        "NULL",
+        "0",
+        "",
+        "00000000-0000-0000-0000-000000000000",
+        "1111",
+        "guest",
+    ):
         assert is_blocked(junk, IDENTITY.blocklist, IDENTITY.blocklist_patterns), junk
     for ok in ("u_1a2b", "7", "device-123", "110"):
         assert not is_blocked(ok, IDENTITY.blocklist, IDENTITY.blocklist_patterns), ok
@@ -56,7 +64,12 @@ def test_set_trait_latest_event_time_wins_regardless_of_order():
 
 
 def test_group_traits_are_not_person_traits_but_context_traits_are():
-    g = event(type="group", groupId="g1", traits={"plan": "enterprise"}, context={"traits": {"name": "Ann"}})
+    g = event(
+        type="group",
+        groupId="g1",
+        traits={"plan": "enterprise"},
+        context={"traits": {"name": "Ann"}},
+    )
     row = profile_row("p", _fold([(g, 5)]))
     assert orjson.loads(row["traits"]) == {"name": "Ann"}
 
@@ -75,7 +88,11 @@ profile_events = st.lists(
 
 def _make(spec):
     etype, mid, plan, t = spec
-    kw = {"type": etype, "messageId": mid, "traits": {"plan": plan} if etype == "identify" else None}
+    kw = {
+        "type": etype,
+        "messageId": mid,
+        "traits": {"plan": plan} if etype == "identify" else None,
+    }
     if etype != "track":
         kw.update(event=None, properties=None)
     return event(**kw), t
@@ -100,12 +117,22 @@ def test_build_profiles_pipeline():
 
     items = [
         envl("1", 1000),
-        envl("2", 2000, type="identify", userId="u1", traits={"email": "U1@X.io"}, event=None, properties=None),
+        envl(
+            "2",
+            2000,
+            type="identify",
+            userId="u1",
+            traits={"email": "U1@X.io"},
+            event=None,
+            properties=None,
+        ),
         envl("3", 3000, userId="u1"),
         envl("4", 4000, anonymousId="anon-2"),
     ]
     with make_pipeline() as p:
-        keyed = p | beam.Create(items) | beam.Map(lambda e: (primary_profile_key(e.event, IDENTITY), e))
+        keyed = (
+            p | beam.Create(items) | beam.Map(lambda e: (primary_profile_key(e.event, IDENTITY), e))
+        )
         rows = {"events": keyed} | BuildProfiles(IDENTITY)
         assert_that(
             rows | beam.Map(lambda r: (r["profile_id"], r["version"], r["traits"])),

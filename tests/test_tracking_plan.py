@@ -33,16 +33,37 @@ def reasons(e):
         ({"event": "Button Clicked v2"}, ["event.unplanned"], "event"),
         ({"properties": {"price": 1}}, ["schema.required_missing"], "properties"),
         ({"properties": {"product_id": 7}}, ["schema.type_mismatch"], "properties.product_id"),
-        ({"properties": {"product_id": "p", "colour": "red"}}, ["schema.additional_property"], "properties"),
-        ({"properties": {"product_id": "p", "currency": "BTC"}}, ["schema.enum_violation"], "properties.currency"),
-        ({"properties": {"product_id": "p", "price": -1}}, ["schema.constraint_violation"], "properties.price"),
+        (
+            {"properties": {"product_id": "p", "colour": "red"}},
+            ["schema.additional_property"],
+            "properties",
+        ),
+        (
+            {"properties": {"product_id": "p", "currency": "BTC"}},
+            ["schema.enum_violation"],
+            "properties.currency",
+        ),
+        (
+            {"properties": {"product_id": "p", "price": -1}},
+            ["schema.constraint_violation"],
+            "properties.price",
+        ),
         ({"properties": "nope"}, ["schema.type_mismatch"], "properties"),
         (
-            {"type": "identify", "event": None, "properties": None, "traits": {"email": "not-an-email"}},
+            {
+                "type": "identify",
+                "event": None,
+                "properties": None,
+                "traits": {"email": "not-an-email"},
+            },
             ["schema.format_violation"],
             "traits.email",
         ),
-        ({"context": {"a": {"b": {"c": {"d": {"e": {}}}}}}}, None, None),  # checked with max_depth below
+        (
+            {"context": {"a": {"b": {"c": {"d": {"e": {}}}}}}},
+            None,
+            None,
+        ),  # checked with max_depth below
     ],
 )
 def test_violation_classes(overrides, expected, path):
@@ -57,34 +78,64 @@ def test_violation_classes(overrides, expected, path):
 
 
 def test_judge_records_plan_version_and_keeps_payload():
-    settings = dict(max_event_bytes=10_000, max_depth=16, max_future_skew_ms=3600_000, floor_ms=0, identity=IdentityConfig())
+    settings = dict(
+        max_event_bytes=10_000,
+        max_depth=16,
+        max_future_skew_ms=3600_000,
+        floor_ms=0,
+        identity=IdentityConfig(),
+    )
     payload = '{"type":"track","event":"Order Completed","messageId":"m","anonymousId":"a","properties":{"order_id":"o","revenue":"12.50","currency":"USD"},"originalTimestamp":"2026-11-01T00:00:00Z"}'
     env, record = judge(("web", "f.ndjson", payload), COMPILED, **settings)
     assert env is None
     assert record["reason"] == "schema.type_mismatch"
     assert record["plan_version"] == PLAN_OBJ.version
-    assert record["payload"] == payload and record["source"] == "web" and record["origin"] == "f.ndjson"
+    assert (
+        record["payload"] == payload
+        and record["source"] == "web"
+        and record["origin"] == "f.ndjson"
+    )
     assert "properties.revenue" in record["message"]
 
 
 def test_junk_only_identity_is_quarantined():
-    settings = dict(max_event_bytes=10_000, max_depth=16, max_future_skew_ms=3600_000, floor_ms=0, identity=IdentityConfig())
+    settings = dict(
+        max_event_bytes=10_000,
+        max_depth=16,
+        max_future_skew_ms=3600_000,
+        floor_ms=0,
+        identity=IdentityConfig(),
+    )
     import orjson
 
-    env, record = judge(("web", "f", orjson.dumps(event(anonymousId="undefined")).decode()), COMPILED, **settings)
+    env, record = judge(
+        ("web", "f", orjson.dumps(event(anonymousId="undefined")).decode()), COMPILED, **settings
+    )
     assert env is None and record["reason"] == "identity.missing"
-    env, record = judge(("web", "f", orjson.dumps(event(anonymousId="undefined", userId="u1")).decode()), COMPILED, **settings)
+    env, record = judge(
+        ("web", "f", orjson.dumps(event(anonymousId="undefined", userId="u1")).decode()),
+        COMPILED,
+        **settings,
+    )
     assert record is None and env.event["userId"] == "u1"
 
 
 def test_clamp_mode_keeps_out_of_range_events_at_receive_time():
     import orjson
 
-    settings = dict(max_event_bytes=10_000, max_depth=16, max_future_skew_ms=1000, floor_ms=0, identity=IdentityConfig())
+    settings = dict(
+        max_event_bytes=10_000,
+        max_depth=16,
+        max_future_skew_ms=1000,
+        floor_ms=0,
+        identity=IdentityConfig(),
+    )
     e = event(timestamp="2030-01-01T00:00:00Z")
     env, record = judge(("web", "f", orjson.dumps(e).decode()), COMPILED, **settings)
     assert record["reason"] == "timestamp.out_of_range" and record["stage"] == "event_time"
-    env, record = judge(("web", "f", orjson.dumps(e).decode()), COMPILED, clamp_event_time=True, **settings)
+    env, record = judge(
+        ("web", "f", orjson.dumps(e).decode()), COMPILED, clamp_event_time=True, **settings
+    )
     assert record is None
     from transforms.envelope import parse_iso_ms
 
@@ -98,7 +149,10 @@ def test_clamp_mode_keeps_out_of_range_events_at_receive_time():
         ({"version": 1, "evnts": {}}, "evnts: unknown key"),
         ({"events": {}}, "version: required"),
         ({"version": 1, "types": {"purchase": {}}}, "types.purchase: not a Segment event type"),
-        ({"version": 1, "events": {"X": {"properties": {"type": "objekt"}}}}, "invalid JSON Schema"),
+        (
+            {"version": 1, "events": {"X": {"properties": {"type": "objekt"}}}},
+            "invalid JSON Schema",
+        ),
     ],
 )
 def test_bad_plans(data, message):

@@ -43,10 +43,11 @@ def fingerprint(event: dict[str, Any]) -> str:
 
 
 def dedup_key(source: str, event: dict[str, Any], key_paths: tuple[str, ...]) -> str:
-    """The idempotency key; ``source`` names the event's source, other paths read the event."""
+    """The idempotency key. ``source`` is the event's own ``source`` field when it has one (so a
+    quarantine replay through another input keeps its key), else the configured source name."""
     parts = []
     for path in key_paths:
-        v = source if path == "source" else get_path(event, path)
+        v = (event.get("source") or source) if path == "source" else get_path(event, path)
         parts.append("" if v is None else str(v))
     return "\x1f".join(parts)
 

@@ -15,9 +15,8 @@ Traits come from identify ``traits`` and from ``context.traits`` on any event.
 
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 import orjson
@@ -300,9 +299,22 @@ class BuildProfiles(beam.PTransform):
             )
         fragments = parts[0] if len(parts) == 1 else tuple(parts) | "Fragments" >> beam.Flatten()
         if self._update_every:
+            # Streaming on Dataflow/Flink: speculative panes on processing time, and a final pane
+            # when the input ends. (Beam 2.77's local BundleBasedDirectRunner cannot evaluate
+            # processing-time triggers downstream of stateful stages: it has no clock there.)
             fragments = fragments | "Global" >> beam.WindowInto(
                 window.GlobalWindows(),
-                trigger=trigger.Repeatedly(trigger.AfterProcessingTime(self._update_every)),
+                trigger=trigger.AfterWatermark(
+                    early=trigger.AfterProcessingTime(int(self._update_every))
+                ),
+                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            )
+        elif not fragments.is_bounded:
+            # Unbounded without update_every: a new profile pane for every fragment (freshest,
+            # most writes); the sink keeps the highest version.
+            fragments = fragments | "Global" >> beam.WindowInto(
+                window.GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterCount(1)),
                 accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
             )
         else:

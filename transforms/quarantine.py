@@ -45,6 +45,8 @@ class Violation:
     reason: str
     path: str
     message: str
+    # For schema.additional_property: the undeclared keys at ``path``.
+    keys: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, str]:
         return {"reason": self.reason, "path": self.path, "message": self.message}

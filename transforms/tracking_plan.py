@@ -17,6 +17,7 @@ first error, which is the one the quarantine record leads with.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,4 +212,94 @@ def _violation_from(e: fastjsonschema.JsonSchemaValueException, field_name: str)
     # fastjsonschema names the value "data.x.y"; re-root it at the event field.
     path = field_name + (e.name[4:] if e.name and e.name.startswith("data") else "")
     msg = e.message.replace(e.name or "data", path, 1) if e.name else e.message
-    return Violation(reason, path, msg)
+    keys: tuple[str, ...] = ()
+    if (
+        e.rule == "additionalProperties"
+        and isinstance(e.value, dict)
+        and isinstance(e.definition, dict)
+    ):
+        declared = set(e.definition.get("properties", {}))
+        keys = tuple(sorted(k for k in e.value if k not in declared))
+    return Violation(reason, path, msg, keys)
+
+
+# --- block / omit / allow ----------------------------------------------------------------------
+
+BLOCK, OMIT, ALLOW = "block", "omit", "allow"
+# The rules a source may relax; envelope rules (type, messageId, identity) always block.
+CONFIGURABLE_RULES = (
+    "event.unplanned",
+    "schema.required_missing",
+    "schema.type_mismatch",
+    "schema.additional_property",
+    "schema.enum_violation",
+    "schema.format_violation",
+    "schema.constraint_violation",
+)
+
+
+def _split(path: str) -> list[str]:
+    return path.split(".") if path else []
+
+
+def _remove_path(event: dict, path: str, keys: tuple[str, ...] = ()) -> bool:
+    """Delete the value at ``path`` (or only ``keys`` under it); False when nothing can be removed."""
+    parts = _split(path)
+    if keys:
+        target = event
+        for part in parts:
+            target = target.get(part) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            return False
+        for k in keys:
+            target.pop(k, None)
+        return True
+    if len(parts) < 2:  # the whole properties/traits object is wrong: nothing partial to strip
+        return False
+    parent = event
+    for part in parts[:-1]:
+        parent = parent.get(part) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict) or parts[-1] not in parent:
+        return False
+    del parent[parts[-1]]
+    return True
+
+
+def apply_rule_modes(
+    event: dict[str, Any], compiled: CompiledPlan, max_depth: int, modes: dict[str, str]
+) -> tuple[list[Violation], list[dict[str, str]]]:
+    """Judge ``event`` under per-rule modes; mutates it for ``omit``.
+
+    Returns ``(blocking violations, notes)``; notes list what was omitted or allowed, for the
+    event's ``context.cdi``. fastjsonschema reports one error at a time, so each non-blocking
+    violation is removed from a scratch copy and validation runs again, until the event is clean,
+    blocked, or a violation cannot be stepped over (then it blocks, or with ``allow`` the rest is
+    left unchecked and said so).
+    """
+    default = modes.get("default", BLOCK)
+    scratch = copy.deepcopy(event)
+    notes: list[dict[str, str]] = []
+    for _ in range(64):
+        violations = plan_violations(scratch, compiled, max_depth)
+        if not violations:
+            return [], notes
+        v = violations[0]
+        mode = modes.get(v.reason, default) if v.reason in CONFIGURABLE_RULES else BLOCK
+        if mode == BLOCK:
+            return violations, notes
+        if v.reason == "event.unplanned" or v.reason == "schema.required_missing":
+            if mode == OMIT:  # nothing to strip: the event cannot be repaired by omission
+                return violations, notes
+            notes.append(
+                {"reason": v.reason, "path": v.path, "mode": ALLOW, "note": "rest unchecked"}
+            )
+            return [], notes
+        if not _remove_path(scratch, v.path, v.keys):
+            return violations, notes
+        if mode == OMIT:
+            _remove_path(event, v.path, v.keys)
+        note = {"reason": v.reason, "path": v.path, "mode": mode}
+        if v.keys:
+            note["keys"] = ",".join(v.keys)
+        notes.append(note)
+    return [Violation("schema.constraint_violation", "", "too many violations to step over")], notes

@@ -27,6 +27,7 @@ from transforms.identity import extract_identifiers
 from transforms.quarantine import QUARANTINE, Violation, quarantine_record
 from transforms.tracking_plan import (
     TrackingPlan,
+    apply_rule_modes,
     compile_plan,
     envelope_violations,
     plan_violations,
@@ -46,6 +47,7 @@ def judge(
     floor_ms: int,
     identity,
     clamp_event_time: bool = False,
+    rule_modes: dict[str, str] | None = None,
 ) -> tuple[Envelope | None, dict | None]:
     """The whole stateless verdict on one raw event: ``(envelope, None)`` or ``(None, record)``.
 
@@ -91,8 +93,15 @@ def judge(
         event_time, violation = received, None
     if violation is not None:
         return reject("event_time", [violation])
-    violations = plan_violations(event, plan, max_depth)
     version = plan.plan.version
+    if rule_modes:
+        violations, notes = apply_rule_modes(event, plan, max_depth, rule_modes)
+        if notes and not violations:
+            ctx = event.setdefault("context", {})
+            if isinstance(ctx, dict):
+                ctx["cdi"] = {"plan_version": version, "violations": notes}
+    else:
+        violations = plan_violations(event, plan, max_depth)
     if violations:
         return reject("validate", violations, version)
     event.setdefault("source", source)
@@ -101,9 +110,14 @@ def judge(
 
 class _ValidateFn(beam.DoFn):
     def __init__(
-        self, plans_by_source: dict[str, TrackingPlan], settings: dict[str, Any], identity
+        self,
+        plans_by_source: dict[str, TrackingPlan],
+        settings: dict[str, Any],
+        identity,
+        modes: dict[str, dict[str, str]],
     ):
         self._plans = plans_by_source
+        self._modes = modes
         self._settings = settings
         self._identity = identity
         self._valid = Metrics.counter("cdi", "valid")
@@ -116,7 +130,13 @@ class _ValidateFn(beam.DoFn):
 
     def process(self, raw: RawEvent):
         self._events_in.inc()
-        env, record = judge(raw, self._compiled[raw[0]], identity=self._identity, **self._settings)
+        env, record = judge(
+            raw,
+            self._compiled[raw[0]],
+            identity=self._identity,
+            rule_modes=self._modes.get(raw[0]),
+            **self._settings,
+        )
         if env is not None:
             self._valid.inc()
             yield beam.window.TimestampedValue(env, env.event_time_ms / 1000.0)
@@ -144,8 +164,10 @@ class ValidateEvents(beam.PTransform):
         max_future_skew_ms: int = 3600_000,
         floor_ms: int = 1420070400000,  # 2015-01-01
         clamp_event_time: bool = False,
+        rule_modes: dict[str, dict[str, str]] | None = None,
     ):
         super().__init__()
+        self._modes = {s: dict(m) for s, m in (rule_modes or {}).items() if m}
         if not plans_by_source:
             raise ValueError("at least one source with a tracking plan is required")
         if max_event_bytes <= 0 or max_depth <= 0 or max_future_skew_ms < 0:
@@ -162,5 +184,5 @@ class ValidateEvents(beam.PTransform):
 
     def expand(self, raw_events):
         return raw_events | "Judge" >> beam.ParDo(
-            _ValidateFn(self._plans, self._settings, self._identity)
+            _ValidateFn(self._plans, self._settings, self._identity, self._modes)
         ).with_outputs(QUARANTINE, main="valid")
