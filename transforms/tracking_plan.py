@@ -146,14 +146,19 @@ def compile_plan(plan: TrackingPlan) -> CompiledPlan:
     return _COMPILED[fp]
 
 
-def _depth(value: Any, limit: int, level: int = 0) -> bool:
-    """True when ``value`` nests deeper than ``limit``."""
-    if level > limit:
-        return True
-    if isinstance(value, dict):
-        return any(_depth(v, limit, level + 1) for v in value.values())
-    if isinstance(value, list):
-        return any(_depth(v, limit, level + 1) for v in value)
+def _depth(value: Any, limit: int) -> bool:
+    """True when ``value`` nests containers deeper than ``limit`` (iterative: only containers are
+    visited, this runs on every event)."""
+    stack = [(value, 0)]
+    container = (dict, list)
+    while stack:
+        node, level = stack.pop()
+        if level > limit:
+            return True
+        children = node.values() if type(node) is dict else node
+        for child in children:
+            if isinstance(child, container):
+                stack.append((child, level + 1))
     return False
 
 
@@ -182,7 +187,7 @@ def plan_violations(
     event: dict[str, Any], compiled: CompiledPlan, max_depth: int
 ) -> list[Violation]:
     """Checks against the tracking plan; assumes :func:`envelope_violations` passed."""
-    if _depth(event, max_depth):
+    if _depth(event, max_depth - 1):
         return [Violation("schema.too_deep", "", f"nesting deeper than {max_depth} levels")]
     etype = event["type"]
     plan = compiled.plan
