@@ -77,7 +77,9 @@ def bench(events: int, persons: int, workdir: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--persons", type=int, default=5_000)
     ap.add_argument("--scaling", action="store_true", help="run 25k, 50k and 100k events")
@@ -88,7 +90,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench(n, max(args.persons * n // max(sizes), 1), Path(tmp)) for n in sizes]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n")
+    (RESULTS / "latest.json").write_text(
+        json.dumps({"machine": machine, "runs": rows}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pipelines.config import IdentityConfig
 from tests.conftest import event, make_pipeline
-from transforms.consent import (
+from transforms.consent import (  # noqa: I001
     DELETED,
     DENIED,
     DestinationRule,
@@ -39,6 +39,23 @@ def test_timeline_is_by_event_time_not_arrival():
     assert consent_at(tl, 200) == {"marketing": True, "analytics": True}
     assert consent_at(tl, 300) == {"marketing": False, "analytics": True}
     assert add_observation(tl, 300, "m3", {"marketing": False}) == tl  # idempotent
+
+
+def test_explicit_consent_event_and_merge_most_restrictive_wins():
+    from transforms.consent import merged_consent_at
+
+    explicit = event(
+        event="Consent Updated", properties={"categoryPreferences": {"marketing": True}}
+    )
+    assert consent_observation(explicit) == {"marketing": True}
+    a = add_observation([], 10, "a1", {"marketing": True, "analytics": True})
+    b = add_observation([], 20, "b1", {"marketing": False, "analytics": True})
+    assert merged_consent_at([a, b], 15) == {
+        "marketing": False,
+        "analytics": False,
+    }  # b: nothing yet
+    assert merged_consent_at([a, b], 25) == {"marketing": False, "analytics": True}
+    assert merged_consent_at([a], 25) == {"marketing": True, "analytics": True}
 
 
 def test_default_deny_and_missing_purposes():

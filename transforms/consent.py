@@ -52,18 +52,37 @@ class DestinationRule:
 # --- pure core ---------------------------------------------------------------------------------
 
 
+CONSENT_EVENT = "Consent Updated"
+
+
 def consent_observation(event: dict[str, Any]) -> dict[str, bool] | None:
-    """The purposes -> granted snapshot an event carries, if any."""
+    """The purposes -> granted snapshot an event carries, if any: an explicit ``Consent Updated``
+    track event's ``properties.categoryPreferences`` (or ``properties.consent.categoryPreferences``)
+    first, else ``context.consent.categoryPreferences`` (Segment's consent spec) on any event.
+    Only ``true`` grants: anything else is a denial."""
+    candidates = []
+    if event.get("type") == "track" and event.get("event") == CONSENT_EVENT:
+        props = event.get("properties")
+        if isinstance(props, dict):
+            candidates.append(props.get("categoryPreferences"))
+            consent = props.get("consent")
+            if isinstance(consent, dict):
+                candidates.append(consent.get("categoryPreferences"))
     ctx = event.get("context")
-    if not isinstance(ctx, dict):
-        return None
-    consent = ctx.get("consent")
-    if not isinstance(consent, dict):
-        return None
-    prefs = consent.get("categoryPreferences")
-    if not isinstance(prefs, dict):
-        return None
-    return {str(k): v is True for k, v in prefs.items()}
+    if isinstance(ctx, dict) and isinstance(ctx.get("consent"), dict):
+        candidates.append(ctx["consent"].get("categoryPreferences"))
+    for prefs in candidates:
+        if isinstance(prefs, dict):
+            return {str(k): v is True for k, v in prefs.items()}
+    return None
+
+
+def merged_consent_at(timelines: list[list], t_ms: int) -> dict[str, bool]:
+    """Consent of a merged person at ``t_ms``: the most restrictive of its parts. A purpose is
+    granted only if every merged part granted it at that time (for identity stitching merges)."""
+    states = [consent_at(tl, t_ms) for tl in timelines]
+    purposes = set().union(*states) if states else set()
+    return {p: all(s.get(p, False) for s in states) for p in purposes}
 
 
 def add_observation(timeline: list, t_ms: int, message_id: str, prefs: dict[str, bool]) -> list:
