@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from transforms.pii import PiiRule
+
 
 class ConfigError(ValueError):
     """One or more configuration problems, each ``file: path: reason``."""
@@ -266,34 +268,12 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
-class PiiRuleConfig:
-    # The PII class (email, phone, ip, free_text, or your own name).
-    pii_class: str
-    # Dotted JSON paths; `*` matches one key; list indices are transparent.
-    paths: tuple[str, ...] = ()
-    # A regex searched in string values anywhere in the event.
-    pattern: str | None = None
-    # With `pattern`: only under keys whose name matches this regex.
-    key_pattern: str | None = None
-
-    def __post_init__(self):
-        if not self.paths and not self.pattern:
-            raise ValueError("a PII rule needs paths or a pattern")
-        for name in ("pattern", "key_pattern"):
-            value = getattr(self, name)
-            if value is not None:
-                try:
-                    re.compile(value)
-                except re.error as e:
-                    raise ValueError(f"{name} {value!r} is not a valid regex: {e}") from None
-
-
-@dataclass(frozen=True)
 class PiiConfig:
     # Salt for `hash`; the CDI_PII_SALT environment variable overrides it. Never logged.
     salt: str | None = None
-    # Classification rules; empty = the built-in rules (email, phone, ip, free_text).
-    rules: tuple[PiiRuleConfig, ...] = ()
+    # Classification rules (transforms.pii.PiiRule: pii_class, paths, pattern, key_pattern);
+    # empty = the built-in rules (email, phone, ip, free_text).
+    rules: tuple[PiiRule, ...] = ()
 
 
 @dataclass(frozen=True)

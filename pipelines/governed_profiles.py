@@ -70,11 +70,7 @@ def pii_policies(config: PipelineConfig) -> dict[str, tuple[dict, str]]:
 
 
 def pii_rules(config: PipelineConfig) -> tuple[PiiRule, ...]:
-    if not config.pii.rules:
-        return DEFAULT_RULES
-    return tuple(
-        PiiRule(r.pii_class, tuple(r.paths), r.pattern, r.key_pattern) for r in config.pii.rules
-    )
+    return config.pii.rules or DEFAULT_RULES
 
 
 def pii_salt(config: PipelineConfig) -> str:

@@ -42,11 +42,9 @@ def runner_flag(name: str | None, streaming: bool = False) -> str:
     if not name:
         name = LOCAL_STREAMING if streaming else LOCAL
     resolved = _ALIASES.get(name.lower(), name)
-    if resolved == "FnApiRunner":
-        disable_local_state_cache()
     if resolved == "DirectRunner":
         # DirectRunner would try to download Prism first; pin the offline engines instead.
         resolved = "BundleBasedDirectRunner" if streaming else "FnApiRunner"
-        if resolved == "FnApiRunner":
-            disable_local_state_cache()
+    if resolved == "FnApiRunner":
+        disable_local_state_cache()
     return resolved

@@ -7,11 +7,21 @@ from pathlib import Path
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipelines.config import load_config_text
+from pipelines.config import IdentityConfig, load_config_text
 from runners.local import runner_flag
 
 REPO = Path(__file__).resolve().parent.parent
 PLAN = REPO / "schemas" / "tracking_plans" / "example.yaml"
+
+
+# Keyword arguments of transforms.validate.judge for tests: defaults, generous size limit.
+JUDGE_SETTINGS = dict(
+    max_event_bytes=100_000,
+    max_depth=16,
+    max_future_skew_ms=3600_000,
+    floor_ms=0,
+    identity=IdentityConfig(),
+)
 
 
 def make_pipeline(streaming: bool = False) -> TestPipeline:

@@ -3,23 +3,18 @@
 import orjson
 import pytest
 
-from pipelines.config import ConfigError, IdentityConfig
-from tests.conftest import PLAN, config_from, event
+from pipelines.config import ConfigError
+from tests.conftest import JUDGE_SETTINGS, PLAN, config_from, event
 from transforms.tracking_plan import compile_plan, load_plan
 from transforms.validate import judge
 
 COMPILED = compile_plan(load_plan(PLAN))
-SETTINGS = dict(
-    max_event_bytes=100_000,
-    max_depth=16,
-    max_future_skew_ms=3600_000,
-    floor_ms=0,
-    identity=IdentityConfig(),
-)
 
 
 def run(e, modes):
-    return judge(("web", "f", orjson.dumps(e).decode()), COMPILED, rule_modes=modes, **SETTINGS)
+    return judge(
+        ("web", "f", orjson.dumps(e).decode()), COMPILED, rule_modes=modes, **JUDGE_SETTINGS
+    )
 
 
 EXTRA = {"product_id": "p", "colour": "red", "size": "xl"}

@@ -1,7 +1,6 @@
 import pytest
 
-from pipelines.config import IdentityConfig
-from tests.conftest import PLAN, event
+from tests.conftest import JUDGE_SETTINGS, PLAN, event
 from transforms.tracking_plan import (
     PlanError,
     compile_plan,
@@ -78,13 +77,7 @@ def test_violation_classes(overrides, expected, path):
 
 
 def test_judge_records_plan_version_and_keeps_payload():
-    settings = dict(
-        max_event_bytes=10_000,
-        max_depth=16,
-        max_future_skew_ms=3600_000,
-        floor_ms=0,
-        identity=IdentityConfig(),
-    )
+    settings = JUDGE_SETTINGS
     payload = '{"type":"track","event":"Order Completed","messageId":"m","anonymousId":"a","properties":{"order_id":"o","revenue":"12.50","currency":"USD"},"originalTimestamp":"2026-11-01T00:00:00Z"}'
     env, record = judge(("web", "f.ndjson", payload), COMPILED, **settings)
     assert env is None
@@ -99,13 +92,7 @@ def test_judge_records_plan_version_and_keeps_payload():
 
 
 def test_junk_only_identity_is_quarantined():
-    settings = dict(
-        max_event_bytes=10_000,
-        max_depth=16,
-        max_future_skew_ms=3600_000,
-        floor_ms=0,
-        identity=IdentityConfig(),
-    )
+    settings = JUDGE_SETTINGS
     import orjson
 
     env, record = judge(
@@ -123,13 +110,7 @@ def test_junk_only_identity_is_quarantined():
 def test_clamp_mode_keeps_out_of_range_events_at_receive_time():
     import orjson
 
-    settings = dict(
-        max_event_bytes=10_000,
-        max_depth=16,
-        max_future_skew_ms=1000,
-        floor_ms=0,
-        identity=IdentityConfig(),
-    )
+    settings = {**JUDGE_SETTINGS, "max_future_skew_ms": 1000}
     e = event(timestamp="2030-01-01T00:00:00Z")
     env, record = judge(("web", "f", orjson.dumps(e).decode()), COMPILED, **settings)
     assert record["reason"] == "timestamp.out_of_range" and record["stage"] == "event_time"

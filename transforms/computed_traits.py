@@ -155,19 +155,29 @@ def agg_value(kind: str, acc: Any) -> Any:
     return acc if acc is not None else 0
 
 
+def window_key(start: int, end: int) -> str:
+    """Open windows are kept in a dict keyed by ``"start:end"`` (a plain str key encodes fast)."""
+    return f"{start}:{end}"
+
+
+def window_bounds(key: str) -> tuple[int, int]:
+    start, end = key.split(":")
+    return int(start), int(end)
+
+
 def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) -> tuple[str, dict]:
     """Merge a new session with every overlapping open one; returns the merged entry's key."""
     lo, hi = new
     merged = {"acc": agg_init(kind), "pane": 0, "fired": False, "dirty": False}
     for key in list(windows):
-        s, e = map(int, key.split(":"))
+        s, e = window_bounds(key)
         if s <= hi and lo <= e:  # overlapping or touching sessions merge
             w = windows.pop(key)
             lo, hi = min(lo, s), max(hi, e)
             merged["acc"] = agg_merge(kind, merged["acc"], w["acc"])
             merged["pane"] = max(merged["pane"], w["pane"])
             merged["dirty"] = merged["dirty"] or w["dirty"]
-    key = f"{lo}:{hi}"
+    key = window_key(lo, hi)
     windows[key] = merged
     return key, merged
 
@@ -176,7 +186,7 @@ def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) ->
 
 
 def _pane(spec: ComputedTraitSpec, key: str, w: dict) -> list:
-    start, end = map(int, key.split(":"))
+    start, end = window_bounds(key)
     return [
         end,
         None if spec.window == "lifetime" else start,
@@ -242,9 +252,9 @@ class _ComputeTraitsFn(beam.DoFn):
                     continue
                 if spec.window == "session":
                     key, w = merge_sessions(open_windows, (lo, hi), spec.aggregate)
-                    w["fired"] = wm is not None and int(key.split(":")[1]) <= wm
+                    w["fired"] = wm is not None and window_bounds(key)[1] <= wm
                 else:
-                    key = f"{lo}:{hi}"
+                    key = window_key(lo, hi)
                     w = open_windows.setdefault(
                         key,
                         {
@@ -283,7 +293,7 @@ class _ComputeTraitsFn(beam.DoFn):
         return (profile_key, (spec.name, pane))
 
     def _deadline(self, spec_window: str, key: str, w: dict) -> int | None:
-        end = int(key.split(":")[1])
+        end = window_bounds(key)[1]
         if not w["fired"]:
             return end
         if spec_window == "lifetime" or self._lateness is None:
@@ -321,9 +331,9 @@ class _ComputeTraitsFn(beam.DoFn):
         state = windows_state.read() or {}
         for spec in self._specs:
             open_windows = state.get(spec.name, {})
-            for wkey in sorted(open_windows, key=lambda k: int(k.split(":")[1])):
+            for wkey in sorted(open_windows, key=lambda k: window_bounds(k)[1]):
                 w = open_windows[wkey]
-                end = int(wkey.split(":")[1])
+                end = window_bounds(wkey)[1]
                 if not w["fired"] and end <= wm:
                     w["fired"] = True
                     yield self._emit(key, spec, wkey, w)  # the ON_TIME pane

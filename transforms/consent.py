@@ -37,6 +37,7 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.envelope import Envelope
+from transforms.identity import extract_identifiers
 
 DENIED = "consent_denied"
 DELETED = "deleted"
@@ -144,8 +145,6 @@ class _EnforceConsentFn(beam.DoFn):
     def _listed_for_deletion(self, event) -> bool:
         if not self._deleted_ids:
             return False
-        from transforms.identity import extract_identifiers
-
         return any(
             f"{t}:{v}" in self._deleted_ids for t, v in extract_identifiers(event, self._identity)
         )

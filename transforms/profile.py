@@ -131,21 +131,23 @@ def fold_event(
     return acc
 
 
-def fold_computed(acc: dict[str, Any], name: str, pane: list) -> dict[str, Any]:
-    """Add one computed-trait pane ``[window_end_ms, window_start_ms, pane_index, value, mode]``.
-
-    The latest window wins; within one window an accumulating pane replaces the earlier ones (a
-    late pane corrects, it never double counts) and a discarding pane's delta is added.
-    """
-    cur = acc["computed"].get(name)
+def _merge_pane(computed: dict, name: str, pane: list) -> None:
+    """The latest window wins; within one window an accumulating pane replaces the earlier ones (a
+    late pane corrects, it never double counts) and a discarding pane's delta is added."""
+    cur = computed.get(name)
     if cur is None or (pane[0], pane[1]) > (cur[0], cur[1]):
-        acc["computed"][name] = list(pane)
+        computed[name] = list(pane)
     elif (pane[0], pane[1]) == (cur[0], cur[1]):
         if pane[4] == "discarding":
             cur[3] = (cur[3] or 0) + (pane[3] or 0)
             cur[2] = max(cur[2], pane[2])
         elif pane[2] > cur[2]:
-            acc["computed"][name] = list(pane)
+            computed[name] = list(pane)
+
+
+def fold_computed(acc: dict[str, Any], name: str, pane: list) -> dict[str, Any]:
+    """Add one computed-trait pane ``[window_end_ms, window_start_ms, pane_index, value, mode]``."""
+    _merge_pane(acc["computed"], name, pane)
     acc["panes"] += 1
     return acc
 
@@ -161,10 +163,9 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         _set_once(a["once"], name, entry)
     for name, n in b["incr"].items():
         a["incr"][name] = a["incr"].get(name, 0) + n
-    panes = a["panes"]
     for name, pane in b["computed"].items():
-        fold_computed(a, name, pane)
-    a["panes"] = panes + b["panes"]
+        _merge_pane(a["computed"], name, pane)
+    a["panes"] += b["panes"]
     for field_name, pick in (("first_seen_ms", min), ("last_seen_ms", max)):
         vals = [v for v in (a[field_name], b[field_name]) if v is not None]
         a[field_name] = pick(vals) if vals else None

@@ -86,11 +86,12 @@ def judge(
         return reject("validate", violations)
     event_time = corrected_event_time_ms(event)
     violation = check_event_time(event, event_time, max_future_skew_ms, floor_ms)
-    received = parse_iso_ms(event.get("receivedAt"))
-    if violation is not None and clamp_event_time and received is not None:
-        # Configured to keep such events at their receive time; say so on the event.
-        event.setdefault("context", {})["cdi_clamped_event_time"] = violation.message
-        event_time, violation = received, None
+    if violation is not None and clamp_event_time:
+        received = parse_iso_ms(event.get("receivedAt"))
+        if received is not None:
+            # Configured to keep such events at their receive time; say so on the event.
+            event.setdefault("context", {})["cdi_clamped_event_time"] = violation.message
+            event_time, violation = received, None
     if violation is not None:
         return reject("event_time", [violation])
     version = plan.plan.version
