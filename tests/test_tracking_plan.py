@@ -140,3 +140,14 @@ def test_bad_plans(data, message):
     with pytest.raises(PlanError) as e:
         parse_plan(data, "plan.yaml")
     assert message in str(e.value) and str(e.value).startswith("plan.yaml")
+
+
+def test_clamp_with_a_non_object_context_does_not_crash():
+    import orjson
+
+    settings = {**JUDGE_SETTINGS, "max_future_skew_ms": 1000}
+    e = event(timestamp="2030-01-01T00:00:00Z", context="not an object")
+    env, record = judge(
+        ("web", "f", orjson.dumps(e).decode()), COMPILED, clamp_event_time=True, **settings
+    )
+    assert record is None and env.event["context"] == "not an object"

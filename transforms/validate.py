@@ -90,7 +90,9 @@ def judge(
         received = parse_iso_ms(event.get("receivedAt"))
         if received is not None:
             # Configured to keep such events at their receive time; say so on the event.
-            event.setdefault("context", {})["cdi_clamped_event_time"] = violation.message
+            ctx = event.setdefault("context", {})
+            if isinstance(ctx, dict):  # a malformed context is the plan's to judge, not a crash
+                ctx["cdi_clamped_event_time"] = violation.message
             event_time, violation = received, None
     if violation is not None:
         return reject("event_time", [violation])
