@@ -245,8 +245,15 @@ class IdentityConfig:
     blocklist_patterns: tuple[str, ...] = (r"^(\d)\1{3,}$", r"^[0-]+$")
     # A person may not exceed this many identifiers; a link that would is refused.
     max_cluster_size: int = 50
+    # Propagation stages of identity stitching: persons whose identifier graph has a diameter up
+    # to this many links are found exactly; longer chains are counted as unresolved links.
+    max_hops: int = 5
 
     def __post_init__(self):
+        if self.max_cluster_size < 2:
+            raise ValueError("max_cluster_size: must be at least 2")
+        if not 2 <= self.max_hops <= 12:
+            raise ValueError("max_hops: must be between 2 and 12")
         for p in self.blocklist_patterns:
             try:
                 re.compile(p)

@@ -31,12 +31,24 @@ from transforms.pii import DEFAULT_RULES, PiiRule, apply_policy, needs_salt, res
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
+from transforms.stitching import MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan
+from transforms.unify import IdentifierRedactor, UnifyProfiles
 from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
 VALID, PROFILES = "valid", "profiles"
-OUTPUTS = (VALID, QUARANTINE, DUPLICATES, LATE, CONSENT_DENIED, DELETED, PROFILES)
+OUTPUTS = (
+    VALID,
+    QUARANTINE,
+    DUPLICATES,
+    LATE,
+    CONSENT_DENIED,
+    DELETED,
+    PROFILES,
+    MERGES,
+    REVIEW,
+)
 
 
 def source_inputs(
@@ -80,6 +92,12 @@ def pii_salt(config: PipelineConfig) -> str:
     return resolve_salt(config.pii.salt, required=required)
 
 
+def identifier_redactor(config: PipelineConfig, rules, policy, default, salt):
+    """The profile row's identity list as the profile sink's PII policy allows it."""
+    paths = {t.name: t.paths[0] for t in config.identity.types}
+    return IdentifierRedactor(paths, rules, policy, default, salt)
+
+
 def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery records}``."""
@@ -102,7 +120,13 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     )
     unique = deduped.unique
     identity = config.identity
-    keyed = unique | "KeyByProfile" >> beam.Map(
+    stitched = unique | "StitchIdentities" >> StitchIdentities(
+        identity, config.privacy.deleted_identifiers, identity.max_hops
+    )
+    behaviour = unique | "DropUnlinks" >> beam.Filter(
+        lambda env: env.event.get("type") != UNLINK_TYPE
+    )
+    keyed = behaviour | "KeyByProfile" >> beam.Map(
         lambda env: (primary_profile_key(env.event, identity), env)
     ).with_output_types(beam.typehints.KV[str, Any])
     consent = keyed | "EnforceConsent" >> EnforceConsent(
@@ -143,8 +167,18 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     trait_rules = TraitRules(
         frozenset(config.profile.set_once), frozenset(config.profile.increment)
     )
-    profiles = fragments | "BuildProfiles" >> BuildProfiles(
-        identity, trait_rules, config.profile.update_every
+    bounded = not p.options.view_as(StandardOptions).streaming
+    profile_fragments = fragments | "BuildProfiles" >> BuildProfiles(
+        identity, trait_rules, config.profile.update_every, as_rows=False
+    )
+    profiles = {
+        "fragments": profile_fragments,
+        "assignments": stitched["assignments"],
+        "identities": stitched["identities"],
+    } | "UnifyProfiles" >> UnifyProfiles(
+        {c.name: c.aggregate for c in config.computed_traits},
+        bounded=bounded,
+        redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
     )
     if late is None:
         late = p | "NoLateEvents" >> beam.Create([])
@@ -170,6 +204,8 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
         CONSENT_DENIED: consent[CONSENT_DENIED],
         DELETED: consent[DELETED],
         PROFILES: profiles,
+        MERGES: stitched[MERGES],
+        REVIEW: stitched[REVIEW],
         DESTINATIONS: destinations,
     }
 
@@ -206,6 +242,8 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
         LATE: out / "late",
         CONSENT_DENIED: out / "consent_denied",
         DELETED: out / "deleted",
+        MERGES: out / "merges",
+        REVIEW: out / "identity_review",
         DESTINATIONS: out / "destinations",
         "report": out / "run_report.json",
     }
@@ -219,5 +257,7 @@ def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path)
     outputs[LATE] | "WriteLate" >> WriteRecordsAsJson(str(paths[LATE]))
     outputs[CONSENT_DENIED] | "WriteDenied" >> WriteRecordsAsJson(str(paths[CONSENT_DENIED]))
     outputs[DELETED] | "WriteDeleted" >> WriteRecordsAsJson(str(paths[DELETED]))
+    outputs[MERGES] | "WriteMerges" >> WriteRecordsAsJson(str(paths[MERGES]))
+    outputs[REVIEW] | "WriteIdentityReview" >> WriteRecordsAsJson(str(paths[REVIEW]))
     for name, records in outputs[DESTINATIONS].items():
         records | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name))

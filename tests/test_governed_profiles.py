@@ -69,9 +69,18 @@ def test_build_routes_every_event_to_exactly_one_output(tmp_path):
             label="dups",
         )
         assert_that(
-            out["profiles"] | beam.Map(lambda r: (r["profile_id"], r["version"])),
-            equal_to([("anon:anon-1", 1), ("user:u1", 2)]),
+            out["profiles"]
+            | beam.Map(lambda r: (r["profile_id"], r["event_counts"], r["identities"].count("{"))),
+            # anon-1's anonymous event and u1's events (which carry anon-1) are one person.
+            equal_to(
+                [("user:u1", '{"event:Product Viewed":2,"type:identify":1,"type:track":2}', 3)]
+            ),
             label="profiles",
+        )
+        assert_that(
+            out["merges"] | beam.Map(lambda r: (r["kind"], r["from"], r["into"], r["rule"])),
+            equal_to([("profile_merged", "anon:anon-1", "user:u1", "linked_by.track")]),
+            label="merges",
         )
 
 
@@ -87,8 +96,10 @@ def test_avro_source_and_sinks(tmp_path):
         job.write_outputs(out, cfg, outdir)
     with sqlite3.connect(outdir / "profiles.sqlite") as conn:
         rows = dict(conn.execute("SELECT profile_id, identities FROM profiles").fetchall())
-    assert set(rows) == {"anon:anon-1", "user:u1"}
-    assert {"type": "email", "value": "a@x.io"}.items() <= orjson.loads(rows["user:u1"])[1].items()
+    # anon:anon-1 was merged into user:u1: its row is gone, its identifier is on the person.
+    assert set(rows) == {"user:u1"}
+    ids = {(i["type"], i["value"]) for i in orjson.loads(rows["user:u1"])}
+    assert ids == {("user_id", "u1"), ("anonymous_id", "anon-1"), ("email", "a@x.io")}
     quarantine = [
         orjson.loads(x)
         for f in (outdir / "quarantine").glob("part-*")
@@ -110,6 +121,7 @@ def test_sink_never_rolls_a_profile_back(tmp_path):
         "traits": "{}",
         "computed_traits": "{}",
         "event_counts": "{}",
+        "consent": "{}",
         "first_seen": None,
         "last_seen": None,
         "updated_at": "t",

@@ -22,6 +22,11 @@ import orjson
 from transforms.quarantine import Violation
 
 EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+# Control events: instructions about a person, not behaviour. They pass the envelope checks (type,
+# messageId, identity, event time) but no tracking plan, and never reach a destination or a
+# profile's counts: ``delete`` erases an identifier (transforms.consent), ``unlink`` detaches
+# ``properties.identifier`` from the event's person (transforms.stitching).
+CONTROL_TYPES = frozenset({"delete", "unlink"})
 
 # Envelope fields that carry JSON objects as text in Avro.
 _AVRO_JSON_FIELDS = ("properties", "traits", "context", "integrations")

@@ -21,6 +21,7 @@ from typing import Any
 import apache_beam as beam
 import orjson
 
+from transforms.consent import consent_observation
 from transforms.envelope import format_iso_ms
 
 _SEP = "\x1f"
@@ -52,6 +53,7 @@ def empty_profile() -> dict[str, Any]:
         "counts": {},
         "events": 0,
         "panes": 0,
+        "consent": {},
     }
 
 
@@ -118,6 +120,11 @@ def fold_event(
                     _set_once(acc["once"], name, [event_time_ms, mid, value])
             else:
                 _set_trait(acc["traits"], name, [event_time_ms, mid, value])
+    prefs = consent_observation(event)
+    if prefs:
+        consent = acc.setdefault("consent", {})
+        for purpose, granted in prefs.items():
+            _set_trait(consent, purpose, [event_time_ms, mid, granted])
     first, last = acc["first_seen_ms"], acc["last_seen_ms"]
     acc["first_seen_ms"] = event_time_ms if first is None else min(first, event_time_ms)
     acc["last_seen_ms"] = event_time_ms if last is None else max(last, event_time_ms)
@@ -166,6 +173,8 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for name, pane in b["computed"].items():
         _merge_pane(a["computed"], name, pane)
     a["panes"] += b["panes"]
+    for purpose, entry in b.get("consent", {}).items():
+        _set_trait(a.setdefault("consent", {}), purpose, entry)
     for field_name, pick in (("first_seen_ms", min), ("last_seen_ms", max)):
         vals = [v for v in (a[field_name], b[field_name]) if v is not None]
         a[field_name] = pick(vals) if vals else None
@@ -177,15 +186,32 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return a
 
 
-def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
-    """The sink row: JSON columns as text, identities sorted so equal profiles are equal rows."""
+def profile_row(
+    profile_id: str,
+    acc: dict[str, Any],
+    members: list[tuple[str, str]] | None = None,
+    consent: dict[str, bool] | None = None,
+) -> dict[str, Any]:
+    """The sink row: JSON columns as text, identities sorted so equal profiles are equal rows.
+
+    ``members``: the person's identifiers as stitching decided (default: every identifier its
+    events carried); first/last seen come from the events. ``consent``: purpose -> granted
+    (default: the latest observation of each purpose)."""
     identities = []
-    for key in sorted(acc["ids"]):
+    keys = sorted(acc["ids"]) if members is None else sorted({t + _SEP + v for t, v in members})
+    for key in keys:
         t, v = key.split(_SEP, 1)
-        lo, hi = acc["ids"][key]
+        lo, hi = acc["ids"].get(key, (None, None))
         identities.append(
-            {"type": t, "value": v, "first_seen": format_iso_ms(lo), "last_seen": format_iso_ms(hi)}
+            {
+                "type": t,
+                "value": v,
+                "first_seen": format_iso_ms(lo) if lo is not None else None,
+                "last_seen": format_iso_ms(hi) if hi is not None else None,
+            }
         )
+    if consent is None:
+        consent = {p: e[2] for p, e in acc.get("consent", {}).items()}
     traits = {n: e[2] for n, e in acc["traits"].items() if e[2] is not None}
     traits.update({n: e[2] for n, e in acc["once"].items()})
     traits.update(acc["incr"])
@@ -211,6 +237,7 @@ def profile_row(profile_id: str, acc: dict[str, Any]) -> dict[str, Any]:
         "traits": dump(traits),
         "computed_traits": dump(computed),
         "event_counts": dump(acc["counts"]),
+        "consent": dump(consent),
         "first_seen": format_iso_ms(acc["first_seen_ms"])
         if acc["first_seen_ms"] is not None
         else None,
@@ -268,9 +295,14 @@ class BuildProfiles(beam.PTransform):
     """
 
     def __init__(
-        self, identity, rules: TraitRules = TraitRules(), update_every: float | None = None
+        self,
+        identity,
+        rules: TraitRules = TraitRules(),
+        update_every: float | None = None,
+        as_rows: bool = True,
     ):
         super().__init__()
+        self._as_rows = as_rows
         if update_every is not None and update_every <= 0:
             raise ValueError("update_every must be positive")
         self._identity = identity
@@ -320,8 +352,7 @@ class BuildProfiles(beam.PTransform):
             )
         else:
             fragments = fragments | "Global" >> beam.WindowInto(window.GlobalWindows())
-        return (
-            fragments
-            | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn(self._rules))
-            | "ToRow" >> beam.MapTuple(profile_row)
-        )
+        aggregated = fragments | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn(self._rules))
+        if not self._as_rows:
+            return aggregated  # (key, accumulator): per-identifier fragments for UnifyProfiles
+        return aggregated | "ToRow" >> beam.MapTuple(profile_row)

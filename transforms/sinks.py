@@ -21,6 +21,7 @@ PROFILE_COLUMNS = (
     "traits",
     "computed_traits",
     "event_counts",
+    "consent",
     "first_seen",
     "last_seen",
     "version",
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS profiles (
   traits       TEXT NOT NULL,  -- JSON object, trait -> value (set/set_once/increment by event time)
   computed_traits TEXT NOT NULL,  -- JSON object, name -> {value, window_start, window_end}
   event_counts TEXT NOT NULL,  -- JSON object, "type:<type>" / "event:<name>" -> count
+  consent      TEXT NOT NULL,  -- JSON object, purpose -> granted (most restrictive identifier wins)
   first_seen   TEXT,
   last_seen    TEXT,
   version      INTEGER NOT NULL,

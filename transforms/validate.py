@@ -16,6 +16,7 @@ import orjson
 from apache_beam.metrics import Metrics
 
 from transforms.envelope import (
+    CONTROL_TYPES,
     Envelope,
     avro_record_to_event,
     check_event_time,
@@ -97,7 +98,9 @@ def judge(
     if violation is not None:
         return reject("event_time", [violation])
     version = plan.plan.version
-    if rule_modes:
+    if event.get("type") in CONTROL_TYPES:
+        violations = []  # control events carry no behaviour for a plan to judge
+    elif rule_modes:
         violations, notes = apply_rule_modes(event, plan, max_depth, rule_modes)
         if notes and not violations:
             ctx = event.setdefault("context", {})

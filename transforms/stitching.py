@@ -1,0 +1,433 @@
+"""Identity stitching in keyed Beam state, with no cycle and no key holding the whole graph.
+
+    events -> links (+ unlink / delete notices) -> Propagate[1] -> ... -> Propagate[K] -> ResolveGroup
+                                                       |                                   |
+                                   identity_review <---+---- shared identifiers            +-> assignments
+                                                                                           +-> merges
+                                                                                           +-> identity_review
+
+Two steps (DESIGN.md section 4, designs 1 + exact resolution):
+
+1. **Candidate groups by unrolled label propagation.** ``Propagate[k]`` is keyed by identifier and
+   keeps its neighbours (with the earliest link evidence of each pair) and its label: the smallest
+   identifier key within ``k`` hops. Each stage tells the next one about every new neighbour and
+   every label improvement, so stage ``K`` holds, for each identifier, the smallest key within
+   ``K`` hops of it; stored state lets later links continue a wave. ``K`` is
+   ``identity.max_hops``. A group whose diameter exceeds ``K`` ends up in two candidate groups: the
+   links between them are counted (``identity.unresolved_links``) and reported, never silently
+   applied or dropped. An identifier with more distinct neighbours than ``max_cluster_size`` is
+   *shared*: it stops propagating and all its links are refused, so a junk id that escaped the
+   blocklist cannot glue thousands of people into one group (its state stays bounded by the cap).
+2. **Exact resolution per group.** ``ResolveGroup`` is keyed by the candidate label and holds its
+   identifiers' neighbour lists. When the watermark passes the group's newest evidence it applies
+   :func:`transforms.identity_graph.resolve` (guardrails, event-time order) to the whole group and
+   emits what changed: ``identifier -> person`` assignments, ``profile_merged`` /
+   ``profile_split`` records and refused links with their evidence. The result depends only on the
+   evidence set, so any order, duplication and bundling of the input gives the same persons.
+
+Blocked (junk) identifiers never enter the graph; each distinct ``(junk id, other id)`` pair is
+reported once to ``identity_review`` with its earliest evidence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.typehints import KV
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.identity import blocked_identifiers, extract_identifiers, normalize
+from transforms.identity_graph import (
+    Link,
+    StitchRules,
+    changes,
+    earlier,
+    event_links,
+    id_key,
+    make_link,
+    resolve,
+)
+
+MERGES = "merges"
+REVIEW = "identity_review"
+ASSIGNMENTS = "assignments"
+IDENTITIES = "identities"
+
+UNLINK_TYPE = "unlink"
+DELETE_TYPE = "delete"
+
+# Messages into Propagate[k], keyed by identifier:
+NEIGHBOUR = "n"  # ("n", neighbour, neighbour's label, Link | None)
+UNLINK = "u"  # ("u", other identifier, Link): never one person with ``other``
+DELETED = "x"  # ("x", time_ms): the identifier was deleted
+SHARED = "h"  # ("h",): the identifier is shared (too many neighbours)
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def unlink_target(event: dict[str, Any], identity) -> str | None:
+    """An ``unlink`` control event names the identifier to detach from the event's person in
+    ``properties.identifier: {type, value}``."""
+    props = event.get("properties")
+    ident = props.get("identifier") if isinstance(props, dict) else None
+    if not isinstance(ident, dict):
+        return None
+    t, v = ident.get("type"), ident.get("value")
+    for it in identity.types:
+        if it.name == t:
+            value = normalize(v, it.normalizer)
+            return id_key(t, value) if value else None
+    return None
+
+
+def stitch_messages(event: dict[str, Any], time_ms: int, identity) -> list[tuple[str, tuple]]:
+    """What one event tells ``Propagate[1]``: its links (to both ends), or an unlink / delete."""
+    etype = event.get("type")
+    ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
+    if etype == DELETE_TYPE:
+        return [(ids[0], (DELETED, time_ms))] if ids else []
+    if etype == UNLINK_TYPE:
+        other = unlink_target(event, identity)
+        if not ids or not other or other == ids[0]:
+            return []
+        link = make_link(ids[0], other, time_ms, str(event.get("messageId", "")), UNLINK_TYPE)
+        return [(ids[0], (UNLINK, other, link)), (other, (UNLINK, ids[0], link))]
+    out = []
+    for link in event_links(event, time_ms, identity):
+        out.append((link.a, (NEIGHBOUR, link.b, link.b, link)))
+        out.append((link.b, (NEIGHBOUR, link.a, link.a, link)))
+    return out
+
+
+def blocked_links(event: dict[str, Any], time_ms: int, identity) -> list[tuple[str, Link]]:
+    """``("junk|other", link)`` for each junk identifier the event carries next to a real one."""
+    junk = [id_key(t, v) for t, v in blocked_identifiers(event, identity)]
+    if not junk:
+        return []
+    ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
+    mid, etype = str(event.get("messageId", "")), str(event.get("type", ""))
+    return [
+        (f"{j}|{o}", make_link(j, o, time_ms, mid, etype)) for j in sorted(set(junk)) for o in ids
+    ]
+
+
+def _ts(ms: int) -> Timestamp:
+    return Timestamp(micros=ms * 1000)
+
+
+# --- Propagate[k] -----------------------------------------------------------------------------
+
+
+class _PropagateFn(beam.DoFn):
+    """One hop of label propagation (module doc). Not the last stage: forwards to the next."""
+
+    LABEL = ReadModifyWriteStateSpec("label", FastPrimitivesCoder())
+    NEIGHBOURS = ReadModifyWriteStateSpec("neighbours", FastPrimitivesCoder())
+    ATTRS = ReadModifyWriteStateSpec("attrs", FastPrimitivesCoder())
+
+    def __init__(self, first: bool, last: bool, cap: int):
+        self._first, self._last, self._cap = first, last, cap
+        self._shared = Metrics.counter("cdi", "identity.shared_identifiers")
+
+    def process(
+        self,
+        element,
+        label_state=beam.DoFn.StateParam(LABEL),
+        nbr_state=beam.DoFn.StateParam(NEIGHBOURS),
+        attr_state=beam.DoFn.StateParam(ATTRS),
+    ):
+        x, msg = element
+        label = label_state.read() or x
+        nbrs: dict = nbr_state.read() or {}
+        attrs: dict = attr_state.read() or {}
+        kind = msg[0]
+        out: list[tuple[str, tuple]] = []  # messages for the next stage
+        changed = False
+        new_label = label
+        if kind == NEIGHBOUR:
+            _, nbr, nbr_label, link = msg
+            known = nbrs.get(nbr)
+            if attrs.get(SHARED):
+                if self._first and known is None and link is not None:
+                    yield beam.pvalue.TaggedOutput(REVIEW, _shared_record(x, link))
+                return
+            if known is None and len(nbrs) >= self._cap:
+                # Shared identifier: it stops here, its neighbour list stays at the cap, and
+                # ResolveGroup refuses every link it has. Every stage applies the same cap (a
+                # neighbour learns of the link before it can know the other end is shared); only
+                # the first one reports the refused links.
+                attrs[SHARED] = True
+                attr_state.write(attrs)
+                if self._first:
+                    self._shared.inc()
+                    if link is not None:
+                        yield beam.pvalue.TaggedOutput(REVIEW, _shared_record(x, link))
+                out.append((x, (SHARED,)))
+                changed = True
+            else:
+                best = known if link is None else earlier(known, link)
+                if best != known or nbr not in nbrs:
+                    nbrs[nbr] = best
+                    nbr_state.write(nbrs)
+                    changed = True
+                new_label = min(label, nbr_label)
+                if new_label < label:
+                    label_state.write(new_label)
+                    for z in nbrs:
+                        if z != nbr:
+                            out.append((z, (NEIGHBOUR, x, new_label, None)))
+                if changed or new_label < label:
+                    out.append((nbr, (NEIGHBOUR, x, new_label, nbrs[nbr])))
+        elif kind == UNLINK:
+            _, other, link = msg
+            unl = attrs.setdefault(UNLINK, {})
+            best = earlier(unl.get(other), link)
+            if unl.get(other) != best:
+                unl[other] = best
+                attr_state.write(attrs)
+                changed = True
+                out.append((x, msg))
+        elif kind == DELETED:
+            if attrs.get(DELETED) is None or msg[1] < attrs[DELETED]:
+                attrs[DELETED] = msg[1]
+                attr_state.write(attrs)
+                changed = True
+                out.append((x, msg))
+        elif kind == SHARED:
+            if not attrs.get(SHARED):
+                attrs[SHARED] = True
+                attr_state.write(attrs)
+                changed = True
+                out.append((x, msg))
+        if not self._last:
+            yield from out
+        elif changed or new_label != label:
+            # Last stage: hand the identifier (with its evidence) to its group's resolver.
+            info = (x, nbrs, attrs)
+            yield (new_label, ("node", info))
+            if new_label != label:
+                yield (label, ("drop", x))
+
+
+def _shared_record(x: str, link: Link) -> dict:
+    return {
+        "kind": "link_refused",
+        "rule": "breaker.shared_identifier",
+        "identifier": x,
+        "link": link.record(),
+        "clusters": None,
+    }
+
+
+# --- ResolveGroup ------------------------------------------------------------------------------
+
+
+class _ResolveGroupFn(beam.DoFn):
+    NODES = ReadModifyWriteStateSpec("nodes", FastPrimitivesCoder())
+    EMITTED = ReadModifyWriteStateSpec("emitted", FastPrimitivesCoder())
+    REFUSED = ReadModifyWriteStateSpec("refused", FastPrimitivesCoder())
+    ARMED = ReadModifyWriteStateSpec("armed", VarIntCoder())
+    RESOLVE_TIMER = TimerSpec("resolve", TimeDomain.WATERMARK)
+
+    def __init__(self, rules: StitchRules, deleted: frozenset[str]):
+        self._rules = rules
+        self._deleted = deleted
+        self._unresolved = Metrics.counter("cdi", "identity.unresolved_links")
+        self._merges = Metrics.counter("cdi", "identity.merges")
+        self._splits = Metrics.counter("cdi", "identity.splits")
+        self._refused = Metrics.counter("cdi", "identity.links_refused")
+        self._group_size = Metrics.distribution("cdi", "identity.group_size")
+
+    def process(
+        self,
+        element,
+        ts=beam.DoFn.TimestampParam,
+        nodes_state=beam.DoFn.StateParam(NODES),
+        armed=beam.DoFn.StateParam(ARMED),
+        timer=beam.DoFn.TimerParam(RESOLVE_TIMER),
+    ):
+        _, (kind, payload) = element
+        nodes = nodes_state.read() or {}
+        if kind == "node":
+            x, nbrs, attrs = payload
+            nodes[x] = (nbrs, attrs)
+        else:
+            nodes.pop(payload, None)
+        nodes_state.write(nodes)
+        # Resolve once the watermark passes the newest evidence of the group.
+        t = int(ts.micros // 1000)
+        current = armed.read()
+        if current is None or t > current:
+            armed.write(t)
+            timer.set(ts)
+
+    @on_timer(RESOLVE_TIMER)
+    def on_resolve(
+        self,
+        key=beam.DoFn.KeyParam,
+        nodes_state=beam.DoFn.StateParam(NODES),
+        emitted_state=beam.DoFn.StateParam(EMITTED),
+        refused_state=beam.DoFn.StateParam(REFUSED),
+        armed=beam.DoFn.StateParam(ARMED),
+    ):
+        armed.clear()
+        nodes = nodes_state.read() or {}
+        owned = {
+            x
+            for x, (_, attrs) in nodes.items()
+            if attrs.get(DELETED) is None and x not in self._deleted
+        }
+        links: dict[tuple[str, str], Link] = {}
+        unlinked, shared = [], []
+        for x in owned:
+            nbrs, attrs = nodes[x]
+            if attrs.get(SHARED):
+                shared.append(x)
+            for nbr, link in nbrs.items():
+                if nbr in owned:
+                    links[(link.a, link.b)] = earlier(links.get((link.a, link.b)), link)
+                elif nbr not in nodes and nbr not in self._deleted:
+                    self._unresolved.inc()  # the other end is in another candidate group
+            for other in attrs.get(UNLINK, {}):
+                unlinked.append((x, other))
+        res = resolve(owned, links.values(), self._rules, unlinked, shared)
+        if owned:
+            self._group_size.update(len(owned))
+        before: dict[str, tuple] = emitted_state.read() or {}
+        merges, splits = changes(before, res)
+        for rec in merges:
+            self._merges.inc()
+            yield beam.pvalue.TaggedOutput(MERGES, rec)
+        for rec in splits:
+            self._splits.inc()
+            yield beam.pvalue.TaggedOutput(MERGES, rec)
+        sent = refused_state.read() or set()
+        new_sent = set()
+        for refusal in res.refused:
+            k = (refusal.link.a, refusal.link.b, refusal.rule)
+            new_sent.add(k)
+            if k not in sent:
+                self._refused.inc()
+                yield beam.pvalue.TaggedOutput(REVIEW, refusal.record())
+        refused_state.write(new_sent)
+        # Assignments (identifier -> person) and member lists, only what changed.
+        old_person = {m: p for p, ms in before.items() for m in ms}
+        for x, person in res.person_of.items():
+            if old_person.get(x) != person:
+                yield beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, person)))
+        for x in old_person:
+            if x not in res.person_of:
+                yield beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, None)))
+        for person, members in res.members.items():
+            if before.get(person) != members:
+                yield beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, members)))
+        for person in before:
+            if person not in res.members:
+                yield beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, None)))
+        emitted_state.write(dict(res.members))
+
+
+class _ReportBlockedFn(beam.DoFn):
+    """One review record per distinct (junk id, other id) pair, with its earliest evidence, once
+    the watermark passes it."""
+
+    BEST = ReadModifyWriteStateSpec("best", FastPrimitivesCoder())
+    DONE = ReadModifyWriteStateSpec("done", VarIntCoder())
+    TIMER = TimerSpec("report", TimeDomain.WATERMARK)
+
+    def process(
+        self,
+        element,
+        best=beam.DoFn.StateParam(BEST),
+        done=beam.DoFn.StateParam(DONE),
+        timer=beam.DoFn.TimerParam(TIMER),
+    ):
+        _, link = element
+        if done.read():
+            return
+        cur = best.read()
+        keep = earlier(Link(*cur) if cur else None, link)
+        if cur is None:
+            timer.set(_ts(keep.time_ms))
+        best.write(tuple(keep))
+
+    @on_timer(TIMER)
+    def report(self, best=beam.DoFn.StateParam(BEST), done=beam.DoFn.StateParam(DONE)):
+        cur = best.read()
+        if cur is None or done.read():
+            return
+        done.write(1)
+        best.clear()
+        link = Link(*cur)
+        yield {
+            "kind": "link_refused",
+            "rule": "blocklist",
+            "identifier": link.a,
+            "link": link.record(),
+            "clusters": None,
+        }
+
+
+class StitchIdentities(beam.PTransform):
+    """Unique envelopes in; ``{assignments, identities, merges, identity_review}`` out.
+
+    - ``assignments``: ``(identifier, (group, person | None))`` whenever an identifier's person
+      changes (``None``: it left the group);
+    - ``identities``: ``(person, (group, members | None))`` whenever a person's members change;
+    - ``merges``: ``profile_merged`` / ``profile_split`` records;
+    - ``identity_review``: refused links with their evidence and rule.
+    """
+
+    def __init__(self, identity, deleted_identifiers=(), max_hops: int = 5):
+        super().__init__()
+        if max_hops < 2:
+            raise ValueError("max_hops must be at least 2")
+        self._identity = identity
+        self._rules = StitchRules.from_config(identity)
+        self._deleted = frozenset(_config_key(d) for d in deleted_identifiers)
+        self._hops = max_hops
+
+    def expand(self, envelopes):
+        identity = self._identity
+        messages = envelopes | "StitchMessages" >> beam.FlatMap(
+            lambda env: stitch_messages(env.event, env.event_time_ms, identity)
+        )
+        reviews = []
+        stage = messages
+        for k in range(1, self._hops + 1):
+            result = stage | f"Propagate[{k}]" >> beam.ParDo(
+                _PropagateFn(first=k == 1, last=k == self._hops, cap=self._rules.max_cluster_size)
+            ).with_input_types(KV[str, Any]).with_outputs(REVIEW, main="next")
+            if k == 1:
+                reviews.append(result[REVIEW])
+            stage = result.next
+        resolved = stage | "ResolveGroup" >> beam.ParDo(
+            _ResolveGroupFn(self._rules, self._deleted)
+        ).with_input_types(KV[str, Any]).with_outputs(
+            ASSIGNMENTS, IDENTITIES, MERGES, REVIEW, main="unused"
+        )
+        blocked = (
+            envelopes
+            | "BlockedLinks"
+            >> beam.FlatMap(lambda env: blocked_links(env.event, env.event_time_ms, identity))
+            | "ReportBlocked" >> beam.ParDo(_ReportBlockedFn()).with_input_types(KV[str, Any])
+        )
+        review = (*reviews, resolved[REVIEW], blocked) | "MergeReview" >> beam.Flatten()
+        return {
+            ASSIGNMENTS: resolved[ASSIGNMENTS],
+            IDENTITIES: resolved[IDENTITIES],
+            MERGES: resolved[MERGES],
+            REVIEW: review,
+        }
+
+
+def _config_key(item: str) -> str:
+    """``privacy.deleted_identifiers`` entries are ``type:value``; keys use short prefixes."""
+    t, v = item.split(":", 1)
+    return id_key(t, v)

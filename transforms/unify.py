@@ -1,0 +1,282 @@
+"""Unified profiles: per-identifier profile fragments routed to their person and merged.
+
+    fragments (key: an event's primary identifier) --+
+                                                     +--> RouteFragments (key: identifier) --+
+    assignments (identifier -> person) --------------+                                       |
+    identities (person -> members) ----------------------------------> UnifyProfiles (key: person)
+                                                                                  |
+                                                                           profile rows
+
+Events are folded into a fragment per primary identifier (``user:<id>`` or ``anon:<id>``), which
+never changes; stitching only changes which person a fragment belongs to. ``RouteFragments``
+remembers each identifier's person and, when it changes, retracts the fragment from the old person
+and adds it to the new one; ``UnifyProfiles`` merges a person's fragments. A merge therefore moves
+fragments and a split moves them back: history is never recounted, and a person that loses all
+its fragments (merged away) becomes a tombstone row, which the sink deletes.
+
+Merging fragments of one person (:func:`unify_profile`): traits, counts, identities and first/last
+seen as in :func:`transforms.profile.merge_profiles`; consent *most restrictive wins*: a purpose is
+granted only if every fragment that recorded it currently grants it; computed traits over the same
+window add up for ``count`` and ``sum`` (each event is in exactly one fragment), take min/max for
+``first_seen``/``last_seen``, and add up for ``distinct_count``, an upper bound when two
+identifiers of one person saw the same value.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.typehints import KV
+from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
+
+from transforms.envelope import get_path
+from transforms.identity_graph import id_key, split_key
+from transforms.pii import apply_policy
+from transforms.profile import empty_profile, merge_profiles, profile_row
+
+FRAGMENT, RETRACT, ASSIGN, MEMBERS = "f", "r", "a", "m"
+
+
+# --- pure core ---------------------------------------------------------------------------------
+
+
+def _merge_computed_across(out: dict, pane: list, kind: str) -> None:
+    """Two fragments' panes of one trait: the later window wins, the same window combines."""
+    cur = out
+    if cur.get("pane") is None or (pane[0], pane[1]) > (cur["pane"][0], cur["pane"][1]):
+        cur["pane"] = list(pane)
+        return
+    if (pane[0], pane[1]) != (cur["pane"][0], cur["pane"][1]):
+        return
+    a, b = cur["pane"][3], pane[3]
+    if a is None or b is None:
+        cur["pane"][3] = a if b is None else b
+    elif kind == "first_seen":
+        cur["pane"][3] = min(a, b)
+    elif kind == "last_seen":
+        cur["pane"][3] = max(a, b)
+    else:
+        cur["pane"][3] = a + b
+
+
+def unify_profile(
+    person: str,
+    fragments: dict[str, dict[str, Any]],
+    members: list[str],
+    trait_kinds: dict[str, str] | None = None,
+    redact: Callable[[str], str | None] | None = None,
+) -> dict[str, Any] | None:
+    """The profile row of ``person`` from its fragments (module doc); ``None`` without any.
+
+    ``members`` are raw identifier keys; ``redact`` maps each to what the profile sink's PII
+    policy allows (``None``: leave it out), matching the already redacted fragments."""
+    if not fragments:
+        return None
+    if any(f.get("deleted") for f in fragments.values()):
+        return {"profile_id": person, "deleted": True}
+    merged = empty_profile()
+    computed: dict[str, dict] = {}
+    consent: dict[str, bool] = {}
+    for key in sorted(fragments):
+        frag = fragments[key]
+        for name, pane in frag["computed"].items():
+            _merge_computed_across(
+                computed.setdefault(name, {}), pane, (trait_kinds or {}).get(name, "count")
+            )
+        for purpose, entry in frag.get("consent", {}).items():
+            consent[purpose] = consent.get(purpose, True) and entry[2] is True
+        merge_profiles(merged, copy.deepcopy({**frag, "computed": {}}))
+    merged["computed"] = {name: c["pane"] for name, c in computed.items()}
+    keys = set(members) | set(fragments)
+    if redact is not None:
+        keys = {r for r in map(redact, keys) if r is not None}
+    ids = {split_key(k) for k in keys}
+    return profile_row(person, merged, sorted(ids), consent)
+
+
+class IdentifierRedactor:
+    """``identifier key -> key as a PII policy allows it`` (``None``: dropped).
+
+    Stitching works on raw identifiers; a profile row must not carry them raw. The identifier is
+    put where its type is read from (its first path) in an otherwise empty event and run through
+    the same :func:`transforms.pii.apply_policy` as every event, so an email in the identity list
+    is hashed or dropped exactly as in the events (and hashed ones still match the fragments)."""
+
+    def __init__(self, paths: dict[str, str], rules, policy, default: str, salt: str):
+        self._paths, self._rules = paths, rules
+        self._policy, self._default, self._salt = policy, default, salt
+        self._memo: dict[str, str | None] = {}  # a pure function's cache, not per-key state
+
+    def __call__(self, key: str) -> str | None:
+        if key not in self._memo:
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            self._memo[key] = self._redact(key)
+        return self._memo[key]
+
+    def _redact(self, key: str) -> str | None:
+        id_type, value = split_key(key)
+        path = self._paths.get(id_type)
+        if path is None:
+            return key
+        event: dict = {}
+        node = event
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+        out = apply_policy(event, self._rules, self._policy, self._salt, self._default)[0]
+        redacted = get_path(out, path)
+        return id_key(id_type, redacted) if isinstance(redacted, str) and redacted else None
+
+
+# --- Beam shells -------------------------------------------------------------------------------
+
+
+class _RouteFragmentsFn(beam.DoFn):
+    """Keyed by identifier: its fragment and person; moves the fragment when the person changes."""
+
+    GROUPS = ReadModifyWriteStateSpec("groups", FastPrimitivesCoder())
+    FRAG = ReadModifyWriteStateSpec("fragment", FastPrimitivesCoder())
+    ROUTED = ReadModifyWriteStateSpec("routed", FastPrimitivesCoder())
+
+    def process(
+        self,
+        element,
+        groups_state=beam.DoFn.StateParam(GROUPS),
+        frag_state=beam.DoFn.StateParam(FRAG),
+        routed_state=beam.DoFn.StateParam(ROUTED),
+    ):
+        x, msg = element
+        groups = groups_state.read() or {}
+        frag = frag_state.read()
+        if msg[0] == ASSIGN:
+            group, person = msg[1]
+            if person is None:
+                groups.pop(group, None)
+            else:
+                groups[group] = person
+            groups_state.write(groups)
+        else:
+            frag = msg[1]
+            frag_state.write(frag)
+        if frag is None:
+            return
+        # While an identifier moves between candidate groups both may claim it for a moment;
+        # the smaller group label is where it is going (labels only decrease).
+        person = groups[min(groups)] if groups else x
+        routed = routed_state.read()
+        if routed is not None and routed != person:
+            yield (routed, (RETRACT, x))
+        routed_state.write(person)
+        yield (person, (FRAGMENT, x, frag))
+
+
+class _UnifyProfilesFn(beam.DoFn):
+    FRAGS = ReadModifyWriteStateSpec("fragments", FastPrimitivesCoder())
+    MEMBERS_STATE = ReadModifyWriteStateSpec("members", FastPrimitivesCoder())
+    VERSION = ReadModifyWriteStateSpec("version", VarIntCoder())
+    EMIT_TIMER = TimerSpec("emit", TimeDomain.WATERMARK)
+
+    def __init__(self, trait_kinds: dict[str, str], bounded: bool, redact):
+        self._kinds = trait_kinds
+        self._bounded = bounded
+        self._redact = redact
+
+    def process(
+        self,
+        element,
+        frags_state=beam.DoFn.StateParam(FRAGS),
+        members_state=beam.DoFn.StateParam(MEMBERS_STATE),
+        version=beam.DoFn.StateParam(VERSION),
+        timer=beam.DoFn.TimerParam(EMIT_TIMER),
+    ):
+        person, msg = element
+        if msg[0] in (FRAGMENT, RETRACT):
+            frags = frags_state.read() or {}
+            if msg[0] == FRAGMENT:
+                frags[msg[1]] = msg[2]
+            else:
+                frags.pop(msg[1], None)
+            frags_state.write(frags)
+        else:
+            group, members = msg[1]
+            by_group = members_state.read() or {}
+            if members is None:
+                by_group.pop(group, None)
+            else:
+                by_group[group] = list(members)
+            members_state.write(by_group)
+        if self._bounded:
+            # One row per person when the input ends (and again if anything arrives after).
+            timer.set(GlobalWindow().max_timestamp())
+        else:
+            yield from self._emit(person, frags_state, members_state, version)
+
+    @on_timer(EMIT_TIMER)
+    def on_emit(
+        self,
+        key=beam.DoFn.KeyParam,
+        frags_state=beam.DoFn.StateParam(FRAGS),
+        members_state=beam.DoFn.StateParam(MEMBERS_STATE),
+        version=beam.DoFn.StateParam(VERSION),
+    ):
+        yield from self._emit(key, frags_state, members_state, version)
+
+    def _emit(self, person, frags_state, members_state, version):
+        frags = frags_state.read() or {}
+        by_group = members_state.read() or {}
+        members = sorted({m for ms in by_group.values() for m in ms})
+        v = version.read()
+        row = unify_profile(person, frags, members, self._kinds, self._redact)
+        if row is None:
+            if v is None:
+                return  # never had a row: nothing to delete
+            row = {"profile_id": person, "deleted": True}
+        v = (v or 0) + 1
+        version.write(v)
+        if not row.get("deleted"):
+            row["version"] = v
+        yield row
+
+
+class UnifyProfiles(beam.PTransform):
+    """``{"fragments": (primary id, accumulator), "assignments": (identifier, (group, person)),
+    "identities": (person, (group, members))}`` in; profile rows (and tombstones) out."""
+
+    def __init__(
+        self,
+        trait_kinds: dict[str, str] | None = None,
+        bounded: bool = True,
+        redact: Callable[[str], str | None] | None = None,
+    ):
+        super().__init__()
+        self._kinds = dict(trait_kinds or {})
+        self._bounded = bounded
+        self._redact = redact
+
+    def expand(self, inputs):
+        routed_in = (
+            inputs["fragments"] | "AsFragment" >> beam.MapTuple(lambda k, f: (k, (FRAGMENT, f))),
+            inputs["assignments"] | "AsAssign" >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))),
+        ) | "ToRouter" >> beam.Flatten()
+        routed = routed_in | "RouteFragments" >> beam.ParDo(_RouteFragmentsFn()).with_input_types(
+            KV[str, Any]
+        )
+        members = inputs["identities"] | "AsMembers" >> beam.MapTuple(
+            lambda p, m: (p, (MEMBERS, m))
+        )
+        return (
+            (routed, members)
+            | "ToUnify" >> beam.Flatten()
+            | "UnifyProfiles"
+            >> beam.ParDo(
+                _UnifyProfilesFn(self._kinds, self._bounded, self._redact)
+            ).with_input_types(KV[str, Any])
+        )
