@@ -34,11 +34,11 @@ from __future__ import annotations
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.typehints import KV
 from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize

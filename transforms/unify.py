@@ -29,11 +29,11 @@ from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.typehints import KV
 from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.typehints import KV
 
 from transforms.envelope import get_path
 from transforms.identity_graph import id_key, split_key
