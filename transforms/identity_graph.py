@@ -258,9 +258,10 @@ def changes(
             previous.setdefault(node, (node,))
     merges, splits = [], []
     for person, old_members in sorted(previous.items()):
-        # Members absent from ``after`` moved to another group or were deleted: not a split here.
+        # Members absent from ``after`` moved to another candidate group (the group they join
+        # reports them); if the anchor itself moved, the person moved with it.
         old_members = [m for m in old_members if m in after.person_of]
-        if not old_members:
+        if person not in after.person_of or not old_members:
             continue
         now = sorted({after.person_of[m] for m in old_members})
         if now == [person]:

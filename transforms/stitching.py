@@ -278,6 +278,8 @@ class _ResolveGroupFn(beam.DoFn):
     ):
         armed.clear()
         nodes = nodes_state.read() or {}
+        # Deleted identifiers stay in the group as single persons without links, so the person
+        # they leave is reported as split.
         owned = {
             x
             for x, (_, attrs) in nodes.items()
@@ -296,7 +298,7 @@ class _ResolveGroupFn(beam.DoFn):
                     self._unresolved.inc()  # the other end is in another candidate group
             for other in attrs.get(UNLINK, {}):
                 unlinked.append((x, other))
-        res = resolve(owned, links.values(), self._rules, unlinked, shared)
+        res = resolve(nodes, links.values(), self._rules, unlinked, shared)
         if owned:
             self._group_size.update(len(owned))
         before: dict[str, tuple] = emitted_state.read() or {}

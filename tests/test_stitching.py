@@ -1,0 +1,298 @@
+"""Stitching through the whole job: chains, alias, late identify, shared devices, junk ids, the
+breaker, unlink and deletion; and in streaming, a merge followed by a split (TestStream)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import apache_beam as beam
+import orjson
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipelines import governed_profiles as job
+from tests.conftest import config_from, event, make_pipeline
+from transforms.envelope import Envelope
+from transforms.stitching import StitchIdentities
+
+CONFIG = """
+sources: [{name: web, paths: []}]
+tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
+"""
+
+
+def at(minute: int, **kw) -> dict:
+    """An event ``minute`` minutes into the day (skew-free: the three clocks agree)."""
+    ts = f"2026-11-01T10:{minute:02d}:00.000Z"
+    return event(originalTimestamp=ts, sentAt=ts, receivedAt=ts, **kw)
+
+
+def identify(minute, mid, user, anon, **kw):
+    return at(
+        minute,
+        messageId=mid,
+        type="identify",
+        userId=user,
+        anonymousId=anon,
+        event=None,
+        properties=None,
+        **kw,
+    )
+
+
+def device(dev):
+    return {"device": {"id": dev}}
+
+
+def run(tmp_path, events, config=CONFIG):
+    src = tmp_path / "events.ndjson"
+    src.write_text("\n".join(orjson.dumps(e).decode() for e in events) + "\n")
+    cfg = config_from(config)
+    out = tmp_path / "out"
+    with make_pipeline() as p:
+        job.write_outputs(job.build(p, cfg, {"web": [str(src)]}), cfg, out)
+    with sqlite3.connect(out / "profiles.sqlite") as conn:
+        rows = conn.execute("SELECT profile_id, identities, event_counts FROM profiles").fetchall()
+    profiles = {
+        pid: (
+            sorted(f"{i['type']}:{i['value']}" for i in orjson.loads(ids)),
+            orjson.loads(counts),
+        )
+        for pid, ids, counts in rows
+    }
+
+    def records(name):
+        return [
+            orjson.loads(line)
+            for f in sorted((out / name).glob("part-*"))
+            for line in f.read_text().splitlines()
+        ]
+
+    return profiles, records("merges"), records("identity_review")
+
+
+def test_chain_anon_device_anon_user_becomes_one_person(tmp_path):
+    profiles, merges, review = run(
+        tmp_path,
+        [
+            at(1, messageId="1", anonymousId="a1", context=device("d1")),
+            at(2, messageId="2", anonymousId="a2", context=device("d1")),
+            identify(3, "3", "u1", "a2"),
+            at(4, messageId="4", anonymousId="a3"),  # a stranger
+        ],
+    )
+    assert profiles == {
+        "user:u1": (
+            ["anonymous_id:a1", "anonymous_id:a2", "device_id:d1", "user_id:u1"],
+            {"type:track": 2, "type:identify": 1, "event:Product Viewed": 2},
+        ),
+        "anon:a3": (["anonymous_id:a3"], {"type:track": 1, "event:Product Viewed": 1}),
+    }
+    assert {(m["from"], m["into"]) for m in merges} == {
+        ("anon:a1", "user:u1"),
+        ("anon:a2", "user:u1"),
+    }
+    assert review == []
+
+
+def test_alias_and_a_late_identify_bring_anonymous_history_to_the_person(tmp_path):
+    profiles, merges, _ = run(
+        tmp_path,
+        [
+            # The identify and alias are first in the file but last in event time.
+            identify(30, "i", "u2", "b1"),
+            at(31, messageId="al", type="alias", userId="u1", previousId="a1", event=None),
+            at(1, messageId="1", anonymousId="a1"),
+            at(2, messageId="2", anonymousId="a1"),
+            at(3, messageId="3", anonymousId="b1"),
+        ],
+    )
+    assert set(profiles) == {"user:u1", "user:u2"}
+    assert profiles["user:u1"][1]["type:track"] == 2
+    assert profiles["user:u2"][1] == {
+        "type:identify": 1,
+        "type:track": 1,
+        "event:Product Viewed": 1,
+    }
+    by_from = {m["from"]: m for m in merges}
+    assert by_from["anon:a1"]["into"] == "user:u1"
+    assert by_from["anon:a1"]["rule"] == "linked_by.alias"
+    assert by_from["anon:a1"]["link"]["messageId"] == "al"
+
+
+def test_two_users_sharing_a_device_stay_two_people(tmp_path):
+    profiles, _, review = run(
+        tmp_path,
+        [
+            identify(1, "1", "u1", "a1", context=device("tablet")),
+            identify(2, "2", "u2", "a2", context=device("tablet")),
+            at(3, messageId="3", userId="u2", anonymousId="a2", context=device("tablet")),
+        ],
+    )
+    assert set(profiles) == {"user:u1", "user:u2"}
+    assert "device_id:tablet" in profiles["user:u1"][0]
+    assert "device_id:tablet" not in profiles["user:u2"][0]
+    assert profiles["user:u2"][0] == ["anonymous_id:a2", "user_id:u2"]
+    refused = [r for r in review if r["rule"] == "limit.user_id"]
+    assert len(refused) == 1
+    assert refused[0]["link"]["messageId"] == "2"
+    assert sorted(refused[0]["clusters"]["a"] + refused[0]["clusters"]["b"]) == [
+        "anon:a1",
+        "anon:a2",
+        "device_id:tablet",
+        "user:u1",
+        "user:u2",
+    ]
+
+
+def test_junk_identifiers_never_merge_people_and_are_reported_once_per_pair(tmp_path):
+    profiles, merges, review = run(
+        tmp_path,
+        [
+            at(1, messageId="1", userId="u1", anonymousId="undefined", context=device("0000")),
+            at(2, messageId="2", userId="u2", anonymousId="undefined", context=device("0000")),
+            at(3, messageId="3", userId="u2", anonymousId="undefined"),
+        ],
+    )
+    assert set(profiles) == {"user:u1", "user:u2"}
+    assert merges == []
+    pairs = sorted((r["link"]["a"], r["link"]["b"], r["link"]["messageId"]) for r in review)
+    assert pairs == [
+        ("anon:undefined", "user:u1", "1"),
+        ("anon:undefined", "user:u2", "2"),
+        ("device_id:0000", "user:u1", "1"),
+        ("device_id:0000", "user:u2", "2"),
+    ]
+    assert {r["rule"] for r in review} == {"blocklist"}
+
+
+SMALL = CONFIG + "identity: {max_cluster_size: 3}\n"
+
+
+def test_breaker_and_shared_identifiers(tmp_path):
+    profiles, _, review = run(
+        tmp_path,
+        [
+            # A chain that grows past 3 identifiers: the 4th link is refused.
+            at(1, messageId="1", anonymousId="a1", context=device("d1")),
+            at(2, messageId="2", anonymousId="a2", context=device("d1")),
+            at(3, messageId="3", anonymousId="a2", context=device("d2")),
+            # A kiosk device seen with 4 anonymous ids: shared, never links anyone.
+            *[
+                at(10 + i, messageId=f"k{i}", anonymousId=f"k{i}", context=device("kiosk"))
+                for i in range(4)
+            ],
+        ],
+        SMALL,
+    )
+    assert profiles["anon:a1"][0] == ["anonymous_id:a1", "anonymous_id:a2", "device_id:d1"]
+    assert all(f"anon:k{i}" in profiles and len(profiles[f"anon:k{i}"][0]) == 1 for i in range(4))
+    rules = sorted(r["rule"] for r in review)
+    assert rules == ["breaker.cluster_size"] + ["breaker.shared_identifier"] * 4
+
+
+def test_config_deletion_splits_the_identifier_off(tmp_path):
+    config = CONFIG + "privacy: {deleted_identifiers: ['device_id:d1']}\n"
+    profiles, merges, _ = run(
+        tmp_path,
+        [
+            at(1, messageId="1", anonymousId="a1", context=device("d1")),
+            at(2, messageId="2", anonymousId="a2", context=device("d1")),
+        ],
+        config,
+    )
+    # Both events carried the deleted device id: they are suppressed, and d1 links nobody.
+    assert profiles == {}
+    assert merges == []
+
+
+# --- streaming: merge, then split by an unlink -------------------------------------------------
+
+
+def _env(ev: dict, minute: int) -> Envelope:
+    return Envelope("web", "test", "", ev, 1_700_000_000_000 + minute * 60_000, "v")
+
+
+def test_streaming_merge_then_unlink_split():
+    from transforms.stitching import ASSIGNMENTS, MERGES
+
+    base = 1_700_000_000
+    first = [_env(identify(1, "1", "u1", "a1"), 1), _env(at(2, messageId="2", anonymousId="a1"), 2)]
+    unlink = _env(
+        at(
+            5,
+            messageId="5",
+            type="unlink",
+            userId="u1",
+            event=None,
+            properties={"identifier": {"type": "anonymous_id", "value": "a1"}},
+        ),
+        5,
+    )
+    stream = (
+        TestStream()
+        .add_elements(
+            [window.TimestampedValue(e, base + 60 * (i + 1)) for i, e in enumerate(first)]
+        )
+        .advance_watermark_to(base + 180)
+        .add_elements([window.TimestampedValue(unlink, base + 300)])
+        .advance_watermark_to(base + 600)
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = p | stream | StitchIdentities(config_from(CONFIG).identity)
+        assert_that(
+            out[MERGES] | beam.Map(lambda r: (r["kind"], r["from"], r.get("into"))),
+            equal_to(
+                [
+                    ("profile_merged", "anon:a1", "user:u1"),
+                    ("profile_split", "user:u1", ["anon:a1", "user:u1"]),
+                ]
+            ),
+            label="merges",
+        )
+        assert_that(
+            out[ASSIGNMENTS] | beam.Map(lambda kv: (kv[0], kv[1][1])),
+            equal_to(
+                [
+                    ("anon:a1", "user:u1"),
+                    ("user:u1", "user:u1"),
+                    ("anon:a1", "anon:a1"),
+                ]
+            ),
+            label="assignments",
+        )
+
+
+# --- any order, any duplication: the same persons ----------------------------------------------
+
+USERS, ANONS, DEVICES = ["u0", "u1", "u2"], ["a0", "a1", "a2", "a3"], ["d0", "d1"]
+
+event_strategy = st.builds(
+    lambda minute, user, anon, dev: at(
+        minute,
+        messageId=f"m{minute}-{user}-{anon}-{dev}",
+        userId=user,
+        anonymousId=anon,
+        context=device(dev) if dev else {},
+    ),
+    st.integers(0, 50),
+    st.sampled_from([None, *USERS]),
+    st.sampled_from(ANONS),
+    st.sampled_from([None, *DEVICES]),
+)
+
+
+@settings(max_examples=4, deadline=None)
+@given(events=st.lists(event_strategy, min_size=1, max_size=12), data=st.data())
+def test_persons_do_not_depend_on_order_or_duplication(tmp_path_factory, events, data):
+    dupes = data.draw(st.lists(st.sampled_from(events), max_size=4))
+    shuffled = data.draw(st.permutations(events + dupes))
+    a, _, _ = run(tmp_path_factory.mktemp("a"), events)
+    b, _, _ = run(tmp_path_factory.mktemp("b"), shuffled)
+    assert a == b
+    for ids, _ in a.values():
+        assert sum(i.startswith("user_id:") for i in ids) <= 1
