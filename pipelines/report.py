@@ -57,6 +57,15 @@ def build_report(
         "computed_trait_panes": metrics.get("computed_trait_panes", 0),
         "profiles": count_profiles(paths["profiles"]),
         "profile_updates_written": metrics.get("profiles_written", 0),
+        "identity": {
+            "merges": metrics.get("identity.merges", 0),
+            "splits": metrics.get("identity.splits", 0),
+            "links_refused": metrics.get("identity.links_refused", 0)
+            + metrics.get("identity.shared_identifiers", 0),
+            "shared_identifiers": metrics.get("identity.shared_identifiers", 0),
+            # Links between candidate groups that propagation did not join (max_hops too low).
+            "unresolved_links": metrics.get("identity.unresolved_links", 0),
+        },
         "accounted": events_in == valid + total_q + duplicates,
         "wall_seconds": round(wall_seconds, 3),
         "outputs": {k: str(v) for k, v in paths.items()},
@@ -83,6 +92,9 @@ def format_summary(report: dict[str, Any]) -> str:
         f"consent denied    {report['consent_denied']:>10,}  (event x destination)",
         f"deleted (privacy) {report['deleted']:>10,}",
         f"profiles          {report['profiles']:>10,}",
+        f"identity merges   {report['identity']['merges']:>10,}"
+        f"  (splits {report['identity']['splits']:,}, links refused"
+        f" {report['identity']['links_refused']:,}, unresolved {report['identity']['unresolved_links']:,})",
         "accounted         "
         + (
             "yes: in = valid + quarantined + duplicates"

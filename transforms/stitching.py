@@ -399,13 +399,15 @@ class StitchIdentities(beam.PTransform):
         identity = self._identity
         messages = envelopes | "StitchMessages" >> beam.FlatMap(
             lambda env: stitch_messages(env.event, env.event_time_ms, identity)
-        )
+        ).with_output_types(KV[str, Any])
         reviews = []
         stage = messages
         for k in range(1, self._hops + 1):
             result = stage | f"Propagate[{k}]" >> beam.ParDo(
                 _PropagateFn(first=k == 1, last=k == self._hops, cap=self._rules.max_cluster_size)
-            ).with_input_types(KV[str, Any]).with_outputs(REVIEW, main="next")
+            ).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]).with_outputs(
+                REVIEW, main="next"
+            )
             if k == 1:
                 reviews.append(result[REVIEW])
             stage = result.next
@@ -417,7 +419,9 @@ class StitchIdentities(beam.PTransform):
         blocked = (
             envelopes
             | "BlockedLinks"
-            >> beam.FlatMap(lambda env: blocked_links(env.event, env.event_time_ms, identity))
+            >> beam.FlatMap(
+                lambda env: blocked_links(env.event, env.event_time_ms, identity)
+            ).with_output_types(KV[str, Any])
             | "ReportBlocked" >> beam.ParDo(_ReportBlockedFn()).with_input_types(KV[str, Any])
         )
         review = (*reviews, resolved[REVIEW], blocked) | "MergeReview" >> beam.Flatten()

@@ -263,15 +263,19 @@ class UnifyProfiles(beam.PTransform):
 
     def expand(self, inputs):
         routed_in = (
-            inputs["fragments"] | "AsFragment" >> beam.MapTuple(lambda k, f: (k, (FRAGMENT, f))),
-            inputs["assignments"] | "AsAssign" >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))),
+            inputs["fragments"]
+            | "AsFragment"
+            >> beam.MapTuple(lambda k, f: (k, (FRAGMENT, f))).with_output_types(KV[str, Any]),
+            inputs["assignments"]
+            | "AsAssign"
+            >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))).with_output_types(KV[str, Any]),
         ) | "ToRouter" >> beam.Flatten()
         routed = routed_in | "RouteFragments" >> beam.ParDo(_RouteFragmentsFn()).with_input_types(
             KV[str, Any]
-        )
+        ).with_output_types(KV[str, Any])
         members = inputs["identities"] | "AsMembers" >> beam.MapTuple(
             lambda p, m: (p, (MEMBERS, m))
-        )
+        ).with_output_types(KV[str, Any])
         return (
             (routed, members)
             | "ToUnify" >> beam.Flatten()
