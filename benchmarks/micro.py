@@ -15,6 +15,7 @@ from pipelines.config import IdentityConfig
 from schemas import __file__ as _schemas_file  # noqa: F401  (package data lives here)
 from transforms.dedup import decide, dedup_key, fingerprint
 from transforms.identity import extract_identifiers, primary_profile_key
+from transforms.identity_graph import StitchRules, earlier, event_links, resolve
 from transforms.profile import empty_profile, fold_event
 from transforms.tracking_plan import compile_plan, load_plan
 from transforms.validate import judge
@@ -99,6 +100,16 @@ def main() -> None:
         for e in es:
             fold_event(acc, e, 0, extract_identifiers(e, identity))
 
+    def stitch_only(es):
+        # Links per event, earliest evidence per pair, then the rule over every candidate group.
+        best: dict = {}
+        for i, e in enumerate(es):
+            for link in event_links(e, i, identity):
+                k = (link.a, link.b)
+                best[k] = earlier(best.get(k), link)
+        nodes = {x for k in best for x in k}
+        resolve(nodes, best.values(), StitchRules.from_config(identity))
+
     d = _time(decode_only, lines)
     v = _time(decode_validate, lines)
     print(f"events: {len(lines):,}")
@@ -106,6 +117,7 @@ def main() -> None:
     print(f"decode + validate (judge, all rules) {v:7.2f} us/event  (validation adds {v - d:.2f})")
     print(f"dedup key + fingerprint + decision  {_time(dedup_only, events):7.2f} us/event")
     print(f"profile fold (identities + traits)  {_time(fold_only, events):7.2f} us/event")
+    print(f"stitching (links + earliest + rule) {_time(stitch_only, events):7.2f} us/event")
     print(f"whole core pass                     {_time(core_pass, lines):7.2f} us/event")
 
 

@@ -53,7 +53,9 @@ _UPSERT = (
 
 def open_profile_db(path: str | Path) -> sqlite3.Connection:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=60)
+    # One DoFn instance uses its connection from one thread at a time, but Beam's SDK harness may
+    # call setup/process and teardown on different threads (multi-process local runs do).
+    conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(_CREATE)
     return conn
