@@ -1,6 +1,7 @@
-"""`cdi`: run the job, generate sample events, check a config.
+"""`cdi`: run the job, generate sample events, check a config, inspect quarantine and profiles.
 
-Exit codes: 0 success, 2 usage or configuration error (nothing started), 1 pipeline failure.
+Exit codes: 0 success, 2 usage or configuration error (nothing started), 1 pipeline failure
+(`profile explain`: nothing matches).
 Errors go to stderr, one line each, ``file: path: reason``.
 """
 
@@ -67,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     qr.add_argument("dir", help="a run's output dir or its quarantine/ dir")
     qr.add_argument("--out", required=True, help="NDJSON file to write")
+
+    prof = sub.add_parser("profile", help="inspect unified profiles of a run")
+    psub = prof.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    pe = psub.add_parser(
+        "explain",
+        help="show a profile's identifiers, the merges that built it and the refused links "
+        "naming its identifiers",
+    )
+    pe.add_argument(
+        "id", help="profile id or identifier: user:u1, anon:a1, email:x@y.io, anonymous_id:a1"
+    )
+    pe.add_argument("--output", required=True, help="the run's output directory")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -191,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.action == "summarize":
                 return quarantine_tools.main_summarize(args.dir)
             return quarantine_tools.main_replay(args.dir, args.out)
+        if args.command == "profile":
+            from pipelines.explain import main_explain
+
+            return main_explain(args.id, args.output, as_json=args.json)
         return cmd_validate_config(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -39,9 +39,12 @@ checked for equality. The file is ordered by ``receivedAt`` with up to 1 s of lo
 Ground truth keys: ``seed``, ``events``, ``persons``, ``valid_unique``, ``duplicates``, ``invalid``
 (reason -> count, reasons that occur), ``late``, ``identities`` (per person the user id, lowercased
 emails, anonymous ids and non-junk device ids that appear in its valid events; a device that never
-logged in is the person's but cannot be linked from the data), ``junk_identifiers``,
-``event_times`` (messageId -> corrected event time), ``profiles_by_primary_id`` (distinct userId,
-else anonymousId, over valid unique events) and ``consent_changes``.
+logged in is the person's but cannot be linked from the data), ``linked_identities`` (per person,
+the groups of those identifiers that its valid events connect, as stitching keys ``user:<id>``,
+``anon:<id>``, ``email:<lowercased>``, ``device_id:<id>``: what a perfect stitcher finds),
+``junk_identifiers``, ``event_times`` (messageId -> corrected event time),
+``profiles_by_primary_id`` (distinct userId, else anonymousId, over valid unique events) and
+``consent_changes``.
 """
 
 from __future__ import annotations
@@ -782,6 +785,61 @@ def _identities(drafts: list[Draft], persons: list[Person]) -> list[dict]:
     ]
 
 
+def _event_keys(event: dict, junk_devices: set[str]) -> list[str]:
+    """The non-junk identifiers of one valid event as stitching keys (``user:``, ``anon:``,
+    ``email:``, ``device_id:``), read from the same fields as :func:`_identities`."""
+    keys = []
+    if event.get("userId"):
+        keys.append("user:" + event["userId"])
+    for email in (
+        event.get("traits", {}).get("email"),
+        event["context"].get("traits", {}).get("email"),
+    ):
+        if email:
+            keys.append("email:" + email.strip().lower())
+    for anon in (event.get("anonymousId"), event.get("previousId")):
+        if anon and anon not in JUNK_ANONYMOUS_IDS:
+            keys.append("anon:" + anon)
+    device_id = event["context"].get("device", {}).get("id")
+    if device_id and device_id not in junk_devices:
+        keys.append("device_id:" + device_id)
+    return keys
+
+
+def _linked_identities(drafts: list[Draft], persons: list[Person]) -> list[dict]:
+    """Per person, the groups of identifiers its own valid events connect (the best any
+    stitching can do from the data): union-find over the identifiers each event carries together.
+
+    A device that never logged in stays a group of its own: nothing in the data ties it to the
+    person, so a stitcher that joined it would be guessing."""
+    parent: dict[str, str] = {}  # identifiers never repeat across persons, so one forest serves
+
+    def find(k: str) -> str:
+        root = k
+        while parent[root] != root:
+            root = parent[root]
+        while parent[k] != root:
+            parent[k], k = root, parent[k]
+        return root
+
+    owned: list[set[str]] = [set() for _ in persons]
+    junk_devices = set(JUNK_DEVICE_IDS.values())
+    for d in drafts:
+        keys = _event_keys(d.event, junk_devices)
+        owned[d.person].update(keys)
+        for k in keys:
+            parent.setdefault(k, k)
+        for k in keys[1:]:
+            parent[find(k)] = find(keys[0])
+    out = []
+    for p, keys in zip(persons, owned, strict=True):
+        groups: dict[str, list[str]] = {}
+        for k in keys:
+            groups.setdefault(find(k), []).append(k)
+        out.append({"person": p.key, "groups": sorted(sorted(g) for g in groups.values())})
+    return out
+
+
 def _junk_used(drafts: list[Draft]) -> list[str]:
     junk = set(JUNK_ANONYMOUS_IDS) | set(JUNK_DEVICE_IDS.values())
     used = set()
@@ -857,6 +915,7 @@ def _generate(events: int, persons: int, seed: int, start_ms: int) -> tuple[list
         "invalid": dict(sorted(invalid_counts.items())),
         "late": sum(1 for d in drafts if d.session in late),
         "identities": _identities(drafts, cast),
+        "linked_identities": _linked_identities(drafts, cast),
         "junk_identifiers": _junk_used(drafts),
         "event_times": {
             d.event["messageId"]: _iso(t) for d, t in zip(drafts, corrected, strict=True)

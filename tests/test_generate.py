@@ -302,6 +302,32 @@ def test_other_devices_log_in_with_their_own_anonymous_id(s10k):
         assert by_user.get(ident["user_id"], set()) <= set(ident["anonymous_ids"])
 
 
+def test_linked_identities_partition_each_persons_identifiers(s10k):
+    linked = {x["person"]: x["groups"] for x in s10k.truth["linked_identities"]}
+    assert list(linked) == [i["person"] for i in s10k.truth["identities"]]
+    seen: set[str] = set()
+    for ident in s10k.truth["identities"]:
+        groups = linked[ident["person"]]
+        keys = [k for g in groups for k in g]
+        assert len(keys) == len(set(keys)), "groups of one person overlap"
+        assert not seen & set(keys), "two persons share an identifier"
+        seen.update(keys)
+        expected = {"anon:" + a for a in ident["anonymous_ids"]}
+        expected |= {"email:" + e for e in ident["emails"]}
+        expected |= {"device_id:" + d for d in ident["device_ids"]}
+        expected |= {"user:" + ident["user_id"]} if ident["user_id"] else set()
+        assert set(keys) == expected
+        assert all(g == sorted(g) for g in groups) and groups == sorted(groups)
+    # An anonymous id that logged in is in its user's group; one that never did stands apart.
+    group_of = {k: g for groups in linked.values() for g in groups for k in g}
+    logged_in = {(e["anonymousId"], e["userId"]) for e in s10k.valid if e.get("userId")}
+    assert logged_in
+    for anon, user in logged_in:
+        if anon not in JUNK:
+            assert "user:" + user in group_of["anon:" + anon]
+    assert any(len(groups) > 1 for groups in linked.values())
+
+
 def test_junk_identifiers_are_shared_across_persons(s10k):
     junk = s10k.truth["junk_identifiers"]
     assert set(junk) <= JUNK and any(j in JUNK_ANONYMOUS_IDS for j in junk)
