@@ -8,6 +8,7 @@ import sys
 import orjson
 import pytest
 
+from benchmarks.identity_accuracy import pairwise_scores, profile_rows
 from pipelines.cli import main
 
 EVENTS, PERSONS = 3000, 150
@@ -62,7 +63,12 @@ def test_every_event_is_accounted_for_and_matches_the_ground_truth(generated):
     assert report["duplicates"] == truth["duplicates"]
     assert report["quarantined_by_reason"] == truth["invalid"]
     assert report["accounted"] is True
-    assert report["profiles"] == truth["profiles_by_primary_id"]
+    # One profile per group of identifiers the person's own events link (stitching).
+    groups = [g for p in truth["linked_identities"] for g in p["groups"]]
+    assert report["profiles"] == len(groups)
+    scores = pairwise_scores(truth, profile_rows(d / "out"))
+    assert (scores["precision"], scores["recall"], scores["cross_person_pairs"]) == (1.0, 1.0, 0)
+    assert report["identity"]["unresolved_links"] == 0
     # The written records agree with the counters, line for line.
     quarantine = _records(d / "out" / "quarantine")
     assert len(quarantine) == sum(truth["invalid"].values())

@@ -215,3 +215,15 @@ def test_resolve_equals_a_naive_union_find_for_any_order_and_duplication(links, 
 def test_reference_agrees_on_a_hand_example():
     links = [link(a, b, t) for t, (a, b) in enumerate(itertools.pairwise(NODES[3:8]))]
     assert naive_clusters(links, 1, 50)[0] == tuple(sorted(NODES[3:8]))
+
+
+def test_a_merge_cites_the_link_that_joined_the_person_not_an_earlier_one():
+    links = [
+        link("anon:a", "device_id:d", 1, "screen-1", "screen"),
+        link("anon:a", "user:u", 5, "identify-5", "identify"),
+    ]
+    res = resolve(["anon:a", "device_id:d", "user:u"], links, RULES)
+    merges, _ = changes({"anon:a": ("anon:a", "device_id:d")}, res)
+    assert [(m["from"], m["into"], m["rule"], m["link"]["messageId"]) for m in merges] == [
+        ("anon:a", "user:u", "linked_by.identify", "identify-5")
+    ]

@@ -234,6 +234,23 @@ def resolve(
 # --- what changed between two resolutions ------------------------------------------------------
 
 
+def joining_link(applied: list[Link], members, target: str) -> Link | None:
+    """The applied link (in the rule's order) that first connected ``members`` to ``target``."""
+    parent: dict[str, str] = {}
+
+    def find(n: str) -> str:
+        while parent.get(n, n) != n:
+            n = parent[n]
+        return n
+
+    for link in sorted(applied):
+        parent[find(link.a)] = find(link.b)
+        root = find(target)
+        if any(find(m) == root for m in members):
+            return link
+    return None
+
+
 def _is_profile_key(key: str) -> bool:
     return key.split(":", 1)[0] in _TYPE_OF_PREFIX
 
@@ -248,10 +265,6 @@ def changes(
     A person *existed* if it was a cluster in ``before`` or is a single user/anonymous id (which
     has a profile of its own before any link). It is merged when all its members now belong to one
     other person, split when they now belong to more than one person."""
-    applied_by_node: dict[str, list[Link]] = {}
-    for link in after.applied:
-        applied_by_node.setdefault(link.a, []).append(link)
-        applied_by_node.setdefault(link.b, []).append(link)
     previous = dict(before)
     for node in after.person_of:
         if _is_profile_key(node) and not any(node in m for m in before.values()):
@@ -268,14 +281,7 @@ def changes(
             continue
         if len(now) == 1:
             into = now[0]
-            inside = set(old_members)
-            joining = [
-                link
-                for m in old_members
-                for link in applied_by_node.get(m, ())
-                if (link.a in inside) != (link.b in inside)
-            ]
-            link = min(joining) if joining else None
+            link = joining_link(after.applied, old_members, into)
             merges.append(
                 {
                     "kind": "profile_merged",

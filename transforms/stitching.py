@@ -350,7 +350,7 @@ class _ReportBlockedFn(beam.DoFn):
         done=beam.DoFn.StateParam(DONE),
         timer=beam.DoFn.TimerParam(TIMER),
     ):
-        _, link = element
+        key, link = element
         if done.read():
             return
         cur = best.read()
@@ -360,7 +360,12 @@ class _ReportBlockedFn(beam.DoFn):
         best.write(tuple(keep))
 
     @on_timer(TIMER)
-    def report(self, best=beam.DoFn.StateParam(BEST), done=beam.DoFn.StateParam(DONE)):
+    def report(
+        self,
+        key=beam.DoFn.KeyParam,
+        best=beam.DoFn.StateParam(BEST),
+        done=beam.DoFn.StateParam(DONE),
+    ):
         cur = best.read()
         if cur is None or done.read():
             return
@@ -370,7 +375,7 @@ class _ReportBlockedFn(beam.DoFn):
         yield {
             "kind": "link_refused",
             "rule": "blocklist",
-            "identifier": link.a,
+            "identifier": key.split("|", 1)[0],  # the junk end (a link's ends are sorted)
             "link": link.record(),
             "clusters": None,
         }
