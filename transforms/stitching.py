@@ -127,9 +127,9 @@ def _ts(ms: int) -> Timestamp:
 class _PropagateFn(beam.DoFn):
     """One hop of label propagation (module doc). Not the last stage: forwards to the next."""
 
-    LABEL = ReadModifyWriteStateSpec("label", FastPrimitivesCoder())
-    NEIGHBOURS = ReadModifyWriteStateSpec("neighbours", FastPrimitivesCoder())
-    ATTRS = ReadModifyWriteStateSpec("attrs", FastPrimitivesCoder())
+    # One state cell per identifier, ``(label, neighbours, attrs)``: on the local runner every
+    # cell costs a keyed entry of its own (and a round trip per read), so fewer is leaner.
+    NODE = ReadModifyWriteStateSpec("node", FastPrimitivesCoder())
 
     def __init__(self, first: bool, last: bool, cap: int):
         self._first, self._last, self._cap = first, last, cap
@@ -138,16 +138,29 @@ class _PropagateFn(beam.DoFn):
     def process(
         self,
         element,
-        label_state=beam.DoFn.StateParam(LABEL),
-        nbr_state=beam.DoFn.StateParam(NEIGHBOURS),
-        attr_state=beam.DoFn.StateParam(ATTRS),
+        node_state=beam.DoFn.StateParam(NODE),
     ):
         x, msg = element
-        label = label_state.read() or x
-        nbrs: dict = nbr_state.read() or {}
-        attrs: dict = attr_state.read() or {}
+        label, nbrs, attrs = node_state.read() or (x, {}, {})
+        out, changed, new_label, review = self._step(x, msg, label, nbrs, attrs)
+        if changed or new_label != label:
+            node_state.write((new_label, nbrs, attrs))
+        for record in review:
+            yield beam.pvalue.TaggedOutput(REVIEW, record)
+        if not self._last:
+            yield from out
+        elif changed or new_label != label:
+            # Last stage: hand the identifier (with its evidence) to its group's resolver.
+            yield (new_label, ("node", (x, nbrs, attrs)))
+            if new_label != label:
+                yield (label, ("drop", x))
+
+    def _step(self, x, msg, label, nbrs, attrs):
+        """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns the messages
+        for the next stage, whether the evidence changed, the new label, and review records."""
         kind = msg[0]
         out: list[tuple[str, tuple]] = []  # messages for the next stage
+        review: list[dict] = []
         changed = False
         new_label = label
         if kind == NEIGHBOUR:
@@ -155,30 +168,27 @@ class _PropagateFn(beam.DoFn):
             known = nbrs.get(nbr)
             if attrs.get(SHARED):
                 if self._first and known is None and link is not None:
-                    yield beam.pvalue.TaggedOutput(REVIEW, _shared_record(x, link))
-                return
+                    review.append(_shared_record(x, link))
+                return out, False, label, review
             if known is None and len(nbrs) >= self._cap:
                 # Shared identifier: it stops here, its neighbour list stays at the cap, and
                 # ResolveGroup refuses every link it has. Every stage applies the same cap (a
                 # neighbour learns of the link before it can know the other end is shared); only
                 # the first one reports the refused links.
                 attrs[SHARED] = True
-                attr_state.write(attrs)
                 if self._first:
                     self._shared.inc()
                     if link is not None:
-                        yield beam.pvalue.TaggedOutput(REVIEW, _shared_record(x, link))
+                        review.append(_shared_record(x, link))
                 out.append((x, (SHARED,)))
                 changed = True
             else:
                 best = known if link is None else earlier(known, link)
                 if best != known or nbr not in nbrs:
                     nbrs[nbr] = best
-                    nbr_state.write(nbrs)
                     changed = True
                 new_label = min(label, nbr_label)
                 if new_label < label:
-                    label_state.write(new_label)
                     for z in nbrs:
                         if z != nbr:
                             out.append((z, (NEIGHBOUR, x, new_label, None)))
@@ -190,29 +200,19 @@ class _PropagateFn(beam.DoFn):
             best = earlier(unl.get(other), link)
             if unl.get(other) != best:
                 unl[other] = best
-                attr_state.write(attrs)
                 changed = True
                 out.append((x, msg))
         elif kind == DELETED:
             if attrs.get(DELETED) is None or msg[1] < attrs[DELETED]:
                 attrs[DELETED] = msg[1]
-                attr_state.write(attrs)
                 changed = True
                 out.append((x, msg))
         elif kind == SHARED:
             if not attrs.get(SHARED):
                 attrs[SHARED] = True
-                attr_state.write(attrs)
                 changed = True
                 out.append((x, msg))
-        if not self._last:
-            yield from out
-        elif changed or new_label != label:
-            # Last stage: hand the identifier (with its evidence) to its group's resolver.
-            info = (x, nbrs, attrs)
-            yield (new_label, ("node", info))
-            if new_label != label:
-                yield (label, ("drop", x))
+        return out, changed, new_label, review
 
 
 def _shared_record(x: str, link: Link) -> dict:

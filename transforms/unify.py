@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
+from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
@@ -142,46 +142,35 @@ class IdentifierRedactor:
 class _RouteFragmentsFn(beam.DoFn):
     """Keyed by identifier: its fragment and person; moves the fragment when the person changes."""
 
-    GROUPS = ReadModifyWriteStateSpec("groups", FastPrimitivesCoder())
-    FRAG = ReadModifyWriteStateSpec("fragment", FastPrimitivesCoder())
-    ROUTED = ReadModifyWriteStateSpec("routed", FastPrimitivesCoder())
+    # One cell per identifier, ``(person per group, fragment, person routed to)``.
+    ROUTE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
 
-    def process(
-        self,
-        element,
-        groups_state=beam.DoFn.StateParam(GROUPS),
-        frag_state=beam.DoFn.StateParam(FRAG),
-        routed_state=beam.DoFn.StateParam(ROUTED),
-    ):
+    def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
-        groups = groups_state.read() or {}
-        frag = frag_state.read()
+        groups, frag, routed = route_state.read() or ({}, None, None)
         if msg[0] == ASSIGN:
             group, person = msg[1]
             if person is None:
                 groups.pop(group, None)
             else:
                 groups[group] = person
-            groups_state.write(groups)
         else:
             frag = msg[1]
-            frag_state.write(frag)
         if frag is None:
+            route_state.write((groups, frag, routed))
             return
         # While an identifier moves between candidate groups both may claim it for a moment;
         # the smaller group label is where it is going (labels only decrease).
         person = groups[min(groups)] if groups else x
-        routed = routed_state.read()
         if routed is not None and routed != person:
             yield (routed, (RETRACT, x))
-        routed_state.write(person)
+        route_state.write((groups, frag, person))
         yield (person, (FRAGMENT, x, frag))
 
 
 class _UnifyProfilesFn(beam.DoFn):
-    FRAGS = ReadModifyWriteStateSpec("fragments", FastPrimitivesCoder())
-    MEMBERS_STATE = ReadModifyWriteStateSpec("members", FastPrimitivesCoder())
-    VERSION = ReadModifyWriteStateSpec("version", VarIntCoder())
+    # One cell per person, ``(fragments by identifier, members by group, row version)``.
+    PERSON = ReadModifyWriteStateSpec("person", FastPrimitivesCoder())
     EMIT_TIMER = TimerSpec("emit", TimeDomain.WATERMARK)
 
     def __init__(self, trait_kinds: dict[str, str], bounded: bool, redact):
@@ -192,57 +181,45 @@ class _UnifyProfilesFn(beam.DoFn):
     def process(
         self,
         element,
-        frags_state=beam.DoFn.StateParam(FRAGS),
-        members_state=beam.DoFn.StateParam(MEMBERS_STATE),
-        version=beam.DoFn.StateParam(VERSION),
+        person_state=beam.DoFn.StateParam(PERSON),
         timer=beam.DoFn.TimerParam(EMIT_TIMER),
     ):
         person, msg = element
-        if msg[0] in (FRAGMENT, RETRACT):
-            frags = frags_state.read() or {}
-            if msg[0] == FRAGMENT:
-                frags[msg[1]] = msg[2]
-            else:
-                frags.pop(msg[1], None)
-            frags_state.write(frags)
+        frags, by_group, version = person_state.read() or ({}, {}, 0)
+        if msg[0] == FRAGMENT:
+            frags[msg[1]] = msg[2]
+        elif msg[0] == RETRACT:
+            frags.pop(msg[1], None)
         else:
             group, members = msg[1]
-            by_group = members_state.read() or {}
             if members is None:
                 by_group.pop(group, None)
             else:
                 by_group[group] = list(members)
-            members_state.write(by_group)
         if self._bounded:
             # One row per person when the input ends (and again if anything arrives after).
+            person_state.write((frags, by_group, version))
             timer.set(GlobalWindow().max_timestamp())
         else:
-            yield from self._emit(person, frags_state, members_state, version)
+            yield from self._emit(person, frags, by_group, version, person_state)
 
     @on_timer(EMIT_TIMER)
-    def on_emit(
-        self,
-        key=beam.DoFn.KeyParam,
-        frags_state=beam.DoFn.StateParam(FRAGS),
-        members_state=beam.DoFn.StateParam(MEMBERS_STATE),
-        version=beam.DoFn.StateParam(VERSION),
-    ):
-        yield from self._emit(key, frags_state, members_state, version)
+    def on_emit(self, key=beam.DoFn.KeyParam, person_state=beam.DoFn.StateParam(PERSON)):
+        frags, by_group, version = person_state.read() or ({}, {}, 0)
+        yield from self._emit(key, frags, by_group, version, person_state)
 
-    def _emit(self, person, frags_state, members_state, version):
-        frags = frags_state.read() or {}
-        by_group = members_state.read() or {}
+    def _emit(self, person, frags, by_group, version, person_state):
         members = sorted({m for ms in by_group.values() for m in ms})
-        v = version.read()
         row = unify_profile(person, frags, members, self._kinds, self._redact)
         if row is None:
-            if v is None:
+            person_state.write((frags, by_group, version))
+            if not version:
                 return  # never had a row: nothing to delete
             row = {"profile_id": person, "deleted": True}
-        v = (v or 0) + 1
-        version.write(v)
+        version += 1
+        person_state.write((frags, by_group, version))
         if not row.get("deleted"):
-            row["version"] = v
+            row["version"] = version
         yield row
 
 
