@@ -119,6 +119,15 @@ def test_shared_identifiers_and_unlinks_are_refused():
     assert [r.rule for r in res.refused] == ["unlinked"]
 
 
+def test_an_unlink_whose_other_end_is_in_another_group_is_ignored_here():
+    # ResolveGroup sees only its candidate group; an unlink may name an identifier of another
+    # group (found by the differential test: this used to raise KeyError and fail the job).
+    links = [link("anon:a", "user:u", 1)]
+    res = resolve(["anon:a", "user:u"], links, RULES, unlinked=[("user:u", "device_id:elsewhere")])
+    assert clusters(res) == [("anon:a", "user:u")]
+    assert res.refused == []
+
+
 def test_anchor_prefers_user_then_anonymous_then_first_seen():
     res = resolve(
         ["anon:late", "anon:early", "email:e"],

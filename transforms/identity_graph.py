@@ -180,6 +180,9 @@ def resolve(
     counts: dict[str, dict[str, int]] = {n: {split_key(n)[0]: 1} for n in nodes}
     apart: dict[str, set[str]] = {}
     for x, y in unlinked:
+        if x not in parent or y not in parent:
+            # The other end is in another candidate group: nothing here can join them.
+            continue
         apart.setdefault(x, set()).add(y)
         apart.setdefault(y, set()).add(x)
     shared = set(shared)
