@@ -22,12 +22,12 @@ from apache_beam.options.pipeline_options import StandardOptions
 from pipelines.config import PipelineConfig, parse_instant
 from runners.sources import ReadFileSource
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
-from transforms.consent import DELETED, DestinationRule, EnforceConsent
+from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
 from transforms.dedup import DeduplicateEvents
 from transforms.envelope import format_iso_ms
 from transforms.identity import primary_profile_key
-from transforms.pii import DEFAULT_RULES, PiiRule, apply_policy, needs_salt, resolve_salt
+from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
@@ -129,29 +129,31 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     keyed = behaviour | "KeyByProfile" >> beam.Map(
         lambda env: (primary_profile_key(env.event, identity), env)
     ).with_output_types(beam.typehints.KV[str, Any])
+    bounded = not p.options.view_as(StandardOptions).streaming
     consent = keyed | "EnforceConsent" >> EnforceConsent(
-        destination_rules(config), config.privacy.deleted_identifiers, identity
+        destination_rules(config), config.privacy.deleted_identifiers, identity, bounded=bounded
     )
-    delivered = consent.delivered
 
-    def redact_for(dest):
-        policy, default = policies[dest]
-        return lambda env: env._replace(
-            event=apply_policy(env.event, rules, policy, salt, default)[0]
-        )
+    def redact_per_destination(delivery):
+        names, key, env = delivery
+        if env is None:
+            yield (names[0], key, None)
+            return
+        events = apply_policies(env.event, rules, {n: policies[n] for n in names}, salt)
+        for name in names:
+            yield (name, key, env._replace(event=events[name]))
 
-    profile_redact = redact_for(PROFILES_DESTINATION)
+    # (destination, profile key, envelope as the destination's PII policy allows it)
+    delivered = consent.delivered | "RedactPerDestination" >> beam.FlatMap(redact_per_destination)
     to_profiles = (
         delivered
         | "ForProfiles" >> beam.Filter(lambda d: d[0] == PROFILES_DESTINATION)
-        | "RedactForProfiles"
-        >> beam.Map(lambda d: (d[1], profile_redact(d[2]))).with_output_types(
-            beam.typehints.KV[str, Any]
-        )
+        | "ProfileKeyed"
+        >> beam.Map(lambda d: (d[1], d[2])).with_output_types(beam.typehints.KV[str, Any])
     )
     deletes = (
         delivered
-        | "Deletions" >> beam.Filter(lambda d: d[0] == "profiles-delete")
+        | "Deletions" >> beam.Filter(lambda d: d[0] == PROFILES_DELETE)
         | ("DeletionKeys" >> beam.Map(lambda d: (d[1], None)))
     )
     fragments = {"events": to_profiles, "deletes": deletes}
@@ -160,14 +162,13 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
         traits = to_profiles | "ComputeTraits" >> ComputeTraits(
             [ComputedTraitSpec.from_config(c) for c in config.computed_traits],
             int(config.windows.allowed_lateness * 1000),
-            bounded=not p.options.view_as(StandardOptions).streaming,
+            bounded=bounded,
         )
         fragments["computed"] = traits.computed
         late = traits[LATE]
     trait_rules = TraitRules(
         frozenset(config.profile.set_once), frozenset(config.profile.increment)
     )
-    bounded = not p.options.view_as(StandardOptions).streaming
     profile_fragments = fragments | "BuildProfiles" >> BuildProfiles(
         identity, trait_rules, config.profile.update_every, as_rows=False
     )
@@ -185,12 +186,10 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
 
     destinations = {}
     for name in config.consent.destinations:
-        redact = redact_for(name)
         destinations[name] = (
             delivered
             | f"For[{name}]" >> beam.Filter(lambda d, n=name: d[0] == n)
-            | f"Redact[{name}]"
-            >> beam.Map(lambda d, r=redact: delivery_record(d[0], d[1], r(d[2])))
+            | f"Record[{name}]" >> beam.MapTuple(delivery_record)
         )
     quarantine = (
         validated[QUARANTINE],

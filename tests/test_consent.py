@@ -90,8 +90,8 @@ def run(elements, streaming_stream=None, deleted_ids=()):
 
 
 def deliveries(out):
-    return out.delivered | beam.Map(
-        lambda d: (d[0], d[2].event["messageId"]) if d[2] else (d[0], d[1])
+    return out.delivered | beam.FlatMap(
+        lambda d: [(n, d[2].event["messageId"] if d[2] else d[1]) for n in d[0]]
     )
 
 

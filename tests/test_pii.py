@@ -14,6 +14,7 @@ from transforms.pii import (
     DEFAULT_RULES,
     EMAIL_PATTERN,
     PiiRule,
+    apply_policies,
     apply_policy,
     find_pii,
     hash_value,
@@ -349,3 +350,41 @@ def test_no_raw_email_survives_a_hash_or_drop_policy(case, action):
     for path, cls in find_pii(out, DEFAULT_RULES):
         if cls == "email":
             assert is_hash(at(out, path)), path
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events_with_emails(),
+    st.sampled_from(["keep", "hash", "drop"]),
+    st.sampled_from(["keep", "hash", "drop"]),
+)
+def test_several_policies_at_once_equal_one_policy_at_a_time(case, email_action, default):
+    event, _ = case
+    event["context"] = {
+        "ip": "10.1.2.3",
+        "traits": {"phone": "+1 555 0100", "email": event["traits"]["email"]},
+    }
+    policies = {
+        "a": ({"email": email_action}, default),
+        "b": ({"email": "keep", "ip": "drop"}, "hash"),
+        "c": ({}, "keep"),
+    }
+    before = orjson.dumps(event)
+    out = apply_policies(event, DEFAULT_RULES, policies, SALT)
+    assert orjson.dumps(event) == before
+    for name, (policy, dflt) in policies.items():
+        assert out[name] == apply_policy(event, DEFAULT_RULES, policy, SALT, dflt)[0], name
+
+
+@pytest.mark.parametrize("address_action", ["keep", "hash", "drop"])
+def test_several_policies_treat_classified_objects_and_lists_like_one_policy(address_action):
+    rules = (PiiRule("address", ("traits.address",)), *DEFAULT_RULES)
+    event = {
+        "traits": {
+            "address": {"city": "Springfield", "contact": "a@b.com", "tags": ["x", "c@d.io"]},
+            "emails": ["e@f.org", 3, None],
+        }
+    }
+    policies = {"p": ({"address": address_action, "email": "drop"}, "keep")}
+    out = apply_policies(event, rules, policies, SALT)["p"]
+    assert out == apply_policy(event, rules, *policies["p"][:1], SALT, "keep")[0]

@@ -310,7 +310,9 @@ class _ComputeTraitsFn(beam.DoFn):
         if not deadlines:
             armed_state.clear()
             return
-        nxt = min(deadlines)
+        # Bounded: one firing per key when the input is exhausted closes every window at once
+        # (a timer per window end would fire once per window, re-reading the whole state).
+        nxt = LIFETIME_END_MS if self._lateness is None else min(deadlines)
         if armed_state.read() != nxt:
             armed_state.write(nxt)
             timer.set(Timestamp(micros=nxt * 1000))

@@ -17,6 +17,8 @@ Stream contract:
   removed from the sink.
 - State per key: the timeline (one entry per consent change), the held events (drained at each
   watermark step), a deletion flag.
+- Bounded runs (``bounded=True``): the watermark passes every event time at once, when the input
+  is exhausted, so a key's first timer firing judges everything it holds.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.envelope import Envelope
@@ -42,6 +45,10 @@ from transforms.identity import extract_identifiers
 DENIED = "consent_denied"
 DELETED = "deleted"
 DELETE_TYPE = "delete"
+# The main output's instruction to remove a deleted person's profile.
+PROFILES_DELETE = "profiles-delete"
+# Later than any event time (Beam's global window ends here).
+_END_OF_TIME_MS = int(GlobalWindow().max_timestamp().micros // 1000)
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,17 @@ class _EnforceConsentFn(beam.DoFn):
     RELEASE_TIMER = TimerSpec("release", TimeDomain.WATERMARK)
 
     def __init__(
-        self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity
+        self,
+        destinations: tuple[DestinationRule, ...],
+        deleted_identifiers: frozenset,
+        identity,
+        bounded: bool = False,
     ):
         self._destinations = destinations
+        # Bounded input: the watermark only moves once the input is read, so the first firing of
+        # a key's timer may release everything it holds. (Re-arming at each held event's time
+        # would fire once per distinct time and re-read the whole bag each time: O(n^2).)
+        self._bounded = bounded
         self._deleted_ids = deleted_identifiers
         self._identity = identity
         self._denied = Metrics.counter("cdi", "consent.denied")
@@ -174,7 +189,7 @@ class _EnforceConsentFn(beam.DoFn):
             deleted.write(env.event_time_ms)
             self._suppressed.inc()
             yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
-            yield ("profiles-delete", key, None)
+            yield ((PROFILES_DELETE,), key, None)
             return
         prefs = consent_observation(env.event)
         if prefs is not None:
@@ -198,7 +213,7 @@ class _EnforceConsentFn(beam.DoFn):
         armed=beam.DoFn.StateParam(ARMED_STATE),
         timer=beam.DoFn.TimerParam(RELEASE_TIMER),
     ):
-        now_ms = int(fired.micros // 1000)
+        now_ms = _END_OF_TIME_MS if self._bounded else int(fired.micros // 1000)
         timeline = timeline_state.read() or []
         keep = []
         for item in held.read():
@@ -209,9 +224,11 @@ class _EnforceConsentFn(beam.DoFn):
             allowed, denied = judge_destinations(
                 consent_at(timeline, env.event_time_ms), self._destinations
             )
-            for name in allowed:
-                self._delivered.inc()
-                yield (name, key, env)
+            if allowed:
+                # One element per event, not per destination: PII redaction downstream
+                # classifies the event once for all of them.
+                self._delivered.inc(len(allowed))
+                yield (tuple(allowed), key, env)
             for name, missing in denied:
                 self._denied.inc()
                 yield beam.pvalue.TaggedOutput(DENIED, _denied_record(env, key, name, missing))
@@ -254,12 +271,13 @@ def _denied_record(env: Envelope, key: str, destination: str, missing: list[str]
 
 
 class EnforceConsent(beam.PTransform):
-    """``(profile_key, envelope)`` in. Main output: ``(destination, profile_key, envelope)`` per
-    allowed delivery, plus ``("profiles-delete", profile_key, None)`` for deleted persons;
-    tagged ``consent_denied`` and ``deleted`` records."""
+    """``(profile_key, envelope)`` in. Main output: ``(allowed destinations, profile_key,
+    envelope)`` once per event allowed anywhere, plus ``(("profiles-delete",), profile_key,
+    None)`` for deleted persons; tagged ``consent_denied`` and ``deleted`` records."""
 
-    def __init__(self, destinations, deleted_identifiers=(), identity=None):
+    def __init__(self, destinations, deleted_identifiers=(), identity=None, bounded=False):
         super().__init__()
+        self._bounded = bounded
         self._destinations = tuple(destinations)
         names = [d.name for d in self._destinations]
         if len(set(names)) != len(names):
@@ -271,5 +289,5 @@ class EnforceConsent(beam.PTransform):
 
     def expand(self, keyed):
         return keyed | "Judge" >> beam.ParDo(
-            _EnforceConsentFn(self._destinations, self._deleted, self._identity)
+            _EnforceConsentFn(self._destinations, self._deleted, self._identity, self._bounded)
         ).with_outputs(DENIED, DELETED, main="delivered")
