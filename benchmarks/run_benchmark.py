@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import orjson
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALING_SIZES = (250_000, 500_000, 1_000_000, 2_000_000)
 TARGETS = {"events_per_s": 10_000, "ratio_to_oracle": 5.0, "growth_2m_1m": 2.2, "peak_gib": 4.0}
@@ -88,8 +90,18 @@ def bench(events: int, persons: int, workdir: Path) -> dict:
         f"peak {row['peak_rss_mib']:>6,} MiB"
     )
     if _oracle_available():
-        oracle = measure([py, "-m", "benchmarks.oracle", "--input", str(src)])
+        oracle_rows = workdir / f"oracle-{events}.json"
+        oracle = measure(
+            [py, "-m", "benchmarks.oracle", "--input", str(src), "--profiles-out", str(oracle_rows)]
+        )
+        from benchmarks.oracle import differences, sink_rows
+
+        diff = differences(
+            orjson.loads(oracle_rows.read_bytes()), sink_rows(out / "profiles.sqlite")
+        )
         row.update(
+            profiles_equal_oracle=not diff,
+            oracle_differences=diff,
             oracle_wall_s=round(oracle["wall"], 2),
             oracle_events_per_s=round(events / oracle["wall"]),
             oracle_peak_rss_mib=round(oracle["rss"] / 2**20),
@@ -98,6 +110,7 @@ def bench(events: int, persons: int, workdir: Path) -> dict:
         line += (
             f" | oracle {oracle['wall']:6.1f} s {row['oracle_events_per_s']:>7,} ev/s "
             f"peak {row['oracle_peak_rss_mib']:>5,} MiB | pipeline/oracle {row['ratio_to_oracle']}x"
+            f" | profiles equal: {'yes' if not diff else 'NO'}"
         )
     line += f" | bare core {core['wall']:5.1f} s"
     print(line, flush=True)

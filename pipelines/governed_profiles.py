@@ -115,8 +115,9 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
 
     validated = raw | "ValidateEvents" >> _validate(config, plans)
+    bounded = not p.options.view_as(StandardOptions).streaming
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
-        config.dedup.key, config.dedup.ttl
+        config.dedup.key, config.dedup.ttl, bounded=bounded
     )
     unique = deduped.unique
     identity = config.identity
@@ -129,7 +130,6 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     keyed = behaviour | "KeyByProfile" >> beam.Map(
         lambda env: (primary_profile_key(env.event, identity), env)
     ).with_output_types(beam.typehints.KV[str, Any])
-    bounded = not p.options.view_as(StandardOptions).streaming
     consent = keyed | "EnforceConsent" >> EnforceConsent(
         destination_rules(config), config.privacy.deleted_identifiers, identity, bounded=bounded
     )

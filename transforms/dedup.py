@@ -5,7 +5,8 @@ Stream contract:
 - State per key: one ``(fingerprint, first messageId, first event time)`` tuple, constant size.
 - TTL: an event-time timer at ``first event time + ttl`` clears the state, so state stays bounded
   while any replay whose copies fall inside the TTL is suppressed. In a bounded (batch) run the
-  watermark only advances at the end, so every copy in the input is deduplicated.
+  watermark only advances at the end, so every copy in the input is deduplicated (and no TTL
+  timer is set: the state ends with the run).
 - Outputs: the first copy on the main output; later identical copies (same payload fingerprint) to
   ``duplicates`` with the first copy's id; same key with a different payload to ``quarantine`` as
   ``dedup.collision`` (the first arrival wins, which is what an idempotency key promises).
@@ -80,8 +81,12 @@ class _DedupFn(beam.DoFn):
     )
     EXPIRY_TIMER = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, ttl_seconds: float):
+    def __init__(self, ttl_seconds: float, bounded: bool = False):
         self._ttl = BeamDuration(seconds=ttl_seconds)
+        # Bounded input: the watermark passes every TTL only when the input is exhausted, so a
+        # TTL timer could only clear state that dies with the run anyway; not setting one saves
+        # a timer write and a firing per key.
+        self._bounded = bounded
         self._first = Metrics.counter("cdi", "dedup.first")
         self._dups = Metrics.counter("cdi", "dedup.duplicates")
         self._collisions = Metrics.counter("cdi", "quarantined.dedup.collision")
@@ -99,7 +104,8 @@ class _DedupFn(beam.DoFn):
         decision = decide(state, fp)
         if decision == FIRST:
             seen.write((fp, str(env.event.get("messageId", "")), env.event_time_ms))
-            expiry.set(ts + self._ttl)
+            if not self._bounded:
+                expiry.set(ts + self._ttl)
             self._first.inc()
             yield env
         elif decision == DUPLICATE:
@@ -137,9 +143,13 @@ class DeduplicateEvents(beam.PTransform):
     """Envelopes in; unique envelopes out, plus ``duplicates`` and ``quarantine`` tagged outputs."""
 
     def __init__(
-        self, key_paths: tuple[str, ...] = ("source", "messageId"), ttl_seconds: float = 7 * 86400
+        self,
+        key_paths: tuple[str, ...] = ("source", "messageId"),
+        ttl_seconds: float = 7 * 86400,
+        bounded: bool = False,
     ):
         super().__init__()
+        self._bounded = bounded
         if not key_paths:
             raise ValueError("key_paths must not be empty")
         if ttl_seconds <= 0:
@@ -156,5 +166,7 @@ class DeduplicateEvents(beam.PTransform):
                 lambda env: (dedup_key(env.source, env.event, key_paths), env)
             ).with_output_types(beam.typehints.KV[str, Any])
             | "DropRepeats"
-            >> beam.ParDo(_DedupFn(self._ttl)).with_outputs(DUPLICATES, QUARANTINE, main="unique")
+            >> beam.ParDo(_DedupFn(self._ttl, self._bounded)).with_outputs(
+                DUPLICATES, QUARANTINE, main="unique"
+            )
         )
