@@ -39,6 +39,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms import exact_sum
 from transforms.envelope import Envelope, format_iso_ms, get_path
 
 LATE = "late"
@@ -125,7 +126,8 @@ def agg_add(kind: str, acc: Any, value: Any, ts_ms: int) -> Any:
     if kind == "count":
         return (acc or 0) + 1
     if kind == "sum":
-        return (acc or 0) + value
+        # Exact partials: a float total must not depend on the order events arrive in.
+        return exact_sum.add(acc if acc is not None else exact_sum.new(), value)
     if kind == "distinct_count":
         # Kept sorted and unique so the state (and the merge) is deterministic.
         key = value if isinstance(value, (str, int, float, bool)) else repr(value)
@@ -140,8 +142,10 @@ def agg_add(kind: str, acc: Any, value: Any, ts_ms: int) -> Any:
 def agg_merge(kind: str, a: Any, b: Any) -> Any:
     if a is None or b is None:
         return b if a is None else a
-    if kind in ("count", "sum"):
+    if kind == "count":
         return a + b
+    if kind == "sum":
+        return exact_sum.merge(exact_sum.merge(exact_sum.new(), a), b)
     if kind == "distinct_count":
         return sorted(set(a) | set(b), key=repr)
     return min(a, b) if kind == "first_seen" else max(a, b)
@@ -152,6 +156,8 @@ def agg_value(kind: str, acc: Any) -> Any:
         return len(acc)
     if kind in ("first_seen", "last_seen"):
         return format_iso_ms(acc) if acc is not None else None
+    if kind == "sum":
+        return exact_sum.value(acc) if acc is not None else 0
     return acc if acc is not None else 0
 
 

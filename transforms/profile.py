@@ -21,6 +21,7 @@ from typing import Any
 import apache_beam as beam
 import orjson
 
+from transforms import exact_sum
 from transforms.consent import consent_observation
 from transforms.envelope import format_iso_ms
 
@@ -34,7 +35,8 @@ class TraitRules:
     - ``set``: latest event time wins (ties: larger messageId, then the value's canonical JSON);
       a ``null`` value is an ``unset``: a tombstone with its own event time, absent from the row;
     - ``set_once``: earliest event time wins (same tie rules, reversed);
-    - ``increment``: numeric values are added (deduplication upstream makes this exactly-once).
+    - ``increment``: numeric values are added (deduplication upstream makes this exactly-once),
+      exactly (:mod:`transforms.exact_sum`), so the total does not depend on arrival order.
     """
 
     set_once: frozenset[str] = frozenset()
@@ -114,7 +116,7 @@ def fold_event(
         for name, value in source.items():
             if name in rules.increment:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    acc["incr"][name] = acc["incr"].get(name, 0) + value
+                    exact_sum.add(acc["incr"].setdefault(name, exact_sum.new()), value)
             elif name in rules.set_once:
                 if value is not None:
                     _set_once(acc["once"], name, [event_time_ms, mid, value])
@@ -169,7 +171,7 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for name, entry in b["once"].items():
         _set_once(a["once"], name, entry)
     for name, n in b["incr"].items():
-        a["incr"][name] = a["incr"].get(name, 0) + n
+        exact_sum.merge(a["incr"].setdefault(name, exact_sum.new()), n)
     for name, pane in b["computed"].items():
         _merge_pane(a["computed"], name, pane)
     a["panes"] += b["panes"]
@@ -214,7 +216,7 @@ def profile_row(
         consent = {p: e[2] for p, e in acc.get("consent", {}).items()}
     traits = {n: e[2] for n, e in acc["traits"].items() if e[2] is not None}
     traits.update({n: e[2] for n, e in acc["once"].items()})
-    traits.update(acc["incr"])
+    traits.update({n: exact_sum.value(total) for n, total in acc["incr"].items()})
     computed = {
         name: {
             "value": pane[3],
