@@ -317,6 +317,32 @@ def find_pii(event: dict[str, Any], rules: Iterable[PiiRule]) -> list[tuple[str,
 _STRICTNESS = {KEEP: 0, HASH: 1, DROP: 2}
 
 
+def _check_policy(policy: Mapping[str, str], default_action: str, salt: str) -> None:
+    for cls, action in policy.items():
+        if action not in ACTIONS:
+            raise ValueError(
+                f"PII policy: class {cls!r}: unknown action {action!r} (expected keep, hash or drop)"
+            )
+    if default_action not in ACTIONS:
+        raise ValueError(f"PII policy: unknown default action {default_action!r}")
+    if needs_salt(policy, default_action) and not salt:
+        # Fail on every event, not only on the first one that happens to carry PII.
+        raise ValueError("PII policy hashes values but the salt is empty")
+
+
+def _strictest(
+    classes: tuple[str, ...], policy: Mapping[str, str], default: str
+) -> tuple[str, str]:
+    """``(deciding class, action)``: the strictest action of a value's classes (drop > hash >
+    keep); a tie goes to the earlier class (the path class, then rule order)."""
+    best_cls, best = classes[0], policy.get(classes[0], default)
+    for cls in classes[1:]:
+        action = policy.get(cls, default)
+        if _STRICTNESS[action] > _STRICTNESS[best]:
+            best_cls, best = cls, action
+    return best_cls, best
+
+
 def apply_policy(
     event: dict[str, Any],
     rules: Iterable[PiiRule],
@@ -332,25 +358,12 @@ def apply_policy(
     order. The input is never mutated; the output shares no container with it.
     """
     _check_event(event)
-    for cls, action in policy.items():
-        if action not in ACTIONS:
-            raise ValueError(
-                f"PII policy: class {cls!r}: unknown action {action!r} (expected keep, hash or drop)"
-            )
-    if default_action not in ACTIONS:
-        raise ValueError(f"PII policy: unknown default action {default_action!r}")
-    if needs_salt(policy, default_action) and not salt:
-        # Fail on every event, not only on the first one that happens to carry PII.
-        raise ValueError("PII policy hashes values but the salt is empty")
+    _check_policy(policy, default_action, salt)
     c = _compile(tuple(rules))
     applied: list[tuple[str, str, str]] = []
 
     def visit(path: str, classes: tuple[str, ...], value: Any) -> str:
-        best_cls, best = classes[0], policy.get(classes[0], default_action)
-        for cls in classes[1:]:
-            action = policy.get(cls, default_action)
-            if _STRICTNESS[action] > _STRICTNESS[best]:
-                best_cls, best = cls, action
+        best_cls, best = _strictest(classes, policy, default_action)
         applied.append((path, best_cls, best))
         return best
 
@@ -395,15 +408,6 @@ def _locate(
         found.append((loc, tuple(classes), False))
 
 
-def _strictest(classes: tuple[str, ...], policy: Mapping[str, str], default: str) -> str:
-    best = policy.get(classes[0], default)
-    for cls in classes[1:]:
-        action = policy.get(cls, default)
-        if _STRICTNESS[action] > _STRICTNESS[best]:
-            best = action
-    return best
-
-
 def _rebuild(node: Any, loc: _Location, actions: dict, prefixes: set, salt: str) -> Any:
     """``node`` with the non-keep ``actions`` applied, copying only the containers on the way to
     a changed value (copy on write: untouched subtrees are shared with the input)."""
@@ -442,17 +446,13 @@ def apply_policies(
     _locate(event, "", (), c.start, None, c, found)
     out = {}
     for name, (policy, default) in policies.items():
-        for action in (*policy.values(), default):
-            if action not in ACTIONS:
-                raise ValueError(f"PII policy {name!r}: unknown action {action!r}")
-        if needs_salt(policy, default) and not salt:
-            raise ValueError("PII policy hashes values but the salt is empty")
+        _check_policy(policy, default, salt)
         actions: dict[_Location, str] = {}
         replaced: list[_Location] = []  # hashed or dropped containers: their insides go with them
         for loc, classes, is_container in found:
             if any(loc[: len(r)] == r for r in replaced):
                 continue
-            action = _strictest(classes, policy, default)
+            _, action = _strictest(classes, policy, default)
             if action != KEEP:
                 actions[loc] = action
                 if is_container:
