@@ -135,27 +135,25 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     )
 
     def redact_per_destination(delivery):
+        """Each delivery straight to its destination's output, as that destination's PII policy
+        allows it (the event is classified once for all of them)."""
         names, key, env = delivery
         if env is None:
-            yield (names[0], key, None)
+            yield beam.pvalue.TaggedOutput(PROFILES_DELETE, (key, None))
             return
         events = apply_policies(env.event, rules, {n: policies[n] for n in names}, salt)
         for name in names:
-            yield (name, key, env._replace(event=events[name]))
+            redacted = env._replace(event=events[name])
+            if name == PROFILES_DESTINATION:
+                yield beam.pvalue.TaggedOutput(name, (key, redacted))
+            else:
+                yield beam.pvalue.TaggedOutput(name, delivery_record(name, key, redacted))
 
-    # (destination, profile key, envelope as the destination's PII policy allows it)
-    delivered = consent.delivered | "RedactPerDestination" >> beam.FlatMap(redact_per_destination)
-    to_profiles = (
-        delivered
-        | "ForProfiles" >> beam.Filter(lambda d: d[0] == PROFILES_DESTINATION)
-        | "ProfileKeyed"
-        >> beam.Map(lambda d: (d[1], d[2])).with_output_types(beam.typehints.KV[str, Any])
-    )
-    deletes = (
-        delivered
-        | "Deletions" >> beam.Filter(lambda d: d[0] == PROFILES_DELETE)
-        | ("DeletionKeys" >> beam.Map(lambda d: (d[1], None)))
-    )
+    delivered = consent.delivered | "RedactPerDestination" >> beam.FlatMap(
+        redact_per_destination
+    ).with_outputs(PROFILES_DESTINATION, PROFILES_DELETE, *config.consent.destinations)
+    to_profiles = delivered[PROFILES_DESTINATION]
+    deletes = delivered[PROFILES_DELETE]
     fragments = {"events": to_profiles, "deletes": deletes}
     late = None
     if config.computed_traits:
@@ -184,13 +182,7 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     if late is None:
         late = p | "NoLateEvents" >> beam.Create([])
 
-    destinations = {}
-    for name in config.consent.destinations:
-        destinations[name] = (
-            delivered
-            | f"For[{name}]" >> beam.Filter(lambda d, n=name: d[0] == n)
-            | f"Record[{name}]" >> beam.MapTuple(delivery_record)
-        )
+    destinations = {name: delivered[name] for name in config.consent.destinations}
     quarantine = (
         validated[QUARANTINE],
         deduped[QUARANTINE],

@@ -97,11 +97,15 @@ def stitch_messages(event: dict[str, Any], time_ms: int, identity) -> list[tuple
         if not ids or not other or other == ids[0]:
             return []
         link = make_link(ids[0], other, time_ms, str(event.get("messageId", "")), UNLINK_TYPE)
-        return [(ids[0], (UNLINK, other, link)), (other, (UNLINK, ids[0], link))]
+        evidence = tuple(link)
+        return [(ids[0], (UNLINK, other, evidence)), (other, (UNLINK, ids[0], evidence))]
     out = []
     for link in event_links(event, time_ms, identity):
-        out.append((link.a, (NEIGHBOUR, link.b, link.b, link)))
-        out.append((link.b, (NEIGHBOUR, link.a, link.a, link)))
+        # Evidence travels and is stored as a plain tuple: FastPrimitivesCoder encodes a
+        # NamedTuple ~5x slower (and ~60% bigger) than the same fields as a tuple.
+        evidence = tuple(link)
+        out.append((link.a, (NEIGHBOUR, link.b, link.b, evidence)))
+        out.append((link.b, (NEIGHBOUR, link.a, link.a, evidence)))
     return out
 
 
@@ -215,7 +219,8 @@ class _PropagateFn(beam.DoFn):
         return out, changed, new_label, review
 
 
-def _shared_record(x: str, link: Link) -> dict:
+def _shared_record(x: str, link: tuple) -> dict:
+    link = Link(*link)
     return {
         "kind": "link_refused",
         "rule": "breaker.shared_identifier",
@@ -291,7 +296,8 @@ class _ResolveGroupFn(beam.DoFn):
             nbrs, attrs = nodes[x]
             if attrs.get(SHARED):
                 shared.append(x)
-            for nbr, link in nbrs.items():
+            for nbr, evidence in nbrs.items():
+                link = Link(*evidence)
                 if nbr in owned:
                     links[(link.a, link.b)] = earlier(links.get((link.a, link.b)), link)
                 elif nbr not in nodes and nbr not in self._deleted:
