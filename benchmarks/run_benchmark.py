@@ -45,14 +45,42 @@ print(json.dumps({"rc": p.returncode, "wall": wall, "rss": rss,
 """
 
 
+class RunFailed(Exception):
+    """A measured program exited non-zero (killed by the kernel's OOM killer: -9)."""
+
+
 def measure(cmd: list[str]) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True
     )
     result = json.loads(proc.stdout)
     if result["rc"] != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])}... failed:\n{result['stderr']}")
+        raise RunFailed(
+            f"{' '.join(cmd[1:4])} exited {result['rc']} after {result['wall']:.0f} s, peak "
+            f"{result['rss'] / 2**30:.1f} GiB: {result['stderr'][-500:]}"
+        )
     return result
+
+
+def machine_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def too_big(rows: list[dict], events: int) -> str | None:
+    """Why a size is not run: its peak memory, extrapolated linearly from the largest size
+    measured so far, would not fit in this machine (the run would be OOM-killed after many
+    minutes, measuring nothing)."""
+    done = [r for r in rows if "peak_rss_mib" in r]
+    if not done:
+        return None
+    last = max(done, key=lambda r: r["events"])
+    estimate = last["peak_rss_mib"] / 1024 * events / last["events"]
+    if estimate > 0.9 * machine_gib():
+        return (
+            f"not run: peak memory extrapolated from {last['events']:,} events is "
+            f"{estimate:.1f} GiB, more than 90% of this machine's {machine_gib():.0f} GiB"
+        )
+    return None
 
 
 def _oracle_available() -> bool:
@@ -122,6 +150,9 @@ def check_targets(rows: list[dict]) -> list[str]:
     out = []
     by_size = {r["events"]: r for r in rows}
     for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['events']:>9,}: {r['skipped']}")
+            continue
         eps, peak = r["events_per_s"], r["peak_rss_mib"] / 1024
         out.append(
             f"{r['events']:>9,}: events/s {eps:,} "
@@ -134,7 +165,7 @@ def check_targets(rows: list[dict]) -> list[str]:
                 else ""
             )
         )
-    sizes = sorted(by_size)
+    sizes = sorted(n for n, r in by_size.items() if "skipped" not in r)
     for small, big in zip(sizes, sizes[1:], strict=False):
         growth = by_size[big]["wall_s"] / by_size[small]["wall_s"]
         limit = TARGETS["growth_2m_1m"] * big / small / 2  # 2.2 per doubling
@@ -160,8 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.scaling else [args.events]
     machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"{platform.machine()}, {os.cpu_count()} cores, {machine_gib():.0f} GiB, "
         f"Python {platform.python_version()}"
     )
     print(f"machine: {machine}")
@@ -169,7 +199,15 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for n in sizes:
             persons = args.persons if args.persons and not args.scaling else max(n // 5, 1)
-            rows.append(bench(n, persons, Path(tmp)))
+            reason = too_big(rows, n)
+            if reason is None:
+                try:
+                    rows.append(bench(n, persons, Path(tmp)))
+                    continue
+                except RunFailed as e:
+                    reason = f"failed: {e}"
+            print(f"{n:>9,} events  {reason}", flush=True)
+            rows.append({"events": n, "persons": persons, "skipped": reason})
     targets = check_targets(rows)
     print("\n".join(["targets:", *("  " + t for t in targets)]))
     RESULTS.mkdir(exist_ok=True)

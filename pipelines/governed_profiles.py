@@ -122,7 +122,7 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     unique = deduped.unique
     identity = config.identity
     stitched = unique | "StitchIdentities" >> StitchIdentities(
-        identity, config.privacy.deleted_identifiers, identity.max_hops
+        identity, config.privacy.deleted_identifiers, identity.max_hops, bounded=bounded
     )
     behaviour = unique | "DropUnlinks" >> beam.Filter(
         lambda env: env.event.get("type") != UNLINK_TYPE

@@ -38,6 +38,7 @@ from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
@@ -144,11 +145,7 @@ class _PropagateFn(beam.DoFn):
         element,
         node_state=beam.DoFn.StateParam(NODE),
     ):
-        x, msg = element
-        label, nbrs, attrs = node_state.read() or (x, {}, {})
-        out, changed, new_label, review = self._step(x, msg, label, nbrs, attrs)
-        if changed or new_label != label:
-            node_state.write((new_label, nbrs, attrs))
+        x, label, (out, changed, new_label, review), nbrs, attrs = self._apply(element, node_state)
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
         if not self._last:
@@ -158,6 +155,15 @@ class _PropagateFn(beam.DoFn):
             yield (new_label, ("node", (x, nbrs, attrs)))
             if new_label != label:
                 yield (label, ("drop", x))
+
+    def _apply(self, element, node_state):
+        """Read the identifier's cell, apply the message, write the cell back if it changed."""
+        x, msg = element
+        label, nbrs, attrs = node_state.read() or (x, {}, {})
+        step = self._step(x, msg, label, nbrs, attrs)
+        if step[1] or step[2] != label:
+            node_state.write((step[2], nbrs, attrs))
+        return x, label, step, nbrs, attrs
 
     def _step(self, x, msg, label, nbrs, attrs):
         """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns the messages
@@ -228,6 +234,62 @@ def _shared_record(x: str, link: tuple) -> dict:
         "link": link.record(),
         "clusters": None,
     }
+
+
+class _PropagateToResolverFn(_PropagateFn):
+    """The last stage in a bounded run: the watermark passes everything at once when the input
+    ends, so each identifier goes to its group's resolver once, then, with its final label and
+    evidence, instead of once per change (followed by a ``drop`` from its old group). Same
+    groups, ~1/3 of the resolver's calls."""
+
+    EMIT_TIMER = TimerSpec("emit", TimeDomain.WATERMARK)
+
+    def __init__(self, cap: int):
+        super().__init__(first=False, last=True, cap=cap)
+
+    def process(
+        self,
+        element,
+        node_state=beam.DoFn.StateParam(_PropagateFn.NODE),
+        timer=beam.DoFn.TimerParam(EMIT_TIMER),
+    ):
+        _, label, (_, changed, new_label, review), _, _ = self._apply(element, node_state)
+        if changed or new_label != label:
+            timer.set(GlobalWindow().max_timestamp())
+        for record in review:
+            yield beam.pvalue.TaggedOutput(REVIEW, record)
+
+    @on_timer(EMIT_TIMER)
+    def emit(self, key=beam.DoFn.KeyParam, node_state=beam.DoFn.StateParam(_PropagateFn.NODE)):
+        label, nbrs, attrs = node_state.read()
+        yield (label, ("node", (key, nbrs, attrs)))
+
+
+class EarliestLinkPerPair(beam.PTransform):
+    """Bounded runs: one ``NEIGHBOUR`` message per (identifier, neighbour) with the pair's
+    earliest evidence, instead of one per event that carries the pair.
+
+    ``Propagate[1]`` keeps exactly that (``earlier`` of all it is told), so its state, and every
+    later stage's, is the same; what changes is that a person's thousand events no longer cost a
+    thousand stateful calls each side (a combiner lifted before the shuffle costs ~3 µs each).
+    Unlink and delete notices pass through. Streaming runs keep every message: there the earliest
+    evidence so far must reach the graph as soon as it arrives."""
+
+    def expand(self, messages):
+        pairs = messages | "Pairs" >> beam.FlatMap(
+            lambda kv: [((kv[0], kv[1][1]), kv[1][3])] if kv[1][0] == NEIGHBOUR else []
+        ).with_output_types(KV[tuple[str, str], tuple])
+        # Evidence tuples sort as Links do: min is ``earlier`` (time, then messageId).
+        earliest = (
+            pairs
+            | "Earliest" >> beam.CombinePerKey(min)
+            | "AsMessages"
+            >> beam.Map(
+                lambda kv: (kv[0][0], (NEIGHBOUR, kv[0][1], kv[0][1], kv[1]))
+            ).with_output_types(KV[str, Any])
+        )
+        notices = messages | "Notices" >> beam.Filter(lambda kv: kv[1][0] != NEIGHBOUR)
+        return (earliest, notices) | "Merge" >> beam.Flatten()
 
 
 # --- ResolveGroup ------------------------------------------------------------------------------
@@ -397,8 +459,9 @@ class StitchIdentities(beam.PTransform):
     - ``identity_review``: refused links with their evidence and rule.
     """
 
-    def __init__(self, identity, deleted_identifiers=(), max_hops: int = 5):
+    def __init__(self, identity, deleted_identifiers=(), max_hops: int = 5, bounded=False):
         super().__init__()
+        self._bounded = bounded
         if max_hops < 2:
             raise ValueError("max_hops must be at least 2")
         self._identity = identity
@@ -411,14 +474,21 @@ class StitchIdentities(beam.PTransform):
         messages = envelopes | "StitchMessages" >> beam.FlatMap(
             lambda env: stitch_messages(env.event, env.event_time_ms, identity)
         ).with_output_types(KV[str, Any])
+        if self._bounded:
+            messages = messages | "EarliestLinkPerPair" >> EarliestLinkPerPair()
         reviews = []
         stage = messages
+        cap = self._rules.max_cluster_size
         for k in range(1, self._hops + 1):
-            result = stage | f"Propagate[{k}]" >> beam.ParDo(
-                _PropagateFn(first=k == 1, last=k == self._hops, cap=self._rules.max_cluster_size)
-            ).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]).with_outputs(
-                REVIEW, main="next"
+            last = k == self._hops
+            fn = (
+                _PropagateToResolverFn(cap)
+                if last and self._bounded
+                else _PropagateFn(first=k == 1, last=last, cap=cap)
             )
+            result = stage | f"Propagate[{k}]" >> beam.ParDo(fn).with_input_types(
+                KV[str, Any]
+            ).with_output_types(KV[str, Any]).with_outputs(REVIEW, main="next")
             if k == 1:
                 reviews.append(result[REVIEW])
             stage = result.next

@@ -147,25 +147,60 @@ class _RouteFragmentsFn(beam.DoFn):
 
     def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
-        groups, frag, routed = route_state.read() or ({}, None, None)
-        if msg[0] == ASSIGN:
-            group, person = msg[1]
-            if person is None:
-                groups.pop(group, None)
-            else:
-                groups[group] = person
-        else:
-            frag = msg[1]
+        groups, frag, routed = _apply_route_message(msg, *(route_state.read() or ({}, None, None)))
         if frag is None:
             route_state.write((groups, frag, routed))
             return
-        # While an identifier moves between candidate groups both may claim it for a moment;
-        # the smaller group label is where it is going (labels only decrease).
-        person = groups[min(groups)] if groups else x
-        if routed is not None and routed != person:
-            yield (routed, (RETRACT, x))
-        route_state.write((groups, frag, person))
-        yield (person, (FRAGMENT, x, frag))
+        yield from _route(x, groups, frag, routed, route_state)
+
+
+class _RouteAtEndFn(beam.DoFn):
+    """Bounded runs: an identifier's fragment is routed once, when the input ends and its
+    person is final, instead of to its own key first and then moved at each assignment (a
+    retract and a re-send each). Anything arriving later (the local runner may deliver an
+    upstream timer's output after this timer fired) re-arms it and moves the fragment again."""
+
+    ROUTE = _RouteFragmentsFn.ROUTE
+    ROUTE_TIMER = TimerSpec("route", TimeDomain.WATERMARK)
+
+    def process(
+        self,
+        element,
+        route_state=beam.DoFn.StateParam(ROUTE),
+        timer=beam.DoFn.TimerParam(ROUTE_TIMER),
+    ):
+        x, msg = element
+        state = _apply_route_message(msg, *(route_state.read() or ({}, None, None)))
+        route_state.write(state)
+        if state[1] is not None:
+            timer.set(GlobalWindow().max_timestamp())
+
+    @on_timer(ROUTE_TIMER)
+    def on_route(self, key=beam.DoFn.KeyParam, route_state=beam.DoFn.StateParam(ROUTE)):
+        groups, frag, routed = route_state.read()
+        yield from _route(key, groups, frag, routed, route_state)
+
+
+def _apply_route_message(msg, groups: dict, frag, routed):
+    if msg[0] == ASSIGN:
+        group, person = msg[1]
+        if person is None:
+            groups.pop(group, None)
+        else:
+            groups[group] = person
+    else:
+        frag = msg[1]
+    return groups, frag, routed
+
+
+def _route(x: str, groups: dict, frag, routed, route_state):
+    # While an identifier moves between candidate groups both may claim it for a moment;
+    # the smaller group label is where it is going (labels only decrease).
+    person = groups[min(groups)] if groups else x
+    if routed is not None and routed != person:
+        yield (routed, (RETRACT, x))
+    route_state.write((groups, frag, person))
+    yield (person, (FRAGMENT, x, frag))
 
 
 class _UnifyProfilesFn(beam.DoFn):
@@ -247,7 +282,8 @@ class UnifyProfiles(beam.PTransform):
             | "AsAssign"
             >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))).with_output_types(KV[str, Any]),
         ) | "ToRouter" >> beam.Flatten()
-        routed = routed_in | "RouteFragments" >> beam.ParDo(_RouteFragmentsFn()).with_input_types(
+        router = _RouteAtEndFn() if self._bounded else _RouteFragmentsFn()
+        routed = routed_in | "RouteFragments" >> beam.ParDo(router).with_input_types(
             KV[str, Any]
         ).with_output_types(KV[str, Any])
         members = inputs["identities"] | "AsMembers" >> beam.MapTuple(

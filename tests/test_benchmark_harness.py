@@ -1,0 +1,46 @@
+"""The benchmark's verdicts: target lines, growth per doubling, sizes too big for the machine."""
+
+from __future__ import annotations
+
+from benchmarks import run_benchmark as rb
+
+
+def _row(events, wall, peak_mib, ratio):
+    return {
+        "events": events,
+        "wall_s": wall,
+        "events_per_s": round(events / wall),
+        "peak_rss_mib": peak_mib,
+        "ratio_to_oracle": ratio,
+    }
+
+
+def test_targets_pass_and_fail_per_size_and_per_doubling():
+    rows = [_row(1_000_000, 90.0, 3000, 4.5), _row(2_000_000, 210.0, 5000, 5.5)]
+    lines = rb.check_targets(rows)
+    assert "events/s 11,111 PASS" in lines[0] and "peak 2.93 GiB PASS" in lines[0]
+    assert "4.5x PASS" in lines[0]
+    assert "events/s 9,524 FAIL" in lines[1] and "peak 4.88 GiB FAIL" in lines[1]
+    assert "5.5x FAIL" in lines[1]
+    assert lines[2] == "time(2,000,000)/time(1,000,000) = 2.33 FAIL (<= 2.2)"
+
+
+def test_skipped_size_is_reported_and_left_out_of_growth():
+    rows = [
+        _row(250_000, 100.0, 4000, 6.0),
+        _row(500_000, 210.0, 8000, 6.1),
+        {"events": 1_000_000, "skipped": "not run: too big"},
+    ]
+    lines = rb.check_targets(rows)
+    assert lines[2] == "1,000,000: not run: too big"
+    assert lines[3] == "time(500,000)/time(250,000) = 2.10 PASS (<= 2.2)"
+    assert len(lines) == 4
+
+
+def test_too_big_extrapolates_from_the_largest_measured_size(monkeypatch):
+    monkeypatch.setattr(rb, "machine_gib", lambda: 24.0)
+    rows = [_row(250_000, 100.0, 3 * 1024, 6.0), _row(500_000, 200.0, 6 * 1024, 6.0)]
+    assert rb.too_big(rows, 1_000_000) is None  # 12 GiB fits
+    reason = rb.too_big(rows, 2_000_000)  # 24 GiB does not
+    assert reason.startswith("not run: peak memory extrapolated from 500,000 events is 24.0 GiB")
+    assert rb.too_big([], 2_000_000) is None
