@@ -2,9 +2,12 @@
 watermark explicitly (on time, late within lateness, too late, sessions merging, early panes)."""
 
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import event, make_pipeline
 from transforms.computed_traits import (
@@ -17,6 +20,7 @@ from transforms.computed_traits import (
     agg_value,
     assign_windows,
     extract_value,
+    history_panes,
 )
 from transforms.envelope import Envelope
 
@@ -151,7 +155,8 @@ def test_early_panes_on_processing_time():
         assert_that(panes(out), equal_to([("k", "n", 0, 1), ("k", "n", 1, 2), ("k", "n", 2, 2)]))
 
 
-def test_lifetime_and_sliding_in_batch():
+@pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-history"])
+def test_lifetime_and_sliding_in_batch(bounded):
     specs = [
         spec(name="life", window="lifetime"),
         spec(name="slide", window="sliding", size_ms=10 * S, period_ms=5 * S),
@@ -162,7 +167,7 @@ def test_lifetime_and_sliding_in_batch():
             p
             | beam.Create(items)
             | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
-            | ComputeTraits(specs, allowed_lateness_ms=0)
+            | ComputeTraits(specs, allowed_lateness_ms=0, bounded=bounded)
         )
         assert_that(
             out.computed | beam.MapTuple(lambda k, np: (np[0], np[1][1], np[1][3])),
@@ -175,4 +180,53 @@ def test_lifetime_and_sliding_in_batch():
                     ("slide", 10 * S, 1),  # [10, 20): c
                 ]
             ),
+        )
+
+
+HISTORY_SPECS = (
+    spec(name="sessions", window="session", gap_ms=10 * S),
+    spec(name="slide", window="sliding", size_ms=10 * S, period_ms=5 * S),
+    spec(name="total", aggregate="sum", property="properties.v", window="lifetime"),
+    spec(name="kinds", aggregate="distinct_count", property="properties.v", window="fixed"),
+    spec(name="first", aggregate="first_seen", window="lifetime"),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 60), st.sampled_from([0.1, 0.2, 0.3, 7, "x"])),
+        min_size=1,
+        max_size=12,
+    ),
+    st.randoms(),
+)
+def test_history_panes_do_not_depend_on_order(items, rnd):
+    history = [(t * S, event(properties={"v": v})) for t, v in items]
+    shuffled = list(history)
+    rnd.shuffle(shuffled)
+    assert history_panes(HISTORY_SPECS, shuffled) == history_panes(HISTORY_SPECS, history)
+    sessions = [p for name, p in history_panes(HISTORY_SPECS, history) if name == "sessions"]
+    assert sum(p[3] for p in sessions) == len(items)  # every event in exactly one session
+
+
+def test_history_panes_equal_the_stateful_paths_final_panes():
+    """The grouped path (bounded runs) and the stateful path give the same final pane values."""
+    history = [(t, v) for t, v in [(0, 1.5), (8, 2), (15, 0.1), (40, 0.2), (3, "x")]]
+    items = [("k", Envelope("web", "f", str(i), event(messageId=str(i), properties={"v": v}),
+                            t * S, "v")) for i, (t, v) in enumerate(history)]  # fmt: skip
+    expected = {
+        (name, pane[0], pane[1], pane[3])
+        for name, pane in history_panes(HISTORY_SPECS, [(e.event_time_ms, e.event) for _, e in items])
+    }  # fmt: skip
+    with make_pipeline() as p:
+        out = (
+            p
+            | beam.Create(items)
+            | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+            | ComputeTraits(HISTORY_SPECS, allowed_lateness_ms=0)
+        )
+        assert_that(
+            out.computed | beam.MapTuple(lambda k, np: (np[0], np[1][0], np[1][1], np[1][3])),
+            equal_to(sorted(expected)),
         )

@@ -18,6 +18,7 @@ from transforms.consent import (  # noqa: I001
     consent_at,
     consent_observation,
     judge_destinations,
+    judge_history,
 )
 from transforms.envelope import Envelope
 
@@ -58,6 +59,26 @@ def test_explicit_consent_event_and_merge_most_restrictive_wins():
     assert merged_consent_at([a], 25) == {"marketing": True, "analytics": True}
 
 
+def test_judge_history_judges_each_event_at_its_own_time():
+    history = [
+        env("late-grant", 3, context=prefs(marketing=True)),
+        env("early", 1),
+        env("later", 5),
+    ]
+    deliveries, denials = judge_history(history, DESTS, deleted=False)
+    assert [(allowed, e.event["messageId"]) for allowed, e in deliveries] == [
+        (["email_tool"], "late-grant"),
+        (["email_tool"], "later"),
+    ]
+    assert sorted((e.event["messageId"], name) for e, name, _ in denials) == [
+        ("early", "analytics"),
+        ("early", "email_tool"),
+        ("late-grant", "analytics"),
+        ("later", "analytics"),
+    ]
+    assert judge_history(history, DESTS, deleted=True) == ([], [])
+
+
 def test_default_deny_and_missing_purposes():
     allowed, denied = judge_destinations({"analytics": True}, DESTS)
     assert allowed == ["analytics"] and denied == [("email_tool", ["marketing"])]
@@ -75,18 +96,21 @@ def env(mid, t_s, key_user="u1", **kw):
 
 
 def run(elements, streaming_stream=None, deleted_ids=()):
-    with make_pipeline(streaming=streaming_stream is not None) as p:
-        src = (
-            p | streaming_stream
-            if streaming_stream is not None
-            else (
-                p
-                | beam.Create(elements)
-                | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+    """Yields the outputs once per path: a TestStream runs the stateful (streaming) path; a
+    batch runs both the stateful path and the bounded one (grouped histories), which must agree."""
+    for bounded in (False,) if streaming_stream is not None else (False, True):
+        with make_pipeline(streaming=streaming_stream is not None) as p:
+            src = (
+                p | streaming_stream
+                if streaming_stream is not None
+                else (
+                    p
+                    | beam.Create(elements)
+                    | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
+                )
             )
-        )
-        out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig())
-        yield out
+            out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig(), bounded=bounded)
+            yield out
 
 
 def deliveries(out):

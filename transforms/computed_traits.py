@@ -171,10 +171,15 @@ def window_bounds(key: str) -> tuple[int, int]:
     return int(start), int(end)
 
 
+def new_window(kind: str) -> dict:
+    """An open window: accumulator, panes emitted, on-time pane fired, data since last pane."""
+    return {"acc": agg_init(kind), "pane": 0, "fired": False, "dirty": False}
+
+
 def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) -> tuple[str, dict]:
     """Merge a new session with every overlapping open one; returns the merged entry's key."""
     lo, hi = new
-    merged = {"acc": agg_init(kind), "pane": 0, "fired": False, "dirty": False}
+    merged = new_window(kind)
     for key in list(windows):
         s, e = window_bounds(key)
         if s <= hi and lo <= e:  # overlapping or touching sessions merge
@@ -186,6 +191,37 @@ def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) ->
     key = window_key(lo, hi)
     windows[key] = merged
     return key, merged
+
+
+def history_panes(
+    specs: tuple[ComputedTraitSpec, ...], events: list[tuple[int, dict[str, Any]]]
+) -> list[tuple[str, list]]:
+    """Bounded input: a key's whole history ``[(event_time_ms, event)]`` at once. Every window
+    closes when the input ends, so each gets one ON_TIME pane with its full value (for
+    discarding panes too: it is the first pane). Any order gives the same panes: aggregates
+    are commutative and sessions merge the same way whatever order they open in."""
+    state: dict[str, dict[str, dict]] = {}
+    for ts_ms, event in events:
+        for spec in specs:
+            feeds, value = extract_value(spec, event)
+            if not feeds:
+                continue
+            open_windows = state.setdefault(spec.name, {})
+            for lo, hi in assign_windows(spec, ts_ms):
+                if spec.window == "session":
+                    _, w = merge_sessions(open_windows, (lo, hi), spec.aggregate)
+                else:
+                    key = window_key(lo, hi)
+                    w = open_windows.get(key) or open_windows.setdefault(
+                        key, new_window(spec.aggregate)
+                    )
+                w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
+    return [
+        (spec.name, _pane(spec, key, windows[key]))
+        for spec in specs
+        for windows in [state.get(spec.name, {})]
+        for key in sorted(windows, key=lambda k: window_bounds(k)[1])
+    ]
 
 
 # --- Beam shell --------------------------------------------------------------------------------
@@ -261,14 +297,8 @@ class _ComputeTraitsFn(beam.DoFn):
                     w["fired"] = wm is not None and window_bounds(key)[1] <= wm
                 else:
                     key = window_key(lo, hi)
-                    w = open_windows.setdefault(
-                        key,
-                        {
-                            "acc": agg_init(spec.aggregate),
-                            "pane": 0,
-                            "fired": False,
-                            "dirty": False,
-                        },
+                    w = open_windows.get(key) or open_windows.setdefault(
+                        key, new_window(spec.aggregate)
                     )
                 w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
                 changed = True
@@ -391,6 +421,21 @@ class _ComputeTraitsFn(beam.DoFn):
         }
 
 
+class _ComputeHistoryFn(beam.DoFn):
+    """Bounded runs: ``(profile_key, all its envelopes)`` in, one pane per window out."""
+
+    def __init__(self, specs: tuple[ComputedTraitSpec, ...]):
+        self._specs = specs
+        self._panes = Metrics.counter("cdi", "computed_trait_panes")
+
+    def process(self, element):
+        key, envelopes = element
+        panes = history_panes(self._specs, [(env.event_time_ms, env.event) for env in envelopes])
+        self._panes.inc(len(panes))
+        for pane in panes:
+            yield (key, pane)
+
+
 class ComputeTraits(beam.PTransform):
     """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes and ``late`` records out."""
 
@@ -405,6 +450,15 @@ class ComputeTraits(beam.PTransform):
         self._lateness = None if bounded else allowed_lateness_ms
 
     def expand(self, keyed_envelopes):
+        if self._lateness is None:
+            # Bounded: nothing is late and every window closes at the end, so a key's history
+            # is grouped once (GroupByKey) instead of a state read, write and timer per event.
+            return (
+                keyed_envelopes
+                | "History" >> beam.GroupByKey()
+                | "WindowsOfHistory"
+                >> beam.ParDo(_ComputeHistoryFn(self._specs)).with_outputs(LATE, main=COMPUTED)
+            )
         return keyed_envelopes | "Windows" >> beam.ParDo(
             _ComputeTraitsFn(self._specs, self._lateness, self._clock)
         ).with_outputs(LATE, main=COMPUTED)

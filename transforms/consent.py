@@ -18,7 +18,9 @@ Stream contract:
 - State per key: the timeline (one entry per consent change), the held events (drained at each
   watermark step), a deletion flag.
 - Bounded runs (``bounded=True``): the watermark passes every event time at once, when the input
-  is exhausted, so a key's first timer firing judges everything it holds.
+  is exhausted, so there is nothing to hold: events are grouped per person (GroupByKey) and the
+  whole history is judged at once by :func:`judge_history`, the same rules as the stateful path
+  with no per-event state read, write or timer.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.envelope import Envelope
@@ -127,6 +129,30 @@ def judge_destinations(
 
 def is_deletion(event: dict[str, Any]) -> bool:
     return event.get("type") == DELETE_TYPE
+
+
+def judge_history(
+    envelopes: list[Envelope], destinations: tuple[DestinationRule, ...], deleted: bool
+) -> tuple[list[tuple[list[str], Envelope]], list[tuple[Envelope, str, list[str]]]]:
+    """A person's whole history at once (bounded input): ``(deliveries, denials)``, each event
+    judged by the consent in force at its own time. ``deleted``: some event deletes the person,
+    so nothing is delivered or denied (the caller reports every event as deleted)."""
+    if deleted:
+        return [], []
+    timeline: list = []
+    for env in envelopes:
+        prefs = consent_observation(env.event)
+        if prefs is not None:
+            timeline = add_observation(
+                timeline, env.event_time_ms, env.event.get("messageId", ""), prefs
+            )
+    deliveries, denials = [], []
+    for env in envelopes:
+        allowed, denied = judge_destinations(consent_at(timeline, env.event_time_ms), destinations)
+        if allowed:
+            deliveries.append((allowed, env))
+        denials.extend((env, name, missing) for name, missing in denied)
+    return deliveries, denials
 
 
 # --- Beam shell --------------------------------------------------------------------------------
@@ -242,6 +268,50 @@ class _EnforceConsentFn(beam.DoFn):
             timer.set(Timestamp(micros=nxt * 1000))
 
 
+class _JudgeHistoryFn(beam.DoFn):
+    """Bounded runs: ``(profile_key, all its envelopes)`` in, the stateful path's outputs out,
+    each at its event's time."""
+
+    def __init__(self, destinations, deleted_identifiers: frozenset, identity):
+        self._destinations = destinations
+        self._deleted_ids = deleted_identifiers
+        self._identity = identity
+        self._denied = Metrics.counter("cdi", "consent.denied")
+        self._suppressed = Metrics.counter("cdi", "privacy.deleted")
+        self._delivered = Metrics.counter("cdi", "delivered")
+
+    _listed_for_deletion = _EnforceConsentFn._listed_for_deletion
+
+    def process(self, element):
+        key, envelopes = element
+        envelopes = list(envelopes)
+        deleted = any(
+            is_deletion(env.event) or self._listed_for_deletion(env.event) for env in envelopes
+        )
+        if deleted:
+            for env in envelopes:
+                self._suppressed.inc()
+                yield _at(env, beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key)))
+            yield ((PROFILES_DELETE,), key, None)
+            return
+        deliveries, denials = judge_history(envelopes, self._destinations, deleted)
+        for allowed, env in deliveries:
+            self._delivered.inc(len(allowed))
+            yield _at(env, (tuple(allowed), key, env))
+        for env, name, missing in denials:
+            self._denied.inc()
+            yield _at(
+                env, beam.pvalue.TaggedOutput(DENIED, _denied_record(env, key, name, missing))
+            )
+
+
+def _at(env: Envelope, output):
+    """An output stamped with its event's time, as the stateful path's are by their timers."""
+    if isinstance(output, beam.pvalue.TaggedOutput):
+        return beam.pvalue.TaggedOutput(output.tag, _at(env, output.value))
+    return TimestampedValue(output, Timestamp(micros=env.event_time_ms * 1000))
+
+
 def _envelope(item) -> Envelope:
     return item if isinstance(item, Envelope) else Envelope(*item)
 
@@ -288,6 +358,15 @@ class EnforceConsent(beam.PTransform):
         self._identity = identity
 
     def expand(self, keyed):
+        if self._bounded:
+            return (
+                keyed
+                | "History" >> beam.GroupByKey()
+                | "JudgeHistory"
+                >> beam.ParDo(
+                    _JudgeHistoryFn(self._destinations, self._deleted, self._identity)
+                ).with_outputs(DENIED, DELETED, main="delivered")
+            )
         return keyed | "Judge" >> beam.ParDo(
             _EnforceConsentFn(self._destinations, self._deleted, self._identity, self._bounded)
         ).with_outputs(DENIED, DELETED, main="delivered")
