@@ -7,7 +7,8 @@ then answers each question of the job with a loop over *all* the events at once:
 
 1. validate each line (the same pure ``judge`` as the pipeline: validation is per event and
    stateless, so there is nothing about ordering or keying to get wrong there);
-2. dedup in input order with one dict (first copy wins, like the pipeline's first arrival);
+2. dedup with one dict: the copy the collector received first wins (``arrival_order``, as in a
+   bounded pipeline run);
 3. consent per primary identifier: the whole timeline is known, so each event is judged by the
    observations at or before its own time; a deleted identifier loses every event;
 4. stitching: one global union-find over every link, sorted by (event time, messageId), with the
@@ -54,8 +55,8 @@ from transforms.computed_traits import (
     extract_value,
 )
 from transforms.consent import consent_at, consent_observation, judge_destinations
+from transforms.dedup import arrival_order, fingerprint
 from transforms.dedup import dedup_key as make_dedup_key
-from transforms.dedup import fingerprint
 from transforms.identity import extract_identifiers, primary_profile_key
 from transforms.identity_graph import StitchRules, earlier, event_links, id_key, resolve
 from transforms.pii import apply_policy
@@ -111,18 +112,19 @@ def _validate(config: PipelineConfig, raw):
 
 
 def _deduplicate(config: PipelineConfig, valid):
-    seen: dict[str, str] = {}
-    unique, duplicates, collisions = [], 0, 0
+    copies: dict[str, list] = {}
     for env in valid:
-        key = make_dedup_key(env.source, env.event, config.dedup.key)
-        fp = fingerprint(env.event)
-        if key not in seen:
-            seen[key] = fp
-            unique.append(env)
-        elif seen[key] == fp:
-            duplicates += 1
-        else:
-            collisions += 1
+        copies.setdefault(make_dedup_key(env.source, env.event, config.dedup.key), []).append(env)
+    unique, duplicates, collisions = [], 0, 0
+    for group in copies.values():
+        first, *rest = sorted(group, key=arrival_order)  # the first one the collector received
+        unique.append(first)
+        fp = fingerprint(first.event)
+        for env in rest:
+            if fingerprint(env.event) == fp:
+                duplicates += 1
+            else:
+                collisions += 1
     return unique, duplicates, collisions
 
 

@@ -1,4 +1,5 @@
 import apache_beam as beam
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
@@ -11,6 +12,7 @@ from transforms.dedup import (
     DUPLICATE,
     FIRST,
     DeduplicateEvents,
+    arrival_order,
     decide,
     dedup_key,
     fingerprint,
@@ -42,14 +44,16 @@ def test_decide_and_key():
     assert dedup_key("web", event(properties={"order_id": "o1"}), ("properties.order_id",)) == "o1"
 
 
-def test_pipeline_duplicates_collisions_and_sources():
+@pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-copies"])
+def test_pipeline_duplicates_collisions_and_sources(bounded):
     items = [
-        env("a"),
-        env("a"),  # exact resend
+        env("a", receivedAt="2026-11-01T00:00:00Z"),
+        env("a", receivedAt="2026-11-01T00:00:00Z"),  # exact resend
         env(
             "a", receivedAt="2026-11-02T00:00:00Z"
         ),  # retry with a new receive time: still a duplicate
-        env("a", properties={"product_id": "zzz"}),  # same key, other payload: collision
+        # same key, other payload, received last: collision
+        env("a", receivedAt="2026-11-03T00:00:00Z", properties={"product_id": "zzz"}),
         env("b"),
         env("a", source="ios"),  # same messageId from another source: not a duplicate by default
     ]
@@ -58,7 +62,7 @@ def test_pipeline_duplicates_collisions_and_sources():
             p
             | beam.Create(items)
             | beam.Map(lambda e: TimestampedValue(e, e.event_time_ms / 1000))
-            | DeduplicateEvents()
+            | DeduplicateEvents(bounded=bounded)
         )
         assert_that(
             out.unique | "U" >> beam.Map(lambda e: (e.source, e.event["messageId"])),
@@ -120,4 +124,33 @@ def test_any_order_and_duplication_gives_each_key_once(ids, rnd):
             out[DUPLICATES] | "n" >> beam.combiners.Count.Globally(),
             equal_to([len(ids) - len(set(ids))]),
             label="d",
+        )
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.permutations(range(4)))
+def test_bounded_run_keeps_the_copy_received_first_whatever_the_file_order(order):
+    copies = [
+        env("a", receivedAt="2026-11-01T00:00:05Z"),  # received first: kept
+        env("a", receivedAt="2026-11-01T00:09:00Z"),  # the same request again: duplicate
+        env("a", receivedAt="2026-11-01T00:07:00Z", properties={"product_id": "other"}),
+        env("a", receivedAt=None, properties={"product_id": "none"}),  # sorts last: collision
+    ]
+    assert sorted(copies, key=arrival_order)[0] is copies[0]
+    with make_pipeline() as p:
+        out = p | beam.Create([copies[i] for i in order]) | DeduplicateEvents(bounded=True)
+        assert_that(
+            out.unique | "U" >> beam.Map(lambda e: e.event["receivedAt"]),
+            equal_to(["2026-11-01T00:00:05Z"]),
+            label="unique",
+        )
+        assert_that(
+            out[DUPLICATES] | "D" >> beam.Map(lambda r: r["received_at"]),
+            equal_to(["2026-11-01T00:09:00Z"]),
+            label="dups",
+        )
+        assert_that(
+            out[QUARANTINE] | "Q" >> beam.Map(lambda r: r["reason"]),
+            equal_to(["dedup.collision"] * 2),
+            label="collisions",
         )

@@ -10,6 +10,9 @@ Stream contract:
 - Outputs: the first copy on the main output; later identical copies (same payload fingerprint) to
   ``duplicates`` with the first copy's id; same key with a different payload to ``quarantine`` as
   ``dedup.collision`` (the first arrival wins, which is what an idempotency key promises).
+- Bounded runs group each key's copies (GroupByKey) and take them in the order the collector
+  received them (``receivedAt``, then the payload text; :func:`arrival_order`), so "first" is the
+  first one received whatever order the files list them in, and no state or timer is needed.
 
 The fingerprint ignores ``sentAt`` and ``receivedAt``: a client retry re-sends the same event with
 new transport times, and that is still the same event.
@@ -26,9 +29,11 @@ from apache_beam.coders import StrUtf8Coder, TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration as BeamDuration
+from apache_beam.utils.timestamp import Timestamp
 
-from transforms.envelope import Envelope, format_iso_ms, get_path
+from transforms.envelope import Envelope, format_iso_ms, get_path, parse_iso_ms
 from transforms.quarantine import DUPLICATES, QUARANTINE, Violation, quarantine_record
 
 _TRANSPORT_FIELDS = frozenset({"sentAt", "receivedAt"})
@@ -60,6 +65,15 @@ def decide(seen: tuple[str, str, int] | None, fp: str) -> str:
     return DUPLICATE if seen[0] == fp else COLLISION
 
 
+_NEVER_RECEIVED = 2**63  # copies without a receivedAt sort after every received one
+
+
+def arrival_order(env: Envelope) -> tuple[int, str]:
+    """The order a bounded run takes a key's copies in: when the collector received them."""
+    received = parse_iso_ms(env.event.get("receivedAt"))
+    return (_NEVER_RECEIVED if received is None else received), env.payload
+
+
 def duplicate_record(env: Envelope, key: str, first_message_id: str, first_time_ms: int) -> dict:
     return {
         "stage": "dedup",
@@ -75,7 +89,45 @@ def duplicate_record(env: Envelope, key: str, first_message_id: str, first_time_
     }
 
 
-class _DedupFn(beam.DoFn):
+class _CopyJudge:
+    """The per-copy decision with its counters, shared by the stateful and the grouped path."""
+
+    def _count(self) -> None:
+        self._first = Metrics.counter("cdi", "dedup.first")
+        self._dups = Metrics.counter("cdi", "dedup.duplicates")
+        self._collisions = Metrics.counter("cdi", "quarantined.dedup.collision")
+
+    def _judge(self, key: str, env: Envelope, state):
+        """``(outputs, new state or None)`` for one copy given the key's state."""
+        fp = fingerprint(env.event)
+        decision = decide(state, fp)
+        if decision == FIRST:
+            self._first.inc()
+            return [env], (fp, str(env.event.get("messageId", "")), env.event_time_ms)
+        if decision == DUPLICATE:
+            self._dups.inc()
+            record = duplicate_record(env, key, state[1], state[2])
+            return [beam.pvalue.TaggedOutput(DUPLICATES, record)], None
+        self._collisions.inc()
+        violation = Violation(
+            "dedup.collision",
+            "messageId",
+            f"key seen before (first {state[1]} at {format_iso_ms(state[2])}) with another payload",
+        )
+        record = quarantine_record(
+            stage="dedup",
+            violations=[violation],
+            payload=env.payload,
+            source=env.source,
+            origin=env.origin,
+            received_at=env.event.get("receivedAt"),
+            plan_version=env.plan_version,
+            message_id=env.event.get("messageId"),
+        )
+        return [beam.pvalue.TaggedOutput(QUARANTINE, record)], None
+
+
+class _DedupFn(beam.DoFn, _CopyJudge):
     SEEN_STATE = ReadModifyWriteStateSpec(
         "seen", TupleCoder([StrUtf8Coder(), StrUtf8Coder(), VarIntCoder()])
     )
@@ -87,9 +139,7 @@ class _DedupFn(beam.DoFn):
         # TTL timer could only clear state that dies with the run anyway; not setting one saves
         # a timer write and a firing per key.
         self._bounded = bounded
-        self._first = Metrics.counter("cdi", "dedup.first")
-        self._dups = Metrics.counter("cdi", "dedup.duplicates")
-        self._collisions = Metrics.counter("cdi", "quarantined.dedup.collision")
+        self._count()
 
     def process(
         self,
@@ -99,44 +149,36 @@ class _DedupFn(beam.DoFn):
         expiry=beam.DoFn.TimerParam(EXPIRY_TIMER),
     ):
         key, env = element
-        fp = fingerprint(env.event)
         state = seen.read()
-        decision = decide(state, fp)
-        if decision == FIRST:
-            seen.write((fp, str(env.event.get("messageId", "")), env.event_time_ms))
+        outputs, first = self._judge(key, env, state)
+        if first is not None:
+            seen.write(first)
             if not self._bounded:
                 expiry.set(ts + self._ttl)
-            self._first.inc()
-            yield env
-        elif decision == DUPLICATE:
-            self._dups.inc()
-            yield beam.pvalue.TaggedOutput(
-                DUPLICATES, duplicate_record(env, key, state[1], state[2])
-            )
-        else:
-            self._collisions.inc()
-            violation = Violation(
-                "dedup.collision",
-                "messageId",
-                f"key seen before (first {state[1]} at {format_iso_ms(state[2])}) with another payload",
-            )
-            yield beam.pvalue.TaggedOutput(
-                QUARANTINE,
-                quarantine_record(
-                    stage="dedup",
-                    violations=[violation],
-                    payload=env.payload,
-                    source=env.source,
-                    origin=env.origin,
-                    received_at=env.event.get("receivedAt"),
-                    plan_version=env.plan_version,
-                    message_id=env.event.get("messageId"),
-                ),
-            )
+        yield from outputs
 
     @on_timer(EXPIRY_TIMER)
     def expire(self, seen=beam.DoFn.StateParam(SEEN_STATE)):
         seen.clear()
+
+
+class _DedupHistoryFn(beam.DoFn, _CopyJudge):
+    """Bounded runs: ``(key, all its copies)`` in, the same outputs as the stateful path, the
+    copies taken in :func:`arrival_order`."""
+
+    def __init__(self):
+        self._count()
+
+    def process(self, element):
+        key, copies = element
+        state = None
+        for env in sorted(copies, key=arrival_order):
+            outputs, first = self._judge(key, env, state)
+            if first is not None:
+                state = first
+                # Stamped with its event time again, as the event left validation.
+                outputs = [TimestampedValue(env, Timestamp(micros=env.event_time_ms * 1000))]
+            yield from outputs
 
 
 class DeduplicateEvents(beam.PTransform):
@@ -159,14 +201,17 @@ class DeduplicateEvents(beam.PTransform):
 
     def expand(self, envelopes):
         key_paths = self._key_paths
-        return (
-            envelopes
-            | "KeyByIdempotencyKey"
-            >> beam.Map(
-                lambda env: (dedup_key(env.source, env.event, key_paths), env)
-            ).with_output_types(beam.typehints.KV[str, Any])
-            | "DropRepeats"
-            >> beam.ParDo(_DedupFn(self._ttl, self._bounded)).with_outputs(
-                DUPLICATES, QUARANTINE, main="unique"
+        keyed = envelopes | "KeyByIdempotencyKey" >> beam.Map(
+            lambda env: (dedup_key(env.source, env.event, key_paths), env)
+        ).with_output_types(beam.typehints.KV[str, Any])
+        if self._bounded:
+            # A key's copies are grouped once instead of a state read (and write) per copy.
+            return (
+                keyed
+                | "Copies" >> beam.GroupByKey()
+                | "DropRepeatsOfCopies"
+                >> beam.ParDo(_DedupHistoryFn()).with_outputs(DUPLICATES, QUARANTINE, main="unique")
             )
+        return keyed | "DropRepeats" >> beam.ParDo(_DedupFn(self._ttl, self._bounded)).with_outputs(
+            DUPLICATES, QUARANTINE, main="unique"
         )
