@@ -98,9 +98,19 @@ def identifier_redactor(config: PipelineConfig, rules, policy, default, salt):
     return IdentifierRedactor(paths, rules, policy, default, salt)
 
 
-def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]) -> dict:
+def build(
+    p: beam.Pipeline,
+    config: PipelineConfig,
+    inputs: dict[str, list[str]],
+    bounded: bool | None = None,
+) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
-    plus ``destinations``: ``{destination name: PCollection of delivery records}``."""
+    plus ``destinations``: ``{destination name: PCollection of delivery records}``.
+
+    ``bounded``: use the bounded-input stages (each keyed stage a GroupByKey and one call per
+    key) instead of the streaming ones (keyed state and timers). Default: bounded exactly when
+    the pipeline is not streaming. Tests pass ``False`` to run the streaming stages over a
+    finite input and compare both."""
     plans = {
         name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
     }
@@ -115,7 +125,8 @@ def build(p: beam.Pipeline, config: PipelineConfig, inputs: dict[str, list[str]]
     raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
 
     validated = raw | "ValidateEvents" >> _validate(config, plans)
-    bounded = not p.options.view_as(StandardOptions).streaming
+    if bounded is None:
+        bounded = not p.options.view_as(StandardOptions).streaming
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
         config.dedup.key, config.dedup.ttl, bounded=bounded
     )

@@ -3,10 +3,12 @@ breaker, unlink and deletion; and in streaming, a merge followed by a split (Tes
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
 import apache_beam as beam
 import orjson
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
@@ -47,13 +49,20 @@ def device(dev):
     return {"device": {"id": dev}}
 
 
-def run(tmp_path, events, config=CONFIG):
+@pytest.fixture(params=[True, False], ids=["grouped", "stateful"])
+def runner(request):
+    """Each scenario runs through both stage kinds: the bounded ones (GroupByKey per hop) and
+    the streaming ones (keyed state and timers) over the same finite input."""
+    return functools.partial(run, bounded=request.param)
+
+
+def run(tmp_path, events, config=CONFIG, bounded=True):
     src = tmp_path / "events.ndjson"
     src.write_text("\n".join(orjson.dumps(e).decode() for e in events) + "\n")
     cfg = config_from(config)
     out = tmp_path / "out"
     with make_pipeline() as p:
-        job.write_outputs(job.build(p, cfg, {"web": [str(src)]}), cfg, out)
+        job.write_outputs(job.build(p, cfg, {"web": [str(src)]}, bounded=bounded), cfg, out)
     with sqlite3.connect(out / "profiles.sqlite") as conn:
         rows = conn.execute("SELECT profile_id, identities, event_counts FROM profiles").fetchall()
     profiles = {
@@ -74,8 +83,8 @@ def run(tmp_path, events, config=CONFIG):
     return profiles, records("merges"), records("identity_review")
 
 
-def test_chain_anon_device_anon_user_becomes_one_person(tmp_path):
-    profiles, merges, review = run(
+def test_chain_anon_device_anon_user_becomes_one_person(tmp_path, runner):
+    profiles, merges, review = runner(
         tmp_path,
         [
             at(1, messageId="1", anonymousId="a1", context=device("d1")),
@@ -98,8 +107,8 @@ def test_chain_anon_device_anon_user_becomes_one_person(tmp_path):
     assert review == []
 
 
-def test_alias_and_a_late_identify_bring_anonymous_history_to_the_person(tmp_path):
-    profiles, merges, _ = run(
+def test_alias_and_a_late_identify_bring_anonymous_history_to_the_person(tmp_path, runner):
+    profiles, merges, _ = runner(
         tmp_path,
         [
             # The identify and alias are first in the file but last in event time.
@@ -123,8 +132,8 @@ def test_alias_and_a_late_identify_bring_anonymous_history_to_the_person(tmp_pat
     assert by_from["anon:a1"]["link"]["messageId"] == "al"
 
 
-def test_two_users_sharing_a_device_stay_two_people(tmp_path):
-    profiles, _, review = run(
+def test_two_users_sharing_a_device_stay_two_people(tmp_path, runner):
+    profiles, _, review = runner(
         tmp_path,
         [
             identify(1, "1", "u1", "a1", context=device("tablet")),
@@ -148,8 +157,8 @@ def test_two_users_sharing_a_device_stay_two_people(tmp_path):
     ]
 
 
-def test_junk_identifiers_never_merge_people_and_are_reported_once_per_pair(tmp_path):
-    profiles, merges, review = run(
+def test_junk_identifiers_never_merge_people_and_are_reported_once_per_pair(tmp_path, runner):
+    profiles, merges, review = runner(
         tmp_path,
         [
             at(1, messageId="1", userId="u1", anonymousId="undefined", context=device("0000")),
@@ -172,8 +181,8 @@ def test_junk_identifiers_never_merge_people_and_are_reported_once_per_pair(tmp_
 SMALL = CONFIG + "identity: {max_cluster_size: 3}\n"
 
 
-def test_breaker_and_shared_identifiers(tmp_path):
-    profiles, _, review = run(
+def test_breaker_and_shared_identifiers(tmp_path, runner):
+    profiles, _, review = runner(
         tmp_path,
         [
             # A chain that grows past 3 identifiers: the 4th link is refused.
@@ -194,9 +203,9 @@ def test_breaker_and_shared_identifiers(tmp_path):
     assert rules == ["breaker.cluster_size"] + ["breaker.shared_identifier"] * 4
 
 
-def test_config_deletion_splits_the_identifier_off(tmp_path):
+def test_config_deletion_splits_the_identifier_off(tmp_path, runner):
     config = CONFIG + "privacy: {deleted_identifiers: ['device_id:d1']}\n"
-    profiles, merges, _ = run(
+    profiles, merges, _ = runner(
         tmp_path,
         [
             at(1, messageId="1", anonymousId="a1", context=device("d1")),

@@ -38,7 +38,6 @@ from apache_beam.coders import FastPrimitivesCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
@@ -236,33 +235,43 @@ def _shared_record(x: str, link: tuple) -> dict:
     }
 
 
-class _PropagateToResolverFn(_PropagateFn):
-    """The last stage in a bounded run: the watermark passes everything at once when the input
-    ends, so each identifier goes to its group's resolver once, then, with its final label and
-    evidence, instead of once per change (followed by a ``drop`` from its old group). Same
-    groups, ~1/3 of the resolver's calls."""
+def _message_order(msg: tuple) -> tuple:
+    """The order a bounded stage applies an identifier's messages in: neighbours by earliest
+    evidence first (so a shared identifier keeps the earliest ``max_cluster_size`` links, as if
+    they had arrived first), then the notices."""
+    if msg[0] == NEIGHBOUR:
+        return (0, msg[3] or (), msg[1], msg[2])
+    return (1, msg[0], repr(msg[1:]))
 
-    EMIT_TIMER = TimerSpec("emit", TimeDomain.WATERMARK)
 
-    def __init__(self, cap: int):
-        super().__init__(first=False, last=True, cap=cap)
+class _PropagateGroupedFn(_PropagateFn):
+    """One hop in a bounded run: ``(identifier, all its messages from the previous hop)`` in.
 
-    def process(
-        self,
-        element,
-        node_state=beam.DoFn.StateParam(_PropagateFn.NODE),
-        timer=beam.DoFn.TimerParam(EMIT_TIMER),
-    ):
-        _, label, (_, changed, new_label, review), _, _ = self._apply(element, node_state)
-        if changed or new_label != label:
-            timer.set(GlobalWindow().max_timestamp())
-        for record in review:
-            yield beam.pvalue.TaggedOutput(REVIEW, record)
+    The messages are applied with the streaming stage's own rule (``_step``) in
+    :func:`_message_order`, and the identifier's settled state goes out once: its label and the
+    pair's evidence to each neighbour, its notices to itself (or, from the last hop, the node to
+    its group). A streaming stage's final state is the same function of the same messages, so
+    the groups are the same; the difference is one shuffle per hop instead of a state read and
+    write per message."""
 
-    @on_timer(EMIT_TIMER)
-    def emit(self, key=beam.DoFn.KeyParam, node_state=beam.DoFn.StateParam(_PropagateFn.NODE)):
-        label, nbrs, attrs = node_state.read()
-        yield (label, ("node", (key, nbrs, attrs)))
+    def process(self, element):
+        x, messages = element
+        label, nbrs, attrs = x, {}, {}
+        for msg in sorted(messages, key=_message_order):
+            _, _, label, review = self._step(x, msg, label, nbrs, attrs)
+            for record in review:
+                yield beam.pvalue.TaggedOutput(REVIEW, record)
+        if self._last:
+            yield (label, ("node", (x, nbrs, attrs)))
+            return
+        for nbr, evidence in nbrs.items():
+            yield (nbr, (NEIGHBOUR, x, label, evidence))
+        if attrs.get(SHARED):
+            yield (x, (SHARED,))
+        for other, link in attrs.get(UNLINK, {}).items():
+            yield (x, (UNLINK, other, link))
+        if attrs.get(DELETED) is not None:
+            yield (x, (DELETED, attrs[DELETED]))
 
 
 class EarliestLinkPerPair(beam.PTransform):
@@ -295,12 +304,9 @@ class EarliestLinkPerPair(beam.PTransform):
 # --- ResolveGroup ------------------------------------------------------------------------------
 
 
-class _ResolveGroupFn(beam.DoFn):
-    NODES = ReadModifyWriteStateSpec("nodes", FastPrimitivesCoder())
-    EMITTED = ReadModifyWriteStateSpec("emitted", FastPrimitivesCoder())
-    REFUSED = ReadModifyWriteStateSpec("refused", FastPrimitivesCoder())
-    ARMED = ReadModifyWriteStateSpec("armed", VarIntCoder())
-    RESOLVE_TIMER = TimerSpec("resolve", TimeDomain.WATERMARK)
+class _GroupResolver:
+    """Resolution of one candidate group with its counters, shared by the stateful resolver and
+    the grouped one of bounded runs."""
 
     def __init__(self, rules: StitchRules, deleted: frozenset[str]):
         self._rules = rules
@@ -310,6 +316,75 @@ class _ResolveGroupFn(beam.DoFn):
         self._splits = Metrics.counter("cdi", "identity.splits")
         self._refused = Metrics.counter("cdi", "identity.links_refused")
         self._group_size = Metrics.distribution("cdi", "identity.group_size")
+
+    def _resolution(self, key: str, nodes: dict, before: dict[str, tuple], sent: set):
+        """Resolve the group's nodes; returns ``(outputs, members per person, refusals sent)``,
+        the outputs being only what changed since ``before`` / ``sent``."""
+        # Deleted identifiers stay in the group as single persons without links, so the person
+        # they leave is reported as split.
+        owned = {
+            x
+            for x, (_, attrs) in nodes.items()
+            if attrs.get(DELETED) is None and x not in self._deleted
+        }
+        links: dict[tuple[str, str], Link] = {}
+        unlinked, shared = [], []
+        for x in owned:
+            nbrs, attrs = nodes[x]
+            if attrs.get(SHARED):
+                shared.append(x)
+            for nbr, evidence in nbrs.items():
+                link = Link(*evidence)
+                if nbr in owned:
+                    links[(link.a, link.b)] = earlier(links.get((link.a, link.b)), link)
+                elif nbr not in nodes and nbr not in self._deleted:
+                    self._unresolved.inc()  # the other end is in another candidate group
+            for other in attrs.get(UNLINK, {}):
+                unlinked.append((x, other))
+        res = resolve(nodes, links.values(), self._rules, unlinked, shared)
+        if owned:
+            self._group_size.update(len(owned))
+        out: list = []
+        merges, splits = changes(before, res)
+        for rec in merges:
+            self._merges.inc()
+            out.append(beam.pvalue.TaggedOutput(MERGES, rec))
+        for rec in splits:
+            self._splits.inc()
+            out.append(beam.pvalue.TaggedOutput(MERGES, rec))
+        new_sent = set()
+        for refusal in res.refused:
+            k = (refusal.link.a, refusal.link.b, refusal.rule)
+            new_sent.add(k)
+            if k not in sent:
+                self._refused.inc()
+                out.append(beam.pvalue.TaggedOutput(REVIEW, refusal.record()))
+        # Assignments (identifier -> person) and member lists, only what changed.
+        old_person = {m: p for p, ms in before.items() for m in ms}
+        for x, person in res.person_of.items():
+            if old_person.get(x) != person:
+                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, person))))
+        for x in old_person:
+            if x not in res.person_of:
+                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, None))))
+        for person, members in res.members.items():
+            if before.get(person) != members:
+                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, members))))
+        for person in before:
+            if person not in res.members:
+                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, None))))
+        return out, dict(res.members), new_sent
+
+
+class _ResolveGroupFn(beam.DoFn, _GroupResolver):
+    NODES = ReadModifyWriteStateSpec("nodes", FastPrimitivesCoder())
+    EMITTED = ReadModifyWriteStateSpec("emitted", FastPrimitivesCoder())
+    REFUSED = ReadModifyWriteStateSpec("refused", FastPrimitivesCoder())
+    ARMED = ReadModifyWriteStateSpec("armed", VarIntCoder())
+    RESOLVE_TIMER = TimerSpec("resolve", TimeDomain.WATERMARK)
+
+    def __init__(self, rules: StitchRules, deleted: frozenset[str]):
+        _GroupResolver.__init__(self, rules, deleted)
 
     def process(
         self,
@@ -344,63 +419,29 @@ class _ResolveGroupFn(beam.DoFn):
         armed=beam.DoFn.StateParam(ARMED),
     ):
         armed.clear()
-        nodes = nodes_state.read() or {}
-        # Deleted identifiers stay in the group as single persons without links, so the person
-        # they leave is reported as split.
-        owned = {
-            x
-            for x, (_, attrs) in nodes.items()
-            if attrs.get(DELETED) is None and x not in self._deleted
-        }
-        links: dict[tuple[str, str], Link] = {}
-        unlinked, shared = [], []
-        for x in owned:
-            nbrs, attrs = nodes[x]
-            if attrs.get(SHARED):
-                shared.append(x)
-            for nbr, evidence in nbrs.items():
-                link = Link(*evidence)
-                if nbr in owned:
-                    links[(link.a, link.b)] = earlier(links.get((link.a, link.b)), link)
-                elif nbr not in nodes and nbr not in self._deleted:
-                    self._unresolved.inc()  # the other end is in another candidate group
-            for other in attrs.get(UNLINK, {}):
-                unlinked.append((x, other))
-        res = resolve(nodes, links.values(), self._rules, unlinked, shared)
-        if owned:
-            self._group_size.update(len(owned))
-        before: dict[str, tuple] = emitted_state.read() or {}
-        merges, splits = changes(before, res)
-        for rec in merges:
-            self._merges.inc()
-            yield beam.pvalue.TaggedOutput(MERGES, rec)
-        for rec in splits:
-            self._splits.inc()
-            yield beam.pvalue.TaggedOutput(MERGES, rec)
-        sent = refused_state.read() or set()
-        new_sent = set()
-        for refusal in res.refused:
-            k = (refusal.link.a, refusal.link.b, refusal.rule)
-            new_sent.add(k)
-            if k not in sent:
-                self._refused.inc()
-                yield beam.pvalue.TaggedOutput(REVIEW, refusal.record())
-        refused_state.write(new_sent)
-        # Assignments (identifier -> person) and member lists, only what changed.
-        old_person = {m: p for p, ms in before.items() for m in ms}
-        for x, person in res.person_of.items():
-            if old_person.get(x) != person:
-                yield beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, person)))
-        for x in old_person:
-            if x not in res.person_of:
-                yield beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, None)))
-        for person, members in res.members.items():
-            if before.get(person) != members:
-                yield beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, members)))
-        for person in before:
-            if person not in res.members:
-                yield beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, None)))
-        emitted_state.write(dict(res.members))
+        outputs, members, sent = self._resolution(
+            key,
+            nodes_state.read() or {},
+            emitted_state.read() or {},
+            refused_state.read() or set(),
+        )
+        refused_state.write(sent)
+        emitted_state.write(members)
+        yield from outputs
+
+
+class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
+    """Bounded runs: ``(group, all its node messages)`` in, resolved once (nothing emitted
+    before, so every assignment, member list, merge and refusal is new)."""
+
+    def __init__(self, rules: StitchRules, deleted: frozenset[str]):
+        _GroupResolver.__init__(self, rules, deleted)
+
+    def process(self, element):
+        key, messages = element
+        nodes = {x: (nbrs, attrs) for _, (x, nbrs, attrs) in messages}
+        outputs, _, _ = self._resolution(key, nodes, {}, set())
+        yield from outputs
 
 
 class _ReportBlockedFn(beam.DoFn):
@@ -481,22 +522,26 @@ class StitchIdentities(beam.PTransform):
         cap = self._rules.max_cluster_size
         for k in range(1, self._hops + 1):
             last = k == self._hops
-            fn = (
-                _PropagateToResolverFn(cap)
-                if last and self._bounded
-                else _PropagateFn(first=k == 1, last=last, cap=cap)
-            )
+            if self._bounded:
+                # One shuffle per hop: each identifier's messages grouped and settled at once.
+                stage = stage | f"Hop[{k}]" >> beam.GroupByKey()
+                fn = _PropagateGroupedFn(first=k == 1, last=last, cap=cap)
+            else:
+                fn = _PropagateFn(first=k == 1, last=last, cap=cap)
             result = stage | f"Propagate[{k}]" >> beam.ParDo(fn).with_input_types(
                 KV[str, Any]
             ).with_output_types(KV[str, Any]).with_outputs(REVIEW, main="next")
             if k == 1:
                 reviews.append(result[REVIEW])
             stage = result.next
-        resolved = stage | "ResolveGroup" >> beam.ParDo(
-            _ResolveGroupFn(self._rules, self._deleted)
-        ).with_input_types(KV[str, Any]).with_outputs(
-            ASSIGNMENTS, IDENTITIES, MERGES, REVIEW, main="unused"
-        )
+        if self._bounded:
+            resolver = _ResolveGroupedFn(self._rules, self._deleted)
+            stage = stage | "Members" >> beam.GroupByKey()
+        else:
+            resolver = _ResolveGroupFn(self._rules, self._deleted)
+        resolved = stage | "ResolveGroup" >> beam.ParDo(resolver).with_input_types(
+            KV[str, Any]
+        ).with_outputs(ASSIGNMENTS, IDENTITIES, MERGES, REVIEW, main="unused")
         blocked = (
             envelopes
             | "BlockedLinks"
