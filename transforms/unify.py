@@ -30,9 +30,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.coders import FastPrimitivesCoder
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.typehints import KV
 
 from transforms.envelope import get_path
@@ -154,33 +152,6 @@ class _RouteFragmentsFn(beam.DoFn):
         yield from _route(x, groups, frag, routed, route_state)
 
 
-class _RouteAtEndFn(beam.DoFn):
-    """Bounded runs: an identifier's fragment is routed once, when the input ends and its
-    person is final, instead of to its own key first and then moved at each assignment (a
-    retract and a re-send each). Anything arriving later (the local runner may deliver an
-    upstream timer's output after this timer fired) re-arms it and moves the fragment again."""
-
-    ROUTE = _RouteFragmentsFn.ROUTE
-    ROUTE_TIMER = TimerSpec("route", TimeDomain.WATERMARK)
-
-    def process(
-        self,
-        element,
-        route_state=beam.DoFn.StateParam(ROUTE),
-        timer=beam.DoFn.TimerParam(ROUTE_TIMER),
-    ):
-        x, msg = element
-        state = _apply_route_message(msg, *(route_state.read() or ({}, None, None)))
-        route_state.write(state)
-        if state[1] is not None:
-            timer.set(GlobalWindow().max_timestamp())
-
-    @on_timer(ROUTE_TIMER)
-    def on_route(self, key=beam.DoFn.KeyParam, route_state=beam.DoFn.StateParam(ROUTE)):
-        groups, frag, routed = route_state.read()
-        yield from _route(key, groups, frag, routed, route_state)
-
-
 def _apply_route_message(msg, groups: dict, frag, routed):
     if msg[0] == ASSIGN:
         group, person = msg[1]
@@ -193,59 +164,90 @@ def _apply_route_message(msg, groups: dict, frag, routed):
     return groups, frag, routed
 
 
+def person_of(x: str, groups: dict[str, str]) -> str:
+    """The person an identifier's fragment belongs to. While an identifier moves between
+    candidate groups both may claim it for a moment; the smaller group label is where it is
+    going (labels only decrease)."""
+    return groups[min(groups)] if groups else x
+
+
 def _route(x: str, groups: dict, frag, routed, route_state):
-    # While an identifier moves between candidate groups both may claim it for a moment;
-    # the smaller group label is where it is going (labels only decrease).
-    person = groups[min(groups)] if groups else x
+    person = person_of(x, groups)
     if routed is not None and routed != person:
         yield (routed, (RETRACT, x))
     route_state.write((groups, frag, person))
     yield (person, (FRAGMENT, x, frag))
 
 
+class _RouteGroupedFn(beam.DoFn):
+    """Bounded runs: ``(identifier, its fragment and assignments)`` in, the fragment sent once
+    to its final person (a bounded run's BuildProfiles emits one fragment per identifier)."""
+
+    def process(self, element):
+        x, messages = element
+        groups, frag, routed = {}, None, None
+        for msg in messages:
+            groups, frag, routed = _apply_route_message(msg, groups, frag, routed)
+        if frag is not None:
+            yield (person_of(x, groups), (FRAGMENT, x, frag))
+
+
+def _apply_person_message(msg, frags: dict, by_group: dict) -> None:
+    if msg[0] == FRAGMENT:
+        frags[msg[1]] = msg[2]
+    elif msg[0] == RETRACT:
+        frags.pop(msg[1], None)
+    else:
+        group, members = msg[1]
+        if members is None:
+            by_group.pop(group, None)
+        else:
+            by_group[group] = list(members)
+
+
+def _members(by_group: dict[str, list]) -> list[str]:
+    return sorted({m for ms in by_group.values() for m in ms})
+
+
+class _UnifyGroupedFn(beam.DoFn):
+    """Bounded runs: ``(person, its fragments and member lists)`` in, its row out, once
+    (version 1)."""
+
+    def __init__(self, trait_kinds: dict[str, str], redact):
+        self._kinds = trait_kinds
+        self._redact = redact
+
+    def process(self, element):
+        person, messages = element
+        frags: dict = {}
+        by_group: dict = {}
+        for msg in messages:
+            _apply_person_message(msg, frags, by_group)
+        row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
+        if row is None:
+            return  # never had a row: nothing to write or delete
+        if not row.get("deleted"):
+            row["version"] = 1
+        yield row
+
+
 class _UnifyProfilesFn(beam.DoFn):
     # One cell per person, ``(fragments by identifier, members by group, row version)``.
     PERSON = ReadModifyWriteStateSpec("person", FastPrimitivesCoder())
-    EMIT_TIMER = TimerSpec("emit", TimeDomain.WATERMARK)
 
-    def __init__(self, trait_kinds: dict[str, str], bounded: bool, redact):
+    def __init__(self, trait_kinds: dict[str, str], redact):
         self._kinds = trait_kinds
-        self._bounded = bounded
         self._redact = redact
 
-    def process(
-        self,
-        element,
-        person_state=beam.DoFn.StateParam(PERSON),
-        timer=beam.DoFn.TimerParam(EMIT_TIMER),
-    ):
+    def process(self, element, person_state=beam.DoFn.StateParam(PERSON)):
+        """Streaming: a new row version at every change of the person."""
         person, msg = element
         frags, by_group, version = person_state.read() or ({}, {}, 0)
-        if msg[0] == FRAGMENT:
-            frags[msg[1]] = msg[2]
-        elif msg[0] == RETRACT:
-            frags.pop(msg[1], None)
-        else:
-            group, members = msg[1]
-            if members is None:
-                by_group.pop(group, None)
-            else:
-                by_group[group] = list(members)
-        if self._bounded:
-            # One row per person when the input ends (and again if anything arrives after).
-            person_state.write((frags, by_group, version))
-            timer.set(GlobalWindow().max_timestamp())
-        else:
-            yield from self._emit(person, frags, by_group, version, person_state)
-
-    @on_timer(EMIT_TIMER)
-    def on_emit(self, key=beam.DoFn.KeyParam, person_state=beam.DoFn.StateParam(PERSON)):
-        frags, by_group, version = person_state.read() or ({}, {}, 0)
-        yield from self._emit(key, frags, by_group, version, person_state)
+        _apply_person_message(msg, frags, by_group)
+        yield from self._emit(person, frags, by_group, version, person_state)
 
     def _emit(self, person, frags, by_group, version, person_state):
-        members = sorted({m for ms in by_group.values() for m in ms})
-        row = unify_profile(person, frags, members, self._kinds, self._redact)
+        row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
         if row is None:
             person_state.write((frags, by_group, version))
             if not version:
@@ -282,18 +284,20 @@ class UnifyProfiles(beam.PTransform):
             | "AsAssign"
             >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))).with_output_types(KV[str, Any]),
         ) | "ToRouter" >> beam.Flatten()
-        router = _RouteAtEndFn() if self._bounded else _RouteFragmentsFn()
+        if self._bounded:
+            # Each keyed step a GroupByKey and one call per key (no state, no timers).
+            routed_in = routed_in | "Fragment+Assignments" >> beam.GroupByKey()
+            router, unifier = _RouteGroupedFn(), _UnifyGroupedFn(self._kinds, self._redact)
+        else:
+            router = _RouteFragmentsFn()
+            unifier = _UnifyProfilesFn(self._kinds, self._redact)
         routed = routed_in | "RouteFragments" >> beam.ParDo(router).with_input_types(
             KV[str, Any]
         ).with_output_types(KV[str, Any])
         members = inputs["identities"] | "AsMembers" >> beam.MapTuple(
             lambda p, m: (p, (MEMBERS, m))
         ).with_output_types(KV[str, Any])
-        return (
-            (routed, members)
-            | "ToUnify" >> beam.Flatten()
-            | "UnifyProfiles"
-            >> beam.ParDo(
-                _UnifyProfilesFn(self._kinds, self._bounded, self._redact)
-            ).with_input_types(KV[str, Any])
-        )
+        to_unify = (routed, members) | "ToUnify" >> beam.Flatten()
+        if self._bounded:
+            to_unify = to_unify | "Fragments+Members" >> beam.GroupByKey()
+        return to_unify | "UnifyProfiles" >> beam.ParDo(unifier).with_input_types(KV[str, Any])
