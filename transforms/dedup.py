@@ -176,8 +176,11 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
             outputs, first = self._judge(key, env, state)
             if first is not None:
                 state = first
-                # Stamped with its event time again, as the event left validation.
-                outputs = [TimestampedValue(env, Timestamp(micros=env.event_time_ms * 1000))]
+                # Stamped with its event time again, as the event left validation, and without
+                # the original text: its only later use is the late output, and nothing is late
+                # in a bounded run. Later shuffles then carry the parsed event alone.
+                kept = env._replace(payload="")
+                outputs = [TimestampedValue(kept, Timestamp(micros=env.event_time_ms * 1000))]
             yield from outputs
 
 
