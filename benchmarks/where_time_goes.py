@@ -4,8 +4,9 @@ Runs the job in-process on the FnApiRunner under cProfile and prints
 
 - time per event split into Beam's runner/worker machinery, Beam's coders, our transforms (per
   module) and the rest, from cProfile's own time per function (µs per input event);
-- stateful-DoFn calls per event (each one costs the runner a key switch, state objects and a
-  commit, whatever the DoFn does);
+- DoFn calls per event that take runner-supplied arguments (state, timers, timestamps, side
+  inputs): a stateful call costs the runner a key switch, state objects and a commit, whatever
+  the DoFn does;
 - the state census at the end of the main stage: cells and bytes per transform and state name,
   from the runner's in-memory state store. The local runner executes a bounded stage as one
   bundle and keeps every touched cell's state objects until the bundle commits, so this census is
@@ -79,7 +80,8 @@ def time_split(stats: pstats.Stats) -> dict[str, float]:
 
 
 def stateful_calls(stats: pstats.Stats) -> int:
-    """Calls into DoFns that take state/timer parameters (Beam inserts their values per call)."""
+    """Calls into DoFns that take state, timer, timestamp or side-input parameters (Beam inserts
+    their values per call)."""
     return sum(
         nc
         for (filename, _line, name), (_cc, nc, *_rest) in stats.stats.items()
@@ -150,7 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         if t / total >= 0.005:
             print(f"{t / events * 1e6:9.0f} {t / total:6.1%}  {name}")
     calls = stateful_calls(stats)
-    print(f"\nstateful DoFn calls: {calls:,} ({calls / events:.1f} per event)")
+    print(
+        f"\nDoFn calls with state/timer/timestamp/side-input arguments: {calls:,} "
+        f"({calls / events:.1f} per event)"
+    )
     cells = sum(c for _k, c, _b in census)
     size = sum(b for _k, _c, b in census)
     print(
