@@ -20,10 +20,8 @@ Stream contract:
   event opens a window of its own and is emitted in a pane of its own at once: it is counted,
   never double counted, and no earlier value is overwritten.
 - Bounded runs (batch, backfills from files): nothing is late, by definition of a bounded input,
-  and window state lives until the input is exhausted. The in-process FnApiRunner can deliver
-  elements that an upstream stage emitted from its own timers after this stage's timers fired, so
-  in bounded mode panes that fire early are corrected by later panes (the profile keeps the last
-  pane of each window) instead of the event being called late.
+  and every window closes when the input ends, so a key's events are grouped (GroupByKey) and
+  :func:`history_panes` gives each window its one ON_TIME pane: no state, no timers.
 """
 
 from __future__ import annotations
@@ -176,6 +174,14 @@ def new_window(kind: str) -> dict:
     return {"acc": agg_init(kind), "pane": 0, "fired": False, "dirty": False}
 
 
+def open_window(windows: dict[str, dict], key: str, kind: str) -> dict:
+    """The open window at ``key``, created empty on first use."""
+    w = windows.get(key)
+    if w is None:
+        w = windows[key] = new_window(kind)
+    return w
+
+
 def merge_sessions(windows: dict[str, dict], new: tuple[int, int], kind: str) -> tuple[str, dict]:
     """Merge a new session with every overlapping open one; returns the merged entry's key."""
     lo, hi = new
@@ -211,10 +217,7 @@ def history_panes(
                 if spec.window == "session":
                     _, w = merge_sessions(open_windows, (lo, hi), spec.aggregate)
                 else:
-                    key = window_key(lo, hi)
-                    w = open_windows.get(key) or open_windows.setdefault(
-                        key, new_window(spec.aggregate)
-                    )
+                    w = open_window(open_windows, window_key(lo, hi), spec.aggregate)
                 w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
     return [
         (spec.name, _pane(spec, key, windows[key]))
@@ -246,11 +249,8 @@ class _ComputeTraitsFn(beam.DoFn):
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
     EARLY_TIMER = TimerSpec("early", TimeDomain.REAL_TIME)
 
-    def __init__(
-        self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int | None, clock=None
-    ):
+    def __init__(self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int, clock=None):
         self._specs = specs
-        # None: bounded input, unlimited lateness (no garbage collection, nothing too late).
         self._lateness = allowed_lateness_ms
         self._early_ms = min((s.early_ms for s in specs if s.early_ms), default=None)
         # Processing time source; injectable because TestStream's clock is not the wall clock.
@@ -284,12 +284,7 @@ class _ComputeTraitsFn(beam.DoFn):
                 continue
             open_windows = state.setdefault(spec.name, {})
             for lo, hi in assign_windows(spec, ts_ms):
-                if (
-                    spec.window != "lifetime"
-                    and wm is not None
-                    and self._lateness is not None
-                    and hi + self._lateness <= wm
-                ):
+                if spec.window != "lifetime" and wm is not None and hi + self._lateness <= wm:
                     too_late.append(spec.name)
                     continue
                 if spec.window == "session":
@@ -297,9 +292,7 @@ class _ComputeTraitsFn(beam.DoFn):
                     w["fired"] = wm is not None and window_bounds(key)[1] <= wm
                 else:
                     key = window_key(lo, hi)
-                    w = open_windows.get(key) or open_windows.setdefault(
-                        key, new_window(spec.aggregate)
-                    )
+                    w = open_window(open_windows, key, spec.aggregate)
                 w["acc"] = agg_add(spec.aggregate, w["acc"], value, ts_ms)
                 changed = True
                 if w["fired"]:
@@ -332,7 +325,7 @@ class _ComputeTraitsFn(beam.DoFn):
         end = window_bounds(key)[1]
         if not w["fired"]:
             return end
-        if spec_window == "lifetime" or self._lateness is None:
+        if spec_window == "lifetime":
             return None
         return end + self._lateness
 
@@ -346,9 +339,7 @@ class _ComputeTraitsFn(beam.DoFn):
         if not deadlines:
             armed_state.clear()
             return
-        # Bounded: one firing per key when the input is exhausted closes every window at once
-        # (a timer per window end would fire once per window, re-reading the whole state).
-        nxt = LIFETIME_END_MS if self._lateness is None else min(deadlines)
+        nxt = min(deadlines)
         if armed_state.read() != nxt:
             armed_state.write(nxt)
             timer.set(Timestamp(micros=nxt * 1000))
@@ -375,12 +366,7 @@ class _ComputeTraitsFn(beam.DoFn):
                 if not w["fired"] and end <= wm:
                     w["fired"] = True
                     yield self._emit(key, spec, wkey, w)  # the ON_TIME pane
-                if (
-                    w["fired"]
-                    and spec.window != "lifetime"
-                    and self._lateness is not None
-                    and end + self._lateness <= wm
-                ):
+                if w["fired"] and spec.window != "lifetime" and end + self._lateness <= wm:
                     if w["dirty"]:  # late data held back (late panes off): final pane now
                         yield self._emit(key, spec, wkey, w)
                     del open_windows[wkey]
@@ -447,10 +433,10 @@ class ComputeTraits(beam.PTransform):
         if allowed_lateness_ms < 0:
             raise ValueError("allowed_lateness_ms must not be negative")
         self._specs, self._clock = specs, clock
-        self._lateness = None if bounded else allowed_lateness_ms
+        self._lateness, self._bounded = allowed_lateness_ms, bounded
 
     def expand(self, keyed_envelopes):
-        if self._lateness is None:
+        if self._bounded:
             # Bounded: nothing is late and every window closes at the end, so a key's history
             # is grouped once (GroupByKey) instead of a state read, write and timer per event.
             return (

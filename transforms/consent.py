@@ -38,7 +38,7 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import GlobalWindow, TimestampedValue
+from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.envelope import Envelope
@@ -49,8 +49,6 @@ DELETED = "deleted"
 DELETE_TYPE = "delete"
 # The main output's instruction to remove a deleted person's profile.
 PROFILES_DELETE = "profiles-delete"
-# Later than any event time (Beam's global window ends here).
-_END_OF_TIME_MS = int(GlobalWindow().max_timestamp().micros // 1000)
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,16 @@ def is_deletion(event: dict[str, Any]) -> bool:
     return event.get("type") == DELETE_TYPE
 
 
+def deletes_person(event: dict[str, Any], deleted_ids: frozenset, identity) -> bool:
+    """A ``delete`` control event, or an event carrying an identifier listed in
+    ``privacy.deleted_identifiers`` (``type:value``)."""
+    if is_deletion(event):
+        return True
+    if not deleted_ids:
+        return False
+    return any(f"{t}:{v}" in deleted_ids for t, v in extract_identifiers(event, identity))
+
+
 def judge_history(
     envelopes: list[Envelope], destinations: tuple[DestinationRule, ...], deleted: bool
 ) -> tuple[list[tuple[list[str], Envelope]], list[tuple[Envelope, str, list[str]]]]:
@@ -166,29 +174,14 @@ class _EnforceConsentFn(beam.DoFn):
     RELEASE_TIMER = TimerSpec("release", TimeDomain.WATERMARK)
 
     def __init__(
-        self,
-        destinations: tuple[DestinationRule, ...],
-        deleted_identifiers: frozenset,
-        identity,
-        bounded: bool = False,
+        self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity
     ):
         self._destinations = destinations
-        # Bounded input: the watermark only moves once the input is read, so the first firing of
-        # a key's timer may release everything it holds. (Re-arming at each held event's time
-        # would fire once per distinct time and re-read the whole bag each time: O(n^2).)
-        self._bounded = bounded
         self._deleted_ids = deleted_identifiers
         self._identity = identity
         self._denied = Metrics.counter("cdi", "consent.denied")
         self._suppressed = Metrics.counter("cdi", "privacy.deleted")
         self._delivered = Metrics.counter("cdi", "delivered")
-
-    def _listed_for_deletion(self, event) -> bool:
-        if not self._deleted_ids:
-            return False
-        return any(
-            f"{t}:{v}" in self._deleted_ids for t, v in extract_identifiers(event, self._identity)
-        )
 
     def process(
         self,
@@ -204,7 +197,7 @@ class _EnforceConsentFn(beam.DoFn):
             self._suppressed.inc()
             yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
             return
-        if is_deletion(env.event) or self._listed_for_deletion(env.event):
+        if deletes_person(env.event, self._deleted_ids, self._identity):
             # Purge: everything held for this person is suppressed, consent state dropped.
             for old in held.read():
                 self._suppressed.inc()
@@ -239,7 +232,7 @@ class _EnforceConsentFn(beam.DoFn):
         armed=beam.DoFn.StateParam(ARMED_STATE),
         timer=beam.DoFn.TimerParam(RELEASE_TIMER),
     ):
-        now_ms = _END_OF_TIME_MS if self._bounded else int(fired.micros // 1000)
+        now_ms = int(fired.micros // 1000)
         timeline = timeline_state.read() or []
         keep = []
         for item in held.read():
@@ -280,13 +273,11 @@ class _JudgeHistoryFn(beam.DoFn):
         self._suppressed = Metrics.counter("cdi", "privacy.deleted")
         self._delivered = Metrics.counter("cdi", "delivered")
 
-    _listed_for_deletion = _EnforceConsentFn._listed_for_deletion
-
     def process(self, element):
         key, envelopes = element
         envelopes = list(envelopes)
         deleted = any(
-            is_deletion(env.event) or self._listed_for_deletion(env.event) for env in envelopes
+            deletes_person(env.event, self._deleted_ids, self._identity) for env in envelopes
         )
         if deleted:
             for env in envelopes:
@@ -368,5 +359,5 @@ class EnforceConsent(beam.PTransform):
                 ).with_outputs(DENIED, DELETED, main="delivered")
             )
         return keyed | "Judge" >> beam.ParDo(
-            _EnforceConsentFn(self._destinations, self._deleted, self._identity, self._bounded)
+            _EnforceConsentFn(self._destinations, self._deleted, self._identity)
         ).with_outputs(DENIED, DELETED, main="delivered")

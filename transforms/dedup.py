@@ -4,9 +4,7 @@ Stream contract:
 - Key: the values at the configured paths (default ``source`` and ``messageId``), joined.
 - State per key: one ``(fingerprint, first messageId, first event time)`` tuple, constant size.
 - TTL: an event-time timer at ``first event time + ttl`` clears the state, so state stays bounded
-  while any replay whose copies fall inside the TTL is suppressed. In a bounded (batch) run the
-  watermark only advances at the end, so every copy in the input is deduplicated (and no TTL
-  timer is set: the state ends with the run).
+  while any replay whose copies fall inside the TTL is suppressed.
 - Outputs: the first copy on the main output; later identical copies (same payload fingerprint) to
   ``duplicates`` with the first copy's id; same key with a different payload to ``quarantine`` as
   ``dedup.collision`` (the first arrival wins, which is what an idempotency key promises).
@@ -133,12 +131,8 @@ class _DedupFn(beam.DoFn, _CopyJudge):
     )
     EXPIRY_TIMER = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, ttl_seconds: float, bounded: bool = False):
+    def __init__(self, ttl_seconds: float):
         self._ttl = BeamDuration(seconds=ttl_seconds)
-        # Bounded input: the watermark passes every TTL only when the input is exhausted, so a
-        # TTL timer could only clear state that dies with the run anyway; not setting one saves
-        # a timer write and a firing per key.
-        self._bounded = bounded
         self._count()
 
     def process(
@@ -153,8 +147,7 @@ class _DedupFn(beam.DoFn, _CopyJudge):
         outputs, first = self._judge(key, env, state)
         if first is not None:
             seen.write(first)
-            if not self._bounded:
-                expiry.set(ts + self._ttl)
+            expiry.set(ts + self._ttl)
         yield from outputs
 
     @on_timer(EXPIRY_TIMER)
@@ -215,6 +208,6 @@ class DeduplicateEvents(beam.PTransform):
                 | "DropRepeatsOfCopies"
                 >> beam.ParDo(_DedupHistoryFn()).with_outputs(DUPLICATES, QUARANTINE, main="unique")
             )
-        return keyed | "DropRepeats" >> beam.ParDo(_DedupFn(self._ttl, self._bounded)).with_outputs(
+        return keyed | "DropRepeats" >> beam.ParDo(_DedupFn(self._ttl)).with_outputs(
             DUPLICATES, QUARANTINE, main="unique"
         )

@@ -144,7 +144,11 @@ class _PropagateFn(beam.DoFn):
         element,
         node_state=beam.DoFn.StateParam(NODE),
     ):
-        x, label, (out, changed, new_label, review), nbrs, attrs = self._apply(element, node_state)
+        x, msg = element
+        label, nbrs, attrs = node_state.read() or (x, {}, {})
+        out, changed, new_label, review = self._step(x, msg, label, nbrs, attrs)
+        if changed or new_label != label:
+            node_state.write((new_label, nbrs, attrs))
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
         if not self._last:
@@ -154,15 +158,6 @@ class _PropagateFn(beam.DoFn):
             yield (new_label, ("node", (x, nbrs, attrs)))
             if new_label != label:
                 yield (label, ("drop", x))
-
-    def _apply(self, element, node_state):
-        """Read the identifier's cell, apply the message, write the cell back if it changed."""
-        x, msg = element
-        label, nbrs, attrs = node_state.read() or (x, {}, {})
-        step = self._step(x, msg, label, nbrs, attrs)
-        if step[1] or step[2] != label:
-            node_state.write((step[2], nbrs, attrs))
-        return x, label, step, nbrs, attrs
 
     def _step(self, x, msg, label, nbrs, attrs):
         """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns the messages

@@ -145,23 +145,28 @@ class _RouteFragmentsFn(beam.DoFn):
 
     def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
-        groups, frag, routed = _apply_route_message(msg, *(route_state.read() or ({}, None, None)))
+        groups, frag, routed = route_state.read() or ({}, None, None)
+        frag = _apply_route_message(msg, groups, frag)
         if frag is None:
             route_state.write((groups, frag, routed))
             return
-        yield from _route(x, groups, frag, routed, route_state)
+        person = person_of(x, groups)
+        if routed is not None and routed != person:
+            yield (routed, (RETRACT, x))
+        route_state.write((groups, frag, person))
+        yield (person, (FRAGMENT, x, frag))
 
 
-def _apply_route_message(msg, groups: dict, frag, routed):
-    if msg[0] == ASSIGN:
-        group, person = msg[1]
-        if person is None:
-            groups.pop(group, None)
-        else:
-            groups[group] = person
+def _apply_route_message(msg, groups: dict, frag):
+    """Apply an assignment (updating ``groups``) or take a new fragment; returns the fragment."""
+    if msg[0] != ASSIGN:
+        return msg[1]
+    group, person = msg[1]
+    if person is None:
+        groups.pop(group, None)
     else:
-        frag = msg[1]
-    return groups, frag, routed
+        groups[group] = person
+    return frag
 
 
 def person_of(x: str, groups: dict[str, str]) -> str:
@@ -171,23 +176,16 @@ def person_of(x: str, groups: dict[str, str]) -> str:
     return groups[min(groups)] if groups else x
 
 
-def _route(x: str, groups: dict, frag, routed, route_state):
-    person = person_of(x, groups)
-    if routed is not None and routed != person:
-        yield (routed, (RETRACT, x))
-    route_state.write((groups, frag, person))
-    yield (person, (FRAGMENT, x, frag))
-
-
 class _RouteGroupedFn(beam.DoFn):
     """Bounded runs: ``(identifier, its fragment and assignments)`` in, the fragment sent once
     to its final person (a bounded run's BuildProfiles emits one fragment per identifier)."""
 
     def process(self, element):
         x, messages = element
-        groups, frag, routed = {}, None, None
+        groups: dict = {}
+        frag = None
         for msg in messages:
-            groups, frag, routed = _apply_route_message(msg, groups, frag, routed)
+            frag = _apply_route_message(msg, groups, frag)
         if frag is not None:
             yield (person_of(x, groups), (FRAGMENT, x, frag))
 
