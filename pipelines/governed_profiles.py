@@ -1,10 +1,14 @@
 """The main job: governed events in, unified profiles and typed side outputs out.
 
-    sources -> ValidateEvents -> DeduplicateEvents -+-> BuildProfiles ---------> profile sink
-                   |                  |   |         |         ^
-                   quarantine <-------+   duplicates +-> ComputeTraits (windowed panes)
-                                                               |
-                                                               late
+    sources -> ValidateEvents -> DeduplicateEvents -+-> StitchIdentities ------------+
+                   |                  |             |                                v
+                   quarantine <-------+-duplicates  +-> KeyByProfile -> (per person) UnifyProfiles
+                                                                            |              |
+                       consent_denied, deleted, destinations (PII per destination)  profile sink
+
+Per person, streaming runs chain EnforceConsent (events held until the watermark passes them),
+RedactPerDestination, ComputeTraits (windowed panes, ``late``) and BuildProfiles, each with keyed
+state; bounded runs do the same in one grouped pass (``PersonHistory``).
 
 ``build(p, config, inputs)`` wires the graph and returns its outputs by name, so tests drive it
 without a CLI; ``write_outputs`` attaches the sinks of the output-directory contract (README).
@@ -25,8 +29,8 @@ from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
 from transforms.dedup import DeduplicateEvents
-from transforms.envelope import format_iso_ms
 from transforms.identity import primary_profile_key
+from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
@@ -105,7 +109,9 @@ def build(
     bounded: bool | None = None,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
-    plus ``destinations``: ``{destination name: PCollection of delivery records}``.
+    plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
+    ``consent_denied``, ``deleted`` and the destinations carry *lists* of records (one per person
+    in bounded runs, one record each in streaming); the other outputs carry records.
 
     ``bounded``: use the bounded-input stages (each keyed stage a GroupByKey and one call per
     key) instead of the streaming ones (keyed state and timers). Default: bounded exactly when
@@ -141,8 +147,67 @@ def build(
     keyed = behaviour | "KeyByProfile" >> beam.Map(
         lambda env: (primary_profile_key(env.event, identity), env)
     ).with_output_types(beam.typehints.KV[str, Any])
+    specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
+    trait_rules = TraitRules(
+        frozenset(config.profile.set_once), frozenset(config.profile.increment)
+    )
+    if bounded:
+        # One pass per person: consent, per-destination PII, computed traits and the profile
+        # fragment (transforms/person_history.py); record outputs come in per-person lists.
+        history = keyed | "PersonHistory" >> PersonHistory(
+            destination_rules(config),
+            config.privacy.deleted_identifiers,
+            identity,
+            (rules, policies, salt),
+            PROFILES_DESTINATION,
+            specs,
+            trait_rules,
+        )
+        profile_fragments = history[FRAGMENTS]
+        destinations = {name: history[name] for name in config.consent.destinations}
+        denied, deleted = history[CONSENT_DENIED], history[DELETED]
+        late = p | "NoLateEvents" >> beam.Create([])
+    else:
+        profile_fragments, destinations, denied, deleted, late = _streaming_profiles(
+            keyed, config, (rules, policies, salt), specs, trait_rules
+        )
+    profiles = {
+        "fragments": profile_fragments,
+        "assignments": stitched["assignments"],
+        "identities": stitched["identities"],
+    } | "UnifyProfiles" >> UnifyProfiles(
+        {c.name: c.aggregate for c in config.computed_traits},
+        bounded=bounded,
+        redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
+    )
+
+    quarantine = (
+        validated[QUARANTINE],
+        deduped[QUARANTINE],
+    ) | "MergeQuarantine" >> beam.Flatten()
+    return {
+        VALID: unique,
+        QUARANTINE: quarantine,
+        DUPLICATES: deduped[DUPLICATES],
+        LATE: late,
+        CONSENT_DENIED: denied,
+        DELETED: deleted,
+        PROFILES: profiles,
+        MERGES: stitched[MERGES],
+        REVIEW: stitched[REVIEW],
+        DESTINATIONS: destinations,
+    }
+
+
+def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
+    """The streaming chain: stateful consent (events held until the watermark passes them), the
+    fan-out redacted per destination, windowed computed traits with a late output, and profile
+    fragments. Returns ``(fragments, {destination: record lists}, denied lists, deleted lists,
+    late records)``; record outputs are one-record lists, the same contract as bounded runs."""
+    rules, policies, salt = pii
+    identity = config.identity
     consent = keyed | "EnforceConsent" >> EnforceConsent(
-        destination_rules(config), config.privacy.deleted_identifiers, identity, bounded=bounded
+        destination_rules(config), config.privacy.deleted_identifiers, identity
     )
 
     def redact_per_destination(delivery):
@@ -158,68 +223,32 @@ def build(
             if name == PROFILES_DESTINATION:
                 yield beam.pvalue.TaggedOutput(name, (key, redacted))
             else:
-                yield beam.pvalue.TaggedOutput(name, delivery_record(name, key, redacted))
+                yield beam.pvalue.TaggedOutput(name, [delivery_record(name, key, redacted)])
 
     delivered = consent.delivered | "RedactPerDestination" >> beam.FlatMap(
         redact_per_destination
     ).with_outputs(PROFILES_DESTINATION, PROFILES_DELETE, *config.consent.destinations)
     to_profiles = delivered[PROFILES_DESTINATION]
-    deletes = delivered[PROFILES_DELETE]
-    fragments = {"events": to_profiles, "deletes": deletes}
-    late = None
-    if config.computed_traits:
+    fragments = {"events": to_profiles, "deletes": delivered[PROFILES_DELETE]}
+    if specs:
         traits = to_profiles | "ComputeTraits" >> ComputeTraits(
-            [ComputedTraitSpec.from_config(c) for c in config.computed_traits],
-            int(config.windows.allowed_lateness * 1000),
-            bounded=bounded,
+            specs, int(config.windows.allowed_lateness * 1000)
         )
         fragments["computed"] = traits.computed
         late = traits[LATE]
-    trait_rules = TraitRules(
-        frozenset(config.profile.set_once), frozenset(config.profile.increment)
-    )
+    else:
+        late = keyed.pipeline | "NoLateEvents" >> beam.Create([])
     profile_fragments = fragments | "BuildProfiles" >> BuildProfiles(
         identity, trait_rules, config.profile.update_every, as_rows=False
     )
-    profiles = {
-        "fragments": profile_fragments,
-        "assignments": stitched["assignments"],
-        "identities": stitched["identities"],
-    } | "UnifyProfiles" >> UnifyProfiles(
-        {c.name: c.aggregate for c in config.computed_traits},
-        bounded=bounded,
-        redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
-    )
-    if late is None:
-        late = p | "NoLateEvents" >> beam.Create([])
-
     destinations = {name: delivered[name] for name in config.consent.destinations}
-    quarantine = (
-        validated[QUARANTINE],
-        deduped[QUARANTINE],
-    ) | "MergeQuarantine" >> beam.Flatten()
-    return {
-        VALID: unique,
-        QUARANTINE: quarantine,
-        DUPLICATES: deduped[DUPLICATES],
-        LATE: late,
-        CONSENT_DENIED: consent[CONSENT_DENIED],
-        DELETED: consent[DELETED],
-        PROFILES: profiles,
-        MERGES: stitched[MERGES],
-        REVIEW: stitched[REVIEW],
-        DESTINATIONS: destinations,
-    }
-
-
-def delivery_record(destination: str, profile_key: str, env) -> dict:
-    """What an activation destination receives: the event as its PII policy allows."""
-    return {
-        "destination": destination,
-        "profile_key": profile_key,
-        "event_time": format_iso_ms(env.event_time_ms),
-        "event": env.event,
-    }
+    return (
+        profile_fragments,
+        destinations,
+        consent[CONSENT_DENIED] | "DeniedAsLists" >> beam.Map(lambda r: [r]),
+        consent[DELETED] | "DeletedAsLists" >> beam.Map(lambda r: [r]),
+        late,
+    )
 
 
 def _validate(config: PipelineConfig, plans):
@@ -257,9 +286,12 @@ def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path)
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(str(paths[QUARANTINE]))
     outputs[DUPLICATES] | "WriteDuplicates" >> WriteRecordsAsJson(str(paths[DUPLICATES]))
     outputs[LATE] | "WriteLate" >> WriteRecordsAsJson(str(paths[LATE]))
-    outputs[CONSENT_DENIED] | "WriteDenied" >> WriteRecordsAsJson(str(paths[CONSENT_DENIED]))
-    outputs[DELETED] | "WriteDeleted" >> WriteRecordsAsJson(str(paths[DELETED]))
+    denied, deleted = outputs[CONSENT_DENIED], outputs[DELETED]
+    denied | "WriteDenied" >> WriteRecordsAsJson(str(paths[CONSENT_DENIED]), batched=True)
+    deleted | "WriteDeleted" >> WriteRecordsAsJson(str(paths[DELETED]), batched=True)
     outputs[MERGES] | "WriteMerges" >> WriteRecordsAsJson(str(paths[MERGES]))
     outputs[REVIEW] | "WriteIdentityReview" >> WriteRecordsAsJson(str(paths[REVIEW]))
     for name, records in outputs[DESTINATIONS].items():
-        records | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name))
+        records | f"Write[{name}]" >> WriteRecordsAsJson(
+            str(paths[DESTINATIONS] / name), batched=True
+        )

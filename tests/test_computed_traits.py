@@ -2,7 +2,6 @@
 watermark explicitly (on time, late within lateness, too late, sessions merging, early panes)."""
 
 import apache_beam as beam
-import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
@@ -155,31 +154,34 @@ def test_early_panes_on_processing_time():
         assert_that(panes(out), equal_to([("k", "n", 0, 1), ("k", "n", 1, 2), ("k", "n", 2, 2)]))
 
 
-@pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-history"])
-def test_lifetime_and_sliding_in_batch(bounded):
+def test_lifetime_and_sliding_in_batch():
+    """Both paths: the stateful shell over a batch, and the grouped history bounded runs use."""
     specs = [
         spec(name="life", window="lifetime"),
         spec(name="slide", window="sliding", size_ms=10 * S, period_ms=5 * S),
     ]
     items = [("k", env(m, t)) for m, t in [("a", 1), ("b", 6), ("c", 12)]]
+    expected = [
+        ("life", None, 3),
+        ("slide", -5 * S, 1),  # [-5, 5): a
+        ("slide", 0, 2),  # [0, 10): a, b
+        ("slide", 5 * S, 2),  # [5, 15): b, c
+        ("slide", 10 * S, 1),  # [10, 20): c
+    ]
+    history = [(e.event_time_ms, e.event) for _, e in items]
+    assert sorted(
+        (name, pane[1], pane[3]) for name, pane in history_panes(tuple(specs), history)
+    ) == sorted(expected, key=lambda x: (x[0], x[1] if x[1] is not None else -(10**18)))
     with make_pipeline() as p:
         out = (
             p
             | beam.Create(items)
             | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
-            | ComputeTraits(specs, allowed_lateness_ms=0, bounded=bounded)
+            | ComputeTraits(specs, allowed_lateness_ms=0)
         )
         assert_that(
             out.computed | beam.MapTuple(lambda k, np: (np[0], np[1][1], np[1][3])),
-            equal_to(
-                [
-                    ("life", None, 3),
-                    ("slide", -5 * S, 1),  # [-5, 5): a
-                    ("slide", 0, 2),  # [0, 10): a, b
-                    ("slide", 5 * S, 2),  # [5, 15): b, c
-                    ("slide", 10 * S, 1),  # [10, 20): c
-                ]
-            ),
+            equal_to(expected),
         )
 
 

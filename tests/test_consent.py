@@ -21,6 +21,7 @@ from transforms.consent import (  # noqa: I001
     judge_history,
 )
 from transforms.envelope import Envelope
+from transforms.person_history import FRAGMENTS, PersonHistory
 
 DESTS = (
     DestinationRule("email_tool", ("marketing",)),
@@ -65,7 +66,7 @@ def test_judge_history_judges_each_event_at_its_own_time():
         env("early", 1),
         env("later", 5),
     ]
-    deliveries, denials = judge_history(history, DESTS, deleted=False)
+    deliveries, denials = judge_history(history, DESTS)
     assert [(allowed, e.event["messageId"]) for allowed, e in deliveries] == [
         (["email_tool"], "late-grant"),
         (["email_tool"], "later"),
@@ -76,7 +77,6 @@ def test_judge_history_judges_each_event_at_its_own_time():
         ("late-grant", "analytics"),
         ("later", "analytics"),
     ]
-    assert judge_history(history, DESTS, deleted=True) == ([], [])
 
 
 def test_default_deny_and_missing_purposes():
@@ -96,8 +96,10 @@ def env(mid, t_s, key_user="u1", **kw):
 
 
 def run(elements, streaming_stream=None, deleted_ids=()):
-    """Yields the outputs once per path: a TestStream runs the stateful (streaming) path; a
-    batch runs both the stateful path and the bounded one (grouped histories), which must agree."""
+    """Yields the outputs once per path, as ``{"delivered": (destination, messageId or the
+    deleted profile's key), DENIED: record, DELETED: record}``: a TestStream runs the stateful
+    (streaming) shell; a batch runs it and the bounded one (PersonHistory: grouped histories,
+    record lists), which must agree."""
     for bounded in (False,) if streaming_stream is not None else (False, True):
         with make_pipeline(streaming=streaming_stream is not None) as p:
             src = (
@@ -109,14 +111,39 @@ def run(elements, streaming_stream=None, deleted_ids=()):
                     | beam.Map(lambda kv: TimestampedValue(kv, kv[1].event_time_ms / 1000))
                 )
             )
-            out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig(), bounded=bounded)
-            yield out
+            if not bounded:
+                out = src | EnforceConsent(DESTS, deleted_ids, IdentityConfig())
+                yield {
+                    "delivered": out.delivered
+                    | beam.FlatMap(
+                        lambda d: [(n, d[2].event["messageId"] if d[2] else d[1]) for n in d[0]]
+                    ),
+                    DENIED: out[DENIED],
+                    DELETED: out[DELETED],
+                }
+                continue
+            pii = ((), {d.name: ({}, "keep") for d in DESTS}, "")
+            out = src | PersonHistory(DESTS, deleted_ids, IdentityConfig(), pii, "profiles")
+            per_destination = [
+                out[d.name]
+                | f"Unbatch[{d.name}]"
+                >> beam.FlatMap(
+                    lambda rs: [(r["destination"], r["event"]["messageId"]) for r in rs]
+                )
+                for d in DESTS
+            ]
+            deletes = out[FRAGMENTS] | beam.FlatMap(
+                lambda kv: [("profiles-delete", kv[0])] if kv[1].get("deleted") else []
+            )
+            yield {
+                "delivered": (*per_destination, deletes) | beam.Flatten(),
+                DENIED: out[DENIED] | "UnbatchDenied" >> beam.FlatMap(list),
+                DELETED: out[DELETED] | "UnbatchDeleted" >> beam.FlatMap(list),
+            }
 
 
 def deliveries(out):
-    return out.delivered | beam.FlatMap(
-        lambda d: [(n, d[2].event["messageId"] if d[2] else d[1]) for n in d[0]]
-    )
+    return out["delivered"]
 
 
 def test_withdrawal_applies_to_later_events_even_if_they_arrived_first():

@@ -20,8 +20,9 @@ Stream contract:
   event opens a window of its own and is emitted in a pane of its own at once: it is counted,
   never double counted, and no earlier value is overwritten.
 - Bounded runs (batch, backfills from files): nothing is late, by definition of a bounded input,
-  and every window closes when the input ends, so a key's events are grouped (GroupByKey) and
-  :func:`history_panes` gives each window its one ON_TIME pane: no state, no timers.
+  and every window closes when the input ends, so :mod:`transforms.person_history` groups each
+  person's events and :func:`history_panes` gives each window its one ON_TIME pane: no state, no
+  timers.
 """
 
 from __future__ import annotations
@@ -407,25 +408,10 @@ class _ComputeTraitsFn(beam.DoFn):
         }
 
 
-class _ComputeHistoryFn(beam.DoFn):
-    """Bounded runs: ``(profile_key, all its envelopes)`` in, one pane per window out."""
-
-    def __init__(self, specs: tuple[ComputedTraitSpec, ...]):
-        self._specs = specs
-        self._panes = Metrics.counter("cdi", "computed_trait_panes")
-
-    def process(self, element):
-        key, envelopes = element
-        panes = history_panes(self._specs, [(env.event_time_ms, env.event) for env in envelopes])
-        self._panes.inc(len(panes))
-        for pane in panes:
-            yield (key, pane)
-
-
 class ComputeTraits(beam.PTransform):
     """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes and ``late`` records out."""
 
-    def __init__(self, specs, allowed_lateness_ms: int, clock=None, bounded: bool = False):
+    def __init__(self, specs, allowed_lateness_ms: int, clock=None):
         super().__init__()
         specs = tuple(specs)
         if not specs:
@@ -433,18 +419,9 @@ class ComputeTraits(beam.PTransform):
         if allowed_lateness_ms < 0:
             raise ValueError("allowed_lateness_ms must not be negative")
         self._specs, self._clock = specs, clock
-        self._lateness, self._bounded = allowed_lateness_ms, bounded
+        self._lateness = allowed_lateness_ms
 
     def expand(self, keyed_envelopes):
-        if self._bounded:
-            # Bounded: nothing is late and every window closes at the end, so a key's history
-            # is grouped once (GroupByKey) instead of a state read, write and timer per event.
-            return (
-                keyed_envelopes
-                | "History" >> beam.GroupByKey()
-                | "WindowsOfHistory"
-                >> beam.ParDo(_ComputeHistoryFn(self._specs)).with_outputs(LATE, main=COMPUTED)
-            )
         return keyed_envelopes | "Windows" >> beam.ParDo(
             _ComputeTraitsFn(self._specs, self._lateness, self._clock)
         ).with_outputs(LATE, main=COMPUTED)

@@ -17,9 +17,9 @@ Stream contract:
   removed from the sink.
 - State per key: the timeline (one entry per consent change), the held events (drained at each
   watermark step), a deletion flag.
-- Bounded runs (``bounded=True``): the watermark passes every event time at once, when the input
-  is exhausted, so there is nothing to hold: events are grouped per person (GroupByKey) and the
-  whole history is judged at once by :func:`judge_history`, the same rules as the stateful path
+- Bounded runs: the watermark passes every event time at once, when the input is exhausted, so
+  there is nothing to hold: :mod:`transforms.person_history` groups each person's events and
+  judges the whole history at once by :func:`judge_history`, the same rules as the stateful path
   with no per-event state read, write or timer.
 """
 
@@ -38,7 +38,6 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.envelope import Envelope
@@ -140,13 +139,10 @@ def deletes_person(event: dict[str, Any], deleted_ids: frozenset, identity) -> b
 
 
 def judge_history(
-    envelopes: list[Envelope], destinations: tuple[DestinationRule, ...], deleted: bool
+    envelopes: list[Envelope], destinations: tuple[DestinationRule, ...]
 ) -> tuple[list[tuple[list[str], Envelope]], list[tuple[Envelope, str, list[str]]]]:
-    """A person's whole history at once (bounded input): ``(deliveries, denials)``, each event
-    judged by the consent in force at its own time. ``deleted``: some event deletes the person,
-    so nothing is delivered or denied (the caller reports every event as deleted)."""
-    if deleted:
-        return [], []
+    """A person's whole history at once (bounded input, the person not deleted):
+    ``(deliveries, denials)``, each event judged by the consent in force at its own time."""
     timeline: list = []
     for env in envelopes:
         prefs = consent_observation(env.event)
@@ -195,19 +191,19 @@ class _EnforceConsentFn(beam.DoFn):
         key, env = element
         if deleted.read() is not None:
             self._suppressed.inc()
-            yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
+            yield beam.pvalue.TaggedOutput(DELETED, deleted_record(env, key))
             return
         if deletes_person(env.event, self._deleted_ids, self._identity):
             # Purge: everything held for this person is suppressed, consent state dropped.
             for old in held.read():
                 self._suppressed.inc()
-                yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(_envelope(old), key))
+                yield beam.pvalue.TaggedOutput(DELETED, deleted_record(_envelope(old), key))
             held.clear()
             timeline_state.clear()
             armed.clear()
             deleted.write(env.event_time_ms)
             self._suppressed.inc()
-            yield beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key))
+            yield beam.pvalue.TaggedOutput(DELETED, deleted_record(env, key))
             yield ((PROFILES_DELETE,), key, None)
             return
         prefs = consent_observation(env.event)
@@ -250,7 +246,7 @@ class _EnforceConsentFn(beam.DoFn):
                 yield (tuple(allowed), key, env)
             for name, missing in denied:
                 self._denied.inc()
-                yield beam.pvalue.TaggedOutput(DENIED, _denied_record(env, key, name, missing))
+                yield beam.pvalue.TaggedOutput(DENIED, denied_record(env, key, name, missing))
         held.clear()
         armed.clear()
         for item in keep:
@@ -261,53 +257,11 @@ class _EnforceConsentFn(beam.DoFn):
             timer.set(Timestamp(micros=nxt * 1000))
 
 
-class _JudgeHistoryFn(beam.DoFn):
-    """Bounded runs: ``(profile_key, all its envelopes)`` in, the stateful path's outputs out,
-    each at its event's time."""
-
-    def __init__(self, destinations, deleted_identifiers: frozenset, identity):
-        self._destinations = destinations
-        self._deleted_ids = deleted_identifiers
-        self._identity = identity
-        self._denied = Metrics.counter("cdi", "consent.denied")
-        self._suppressed = Metrics.counter("cdi", "privacy.deleted")
-        self._delivered = Metrics.counter("cdi", "delivered")
-
-    def process(self, element):
-        key, envelopes = element
-        envelopes = list(envelopes)
-        deleted = any(
-            deletes_person(env.event, self._deleted_ids, self._identity) for env in envelopes
-        )
-        if deleted:
-            for env in envelopes:
-                self._suppressed.inc()
-                yield _at(env, beam.pvalue.TaggedOutput(DELETED, _deleted_record(env, key)))
-            yield ((PROFILES_DELETE,), key, None)
-            return
-        deliveries, denials = judge_history(envelopes, self._destinations, deleted)
-        for allowed, env in deliveries:
-            self._delivered.inc(len(allowed))
-            yield _at(env, (tuple(allowed), key, env))
-        for env, name, missing in denials:
-            self._denied.inc()
-            yield _at(
-                env, beam.pvalue.TaggedOutput(DENIED, _denied_record(env, key, name, missing))
-            )
-
-
-def _at(env: Envelope, output):
-    """An output stamped with its event's time, as the stateful path's are by their timers."""
-    if isinstance(output, beam.pvalue.TaggedOutput):
-        return beam.pvalue.TaggedOutput(output.tag, _at(env, output.value))
-    return TimestampedValue(output, Timestamp(micros=env.event_time_ms * 1000))
-
-
 def _envelope(item) -> Envelope:
     return item if isinstance(item, Envelope) else Envelope(*item)
 
 
-def _deleted_record(env: Envelope, key: str) -> dict:
+def deleted_record(env: Envelope, key: str) -> dict:
     # No payload: the person asked to be forgotten.
     return {
         "stage": "consent",
@@ -318,7 +272,7 @@ def _deleted_record(env: Envelope, key: str) -> dict:
     }
 
 
-def _denied_record(env: Envelope, key: str, destination: str, missing: list[str]) -> dict:
+def denied_record(env: Envelope, key: str, destination: str, missing: list[str]) -> dict:
     # No payload: the event must not travel further than the consent allows, not even here.
     return {
         "stage": "consent",
@@ -336,9 +290,8 @@ class EnforceConsent(beam.PTransform):
     envelope)`` once per event allowed anywhere, plus ``(("profiles-delete",), profile_key,
     None)`` for deleted persons; tagged ``consent_denied`` and ``deleted`` records."""
 
-    def __init__(self, destinations, deleted_identifiers=(), identity=None, bounded=False):
+    def __init__(self, destinations, deleted_identifiers=(), identity=None):
         super().__init__()
-        self._bounded = bounded
         self._destinations = tuple(destinations)
         names = [d.name for d in self._destinations]
         if len(set(names)) != len(names):
@@ -349,15 +302,6 @@ class EnforceConsent(beam.PTransform):
         self._identity = identity
 
     def expand(self, keyed):
-        if self._bounded:
-            return (
-                keyed
-                | "History" >> beam.GroupByKey()
-                | "JudgeHistory"
-                >> beam.ParDo(
-                    _JudgeHistoryFn(self._destinations, self._deleted, self._identity)
-                ).with_outputs(DENIED, DELETED, main="delivered")
-            )
         return keyed | "Judge" >> beam.ParDo(
             _EnforceConsentFn(self._destinations, self._deleted, self._identity)
         ).with_outputs(DENIED, DELETED, main="delivered")

@@ -33,7 +33,7 @@ import hmac
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -194,6 +194,16 @@ class _Compiled:
     path_rules: tuple[tuple[tuple[str, ...], str], ...]  # (segments, class), in rule order
     start: tuple[_State, ...]
     patterns: tuple[tuple[re.Pattern[str], re.Pattern[str] | None, str], ...]
+    # Memos of pure functions of (rules, states, key) and (rules, key): events of one stream
+    # repeat the same keys, so stepping the path rules and matching key patterns is done once
+    # per distinct key instead of once per value (classification is most of the PII cost).
+    advanced: dict = field(default_factory=dict, compare=False, repr=False)
+    patterns_for_key: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+# Distinct (states, key) pairs a memo keeps before it starts over: bounds memory when keys are
+# unbounded (user-chosen property names).
+_MEMO_LIMIT = 100_000
 
 
 @lru_cache(maxsize=64)
@@ -216,6 +226,10 @@ def _advance(
 ) -> tuple[tuple[_State, ...], str | None]:
     """Step the live path rules down into ``key``: the surviving states, and the class of the
     first rule (in rule order) that now matches completely, if any."""
+    memo = c.advanced
+    found = memo.get((states, key))
+    if found is not None:
+        return found
     nxt: list[_State] = []
     hit: int | None = None
     for i, pos in states:
@@ -225,7 +239,27 @@ def _advance(
                 hit = i if hit is None else min(hit, i)
             else:
                 nxt.append((i, pos + 1))
-    return tuple(nxt), (c.path_rules[hit][1] if hit is not None else None)
+    found = tuple(nxt), (c.path_rules[hit][1] if hit is not None else None)
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[(states, key)] = found
+    return found
+
+
+def _key_patterns(key: str, c: _Compiled) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """The value patterns that apply under ``key`` (their ``key_pattern`` matches), rule order."""
+    memo = c.patterns_for_key
+    found = memo.get(key)
+    if found is None:
+        found = tuple(
+            (regex, cls)
+            for regex, key_regex, cls in c.patterns
+            if key_regex is None or key_regex.search(key)
+        )
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[key] = found
+    return found
 
 
 def _pattern_classes(value: Any, key: str, c: _Compiled) -> list[str]:
@@ -233,10 +267,8 @@ def _pattern_classes(value: Any, key: str, c: _Compiled) -> list[str]:
         return []
     text = value if isinstance(value, str) else str(value)
     found: list[str] = []
-    for regex, key_regex, cls in c.patterns:
-        if cls in found or (key_regex is not None and not key_regex.search(key)):
-            continue
-        if regex.search(text):
+    for regex, cls in _key_patterns(key, c):
+        if cls not in found and regex.search(text):
             found.append(cls)
     return found
 
@@ -393,6 +425,11 @@ def _locate(
             found.append((loc, (path_class,), True))
         for k, v in node.items():
             child_states, cls = _advance(states, k, c) if states else ((), None)
+            if cls is None and not isinstance(v, (dict, list)):
+                # An unclassified leaf (most of an event): only a value pattern can mark it.
+                if c.patterns and (classes := _pattern_classes(v, k, c)):
+                    found.append(((*loc, k), tuple(classes), False))
+                continue
             _locate(v, k, (*loc, k), child_states, cls, c, found)
         return
     if isinstance(node, list):
@@ -419,9 +456,12 @@ def _rebuild(node: Any, loc: _Location, actions: dict, prefixes: set, salt: str)
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            new = _rebuild(v, (*loc, k), actions, prefixes, salt)
-            if new is not _DROPPED:
-                out[k] = new
+            child = (*loc, k)
+            if child in actions or child in prefixes:
+                v = _rebuild(v, child, actions, prefixes, salt)
+                if v is _DROPPED:
+                    continue
+            out[k] = v
         return out
     return [
         None if (new := _rebuild(item, (*loc, i), actions, prefixes, salt)) is _DROPPED else new

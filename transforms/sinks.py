@@ -107,17 +107,28 @@ class WriteProfilesToSqlite(beam.PTransform):
         return rows | "Upsert" >> beam.ParDo(_SqliteProfileWriter(self._path))
 
 
-class WriteRecordsAsJson(beam.PTransform):
-    """Dict records to ``<directory>/part-SSSSS-of-NNNNN.ndjson``, one JSON object per line."""
+def _lines(batch: list[dict]) -> list[str]:
+    # One text element for the whole batch: the text sink appends the newline after it.
+    return ["\n".join(orjson.dumps(r).decode() for r in batch)] if batch else []
 
-    def __init__(self, directory: str):
+
+class WriteRecordsAsJson(beam.PTransform):
+    """Dict records to ``<directory>/part-SSSSS-of-NNNNN.ndjson``, one JSON object per line.
+    ``batched``: the elements are lists of records, written as consecutive lines (a batch costs
+    the runner one element instead of one per record)."""
+
+    def __init__(self, directory: str, batched: bool = False):
         super().__init__()
         self._directory = str(directory)
+        self._batched = batched
 
     def expand(self, records):
+        to_json = (
+            beam.FlatMap(_lines) if self._batched else beam.Map(lambda r: orjson.dumps(r).decode())
+        )
         return (
             records
-            | "ToJson" >> beam.Map(lambda r: orjson.dumps(r).decode())
+            | "ToJson" >> to_json
             | "Write"
             >> beam.io.WriteToText(
                 str(Path(self._directory) / "part"),
