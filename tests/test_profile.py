@@ -144,3 +144,28 @@ def test_build_profiles_pipeline():
                 ]
             ),
         )
+
+
+def test_unify_profile_leaves_its_fragments_unchanged():
+    """Streaming keeps fragments in state and unifies them again on every change: building a row
+    must not alter them (unify_profile shares their entries instead of copying them)."""
+    import copy
+
+    from transforms.unify import unify_profile
+
+    a = _fold(
+        [
+            (event(type="identify", messageId="m1", traits={"plan": "free", "tags": ["x"]}), 1000),
+            (event(messageId="m2", context={"traits": {"email": "a@b.io"}}), 1500),
+        ]
+    )
+    b = _fold([(event(type="identify", messageId="m3", traits={"plan": "pro"}), 2000)])
+    a["incr"]["logins"] = [2, [0.5]]
+    b["incr"]["logins"] = [1, [0.25]]
+    frags = {"anon:anon-1": a, "user:u1": b}
+    before = copy.deepcopy(frags)
+    first = unify_profile("p1", frags, ["anon:anon-1"])
+    assert frags == before
+    assert unify_profile("p1", frags, ["anon:anon-1"]) == first
+    assert orjson.loads(first["traits"])["plan"] == "pro"
+    assert orjson.loads(first["traits"])["logins"] == 3.75

@@ -31,7 +31,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration as BeamDuration
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.envelope import Envelope, format_iso_ms, get_path, parse_iso_ms
+from transforms.envelope import Envelope, format_iso_ms, get_path, pack, parse_iso_ms, unpack
 from transforms.quarantine import DUPLICATES, QUARANTINE, Violation, quarantine_record
 
 _TRANSPORT_FIELDS = frozenset({"sentAt", "receivedAt"})
@@ -163,9 +163,9 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
         self._count()
 
     def process(self, element):
-        key, copies = element
+        key, packed = element
         state = None
-        for env in sorted(copies, key=arrival_order):
+        for env in sorted(map(unpack, packed), key=arrival_order):
             outputs, first = self._judge(key, env, state)
             if first is not None:
                 state = first
@@ -201,9 +201,11 @@ class DeduplicateEvents(beam.PTransform):
             lambda env: (dedup_key(env.source, env.event, key_paths), env)
         ).with_output_types(beam.typehints.KV[str, Any])
         if self._bounded:
-            # A key's copies are grouped once instead of a state read (and write) per copy.
+            # A key's copies are grouped once instead of a state read (and write) per copy; they
+            # wait for the group as bytes (envelope.pack).
             return (
                 keyed
+                | "Pack" >> beam.MapTuple(lambda key, env: (key, pack(env)))
                 | "Copies" >> beam.GroupByKey()
                 | "DropRepeatsOfCopies"
                 >> beam.ParDo(_DedupHistoryFn()).with_outputs(DUPLICATES, QUARANTINE, main="unique")

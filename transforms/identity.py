@@ -45,6 +45,11 @@ def is_blocked(value: str, blocklist: tuple[str, ...], patterns: tuple[str, ...]
     return any(p.search(value) for p in _compiled_patterns(patterns))
 
 
+# A person's identifiers recur on every event of theirs, and each event is read for identifiers
+# by several stages: the verdict is remembered per value (the lists are the config's, a few).
+_is_blocked_memo = lru_cache(maxsize=1 << 16)(is_blocked)
+
+
 def extract_identifiers(event: dict[str, Any], identity) -> list[tuple[str, str]]:
     """Every usable ``(type, value)`` the event carries, in config priority order, no duplicates.
 
@@ -55,7 +60,7 @@ def extract_identifiers(event: dict[str, Any], identity) -> list[tuple[str, str]
     for t in identity.types:
         for path in t.paths:
             v = normalize(get_path(event, path), t.normalizer)
-            if not v or is_blocked(v, identity.blocklist, identity.blocklist_patterns):
+            if not v or _is_blocked_memo(v, identity.blocklist, identity.blocklist_patterns):
                 continue
             item = (t.name, v)
             if item not in seen:

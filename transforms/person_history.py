@@ -41,7 +41,7 @@ from transforms.consent import (
     denied_record,
     judge_history,
 )
-from transforms.envelope import Envelope, format_iso_ms
+from transforms.envelope import Envelope, format_iso_ms, pack, unpack
 from transforms.identity import extract_identifiers
 from transforms.pii import PiiRule, apply_policies
 from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
@@ -83,8 +83,8 @@ class _PersonHistoryFn(beam.DoFn):
         self._panes = Metrics.counter("cdi", "computed_trait_panes")
 
     def process(self, element):
-        key, envelopes = element
-        envelopes = list(envelopes)
+        key, packed = element
+        envelopes = [unpack(blob) for blob in packed]
         if any(deletes_person(e.event, self._deleted_ids, self._identity) for e in envelopes):
             self._suppressed.inc(len(envelopes))
             yield beam.pvalue.TaggedOutput(DELETED, [deleted_record(e, key) for e in envelopes])
@@ -161,6 +161,7 @@ class PersonHistory(beam.PTransform):
             raise ValueError("PersonHistory needs a bounded input; streaming runs keep state")
         return (
             keyed
+            | "Pack" >> beam.MapTuple(lambda key, env: (key, pack(env)))  # waits as bytes
             | "History" >> beam.GroupByKey()
             | "JudgeAndFold"
             >> beam.ParDo(self._fn).with_outputs(DENIED, DELETED, *self._outputs, main=FRAGMENTS)

@@ -9,6 +9,7 @@ in one transaction at the end of the bundle, which is also the retry unit.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import apache_beam as beam
@@ -51,14 +52,28 @@ _UPSERT = (
 )
 
 
+_OPEN_ATTEMPTS = 40  # ~40 s of waiting in all
+
+
 def open_profile_db(path: str | Path) -> sqlite3.Connection:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # One DoFn instance uses its connection from one thread at a time, but Beam's SDK harness may
     # call setup/process and teardown on different threads (multi-process local runs do).
     conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(_CREATE)
-    return conn
+    # Several workers (multi-process local runs) open the file at once. Switching to WAL needs
+    # an exclusive lock and SQLite reports "database is locked" at once instead of waiting on
+    # the busy timeout, so that first step is retried.
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(_CREATE)
+            return conn
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == _OPEN_ATTEMPTS - 1:
+                conn.close()
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:

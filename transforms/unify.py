@@ -24,7 +24,6 @@ identifiers of one person saw the same value.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -89,7 +88,9 @@ def unify_profile(
             )
         for purpose, entry in frag.get("consent", {}).items():
             consent[purpose] = consent.get(purpose, True) and entry[2] is True
-        merge_profiles(merged, copy.deepcopy({**frag, "computed": {}}))
+        # No copy: merge_profiles never mutates the fragment's containers or entries (it only
+        # stores references to entries it never changes), so state-held fragments stay intact.
+        merge_profiles(merged, {**frag, "computed": {}})
     merged["computed"] = {name: c["pane"] for name, c in computed.items()}
     keys = set(members) | set(fragments)
     if redact is not None:
