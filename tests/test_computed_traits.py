@@ -232,3 +232,19 @@ def test_history_panes_equal_the_stateful_paths_final_panes():
             out.computed | beam.MapTuple(lambda k, np: (np[0], np[1][0], np[1][1], np[1][3])),
             equal_to(sorted(expected)),
         )
+
+
+def test_late_record_after_the_input_ended_says_so_instead_of_failing():
+    """On a drain (or a finite input) the watermark is Beam's end of time, which no ISO-8601
+    timestamp can show; an event released downstream after that is reported, not a crash."""
+    from apache_beam.transforms.window import GlobalWindow
+
+    from transforms.computed_traits import late_record
+
+    e = Envelope("web", "f", "{}", event(messageId="m1"), 5 * S, "v")
+    end_of_time_ms = GlobalWindow().max_timestamp().micros // 1000
+    ended = late_record(e, end_of_time_ms, ["n"], 0)
+    assert ended["watermark_at_least"] == "end-of-input" and ended["behind_watermark_ms"] is None
+    on_time = late_record(e, 65 * S, ["n"], 0)
+    assert on_time["watermark_at_least"] == "1970-01-01T00:01:05.000Z"
+    assert on_time["behind_watermark_ms"] == 60 * S and on_time["message_id"] == "m1"

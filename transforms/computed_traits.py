@@ -228,6 +228,30 @@ def history_panes(
     ]
 
 
+# The last instant an ISO-8601 timestamp can show (9999-12-31T23:59:59.999Z).
+_LAST_ISO_MS = 253_402_300_799_999
+
+
+def late_record(env: Envelope, watermark_ms: int, traits: list[str], lateness_ms: int) -> dict:
+    """The ``late`` output's record for an event too late for ``traits``. After the input ends
+    (a drain, or a finite input), the watermark is Beam's end of time, past anything ISO-8601
+    can write: the record says ``end-of-input`` instead of failing the bundle."""
+    ended = watermark_ms > _LAST_ISO_MS
+    return {
+        "stage": "lateness",
+        "reason": "late.beyond_allowed_lateness",
+        "message_id": env.event.get("messageId"),
+        "event_time": format_iso_ms(env.event_time_ms),
+        "watermark_at_least": "end-of-input" if ended else format_iso_ms(watermark_ms),
+        "behind_watermark_ms": None if ended else watermark_ms - env.event_time_ms,
+        "allowed_lateness_ms": lateness_ms,
+        "traits": traits,
+        "source": env.source,
+        "origin": env.origin,
+        "payload": env.payload,
+    }
+
+
 # --- Beam shell --------------------------------------------------------------------------------
 
 
@@ -305,7 +329,9 @@ class _ComputeTraitsFn(beam.DoFn):
                     w["dirty"] = True
         if too_late:
             self._late.inc()
-            yield beam.pvalue.TaggedOutput(LATE, self._late_record(env, wm, sorted(set(too_late))))
+            yield beam.pvalue.TaggedOutput(
+                LATE, late_record(env, wm, sorted(set(too_late)), self._lateness)
+            )
         if changed:
             windows_state.write(state)
             self._arm(state, wm, armed_state, window_timer)
@@ -391,21 +417,6 @@ class _ComputeTraitsFn(beam.DoFn):
                 if w["dirty"] and not w["fired"]:
                     yield self._emit(key, spec, wkey, w)  # an EARLY pane
         windows_state.write(state)
-
-    def _late_record(self, env: Envelope, wm: int, traits: list[str]) -> dict:
-        return {
-            "stage": "lateness",
-            "reason": "late.beyond_allowed_lateness",
-            "message_id": env.event.get("messageId"),
-            "event_time": format_iso_ms(env.event_time_ms),
-            "watermark_at_least": format_iso_ms(wm),
-            "behind_watermark_ms": wm - env.event_time_ms,
-            "allowed_lateness_ms": self._lateness,
-            "traits": traits,
-            "source": env.source,
-            "origin": env.origin,
-            "payload": env.payload,
-        }
 
 
 class ComputeTraits(beam.PTransform):
