@@ -17,13 +17,16 @@ from __future__ import annotations
 import random
 
 import orjson
+import pytest
 
 from benchmarks.oracle import sink_rows
 from pipelines import governed_profiles as job
-from pipelines.config import load_default_config
+from pipelines.config import IdentityConfig, load_default_config
 from pipelines.generate import generate
 from tests.conftest import make_pipeline
 from tests.test_oracle import _control_events
+from transforms.consent import DestinationRule
+from transforms.person_history import PersonHistory
 
 RECORD_OUTPUTS = ("consent_denied", "deleted", "quarantine", "duplicates", "merges")
 
@@ -75,3 +78,9 @@ def test_bounded_and_streaming_paths_write_the_same_records_and_rows(tmp_path):
     warehouse = [orjson.loads(x)["event"] for x in bounded_lines["destinations/warehouse"]]
     emails = [e["traits"]["email"] for e in warehouse if "email" in e.get("traits", {})]
     assert emails and all(v.startswith("sha256:") for v in emails)
+
+
+def test_destination_names_must_be_unique():
+    twice = [DestinationRule("crm", ("marketing",)), DestinationRule("crm", ("analytics",))]
+    with pytest.raises(ValueError, match="unique"):
+        PersonHistory(twice, (), IdentityConfig(), ((), {}, ""), "profiles")

@@ -145,6 +145,9 @@ class PersonHistory(beam.PTransform):
     ):
         super().__init__()
         self._destinations = tuple(destinations)
+        names = [d.name for d in self._destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destination names must be unique: {names}")
         self._outputs = [d.name for d in self._destinations if d.name != profiles_destination]
         self._fn = _PersonHistoryFn(
             self._destinations,
