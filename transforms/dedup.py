@@ -197,15 +197,16 @@ class DeduplicateEvents(beam.PTransform):
 
     def expand(self, envelopes):
         key_paths = self._key_paths
+        # Bounded: a key's copies wait for their group as bytes (envelope.pack), packed in the
+        # same step that keys them.
+        value = pack if self._bounded else (lambda env: env)
         keyed = envelopes | "KeyByIdempotencyKey" >> beam.Map(
-            lambda env: (dedup_key(env.source, env.event, key_paths), env)
+            lambda env: (dedup_key(env.source, env.event, key_paths), value(env))
         ).with_output_types(beam.typehints.KV[str, Any])
         if self._bounded:
-            # A key's copies are grouped once instead of a state read (and write) per copy; they
-            # wait for the group as bytes (envelope.pack).
+            # A key's copies are grouped once instead of a state read (and write) per copy.
             return (
                 keyed
-                | "Pack" >> beam.MapTuple(lambda key, env: (key, pack(env)))
                 | "Copies" >> beam.GroupByKey()
                 | "DropRepeatsOfCopies"
                 >> beam.ParDo(_DedupHistoryFn()).with_outputs(DUPLICATES, QUARANTINE, main="unique")

@@ -73,7 +73,6 @@ def open_profile_db(path: str | Path) -> sqlite3.Connection:
                 conn.close()
                 raise
             time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:

@@ -179,7 +179,7 @@ def person_of(x: str, groups: dict[str, str]) -> str:
 
 class _RouteGroupedFn(beam.DoFn):
     """Bounded runs: ``(identifier, its fragment and assignments)`` in, the fragment sent once
-    to its final person (a bounded run's BuildProfiles emits one fragment per identifier)."""
+    to its final person (a bounded run's PersonHistory emits one fragment per profile key)."""
 
     def process(self, element):
         x, messages = element
