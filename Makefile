@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/cdi generate --events $(DEMO_EVENTS) --persons $(DEMO_PERSONS) --seed 7 --out $(DEMO_DIR)/events.ndjson
-	$(BIN)/cdi run --input $(DEMO_DIR)/events.ndjson --output $(DEMO_DIR)/out
+	$(BIN)/cdi run --config schemas/configs/example.yaml --input $(DEMO_DIR)/events.ndjson --output $(DEMO_DIR)/out
 
 lint: install
 	$(BIN)/ruff check .

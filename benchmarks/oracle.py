@@ -79,9 +79,10 @@ def read_raw(config: PipelineConfig, inputs: dict[str, list[str]]) -> list[tuple
                     with open(path, "rb") as f:
                         out.extend((src.name, path, rec) for rec in fastavro.reader(f))
                     continue
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
+                with open(path, "rb") as f:  # bytes, as the job reads lines
                     for line in f:
-                        line = line.rstrip("\n")
+                        line = line[:-1] if line.endswith(b"\n") else line
+                        line = line[:-1] if line.endswith(b"\r") else line
                         if line.strip():
                             out.append((src.name, path, line))
     return out
@@ -91,7 +92,7 @@ def _validate(config: PipelineConfig, raw):
     plans = {
         n: compile_plan(load_plan(config.resolve(r.path))) for n, r in config.tracking_plans.items()
     }
-    plan_of = {s.name: plans[s.tracking_plan] for s in config.sources}
+    plan_of = {s.name: plans.get(s.tracking_plan) for s in config.sources}
     modes = {s.name: dict(s.violations) for s in config.sources}
     settings = dict(
         max_event_bytes=config.validation.max_event_bytes,
@@ -102,8 +103,11 @@ def _validate(config: PipelineConfig, raw):
         clamp_event_time=config.event_time.on_invalid == "clamp",
     )
     valid, quarantined = [], []
+    now_ms = int(
+        time.time() * 1000
+    )  # the read time, as the job's (bounds events without receivedAt)
     for r in raw:
-        env, record = judge(r, plan_of[r[0]], rule_modes=modes[r[0]], **settings)
+        env, record = judge(r, plan_of[r[0]], rule_modes=modes[r[0]], now_ms=now_ms, **settings)
         if env is None:
             quarantined.append(record)
         else:

@@ -184,6 +184,18 @@ def cmd_validate_config(args) -> int:
         f"{args.file}: ok ({len(cfg.sources)} source(s), {len(cfg.tracking_plans)} tracking plan(s), "
         f"{len(cfg.consent.destinations)} destination(s), {len(cfg.audiences)} audience(s))"
     )
+    for src in cfg.sources:
+        if src.tracking_plan is None:
+            print(
+                f"  source {src.name!r}: no tracking plan: envelope rules only (type, messageId, "
+                "identifier, event time, size, depth); every well-formed event is accepted"
+            )
+        else:
+            print(f"  source {src.name!r}: tracking plan {src.tracking_plan!r}")
+    used = {s.tracking_plan for s in cfg.sources}
+    for name in cfg.tracking_plans:
+        if name not in used:
+            print(f"  tracking plan {name!r}: not used by any source")
     return EXIT_OK
 
 

@@ -77,7 +77,9 @@ class SourceConfig:
     format: Literal["ndjson", "avro"] = "ndjson"
     # Globs, relative to the config file; `cdi run --input` replaces them.
     paths: tuple[str, ...] = ()
-    tracking_plan: str = "default"
+    # The name of a plan in `tracking_plans`; none: the envelope rules only (type, messageId,
+    # identity, timestamps, size, depth), every well-formed event accepted, plan_version "none".
+    tracking_plan: str | None = None
     # Per tracking-plan rule: block (quarantine), omit (strip the offending value, keep the event,
     # note it in context.cdi), allow (keep and note). `default` applies to unnamed rules.
     violations: dict[str, Literal["block", "omit", "allow"]] = field(default_factory=dict)
@@ -336,7 +338,7 @@ class SinksConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     sources: tuple[SourceConfig, ...]
-    tracking_plans: dict[str, TrackingPlanRef]
+    tracking_plans: dict[str, TrackingPlanRef] = field(default_factory=dict)
     validation: ValidationConfig = ValidationConfig()
     event_time: EventTimeConfig = EventTimeConfig()
     dedup: DedupConfig = DedupConfig()
@@ -505,7 +507,12 @@ def _check_references(cfg: PipelineConfig, loader: _Loader) -> None:
                 f"tracking_plans.{name}.path", f"file not found: {cfg.resolve(ref.path)}"
             )
     for i, src in enumerate(cfg.sources):
-        if src.tracking_plan not in cfg.tracking_plans:
+        if src.tracking_plan is None and src.violations:
+            loader.problem(
+                f"sources[{i}].violations",
+                "the source has no tracking_plan, so there are no plan rules to relax",
+            )
+        if src.tracking_plan is not None and src.tracking_plan not in cfg.tracking_plans:
             hint = difflib.get_close_matches(src.tracking_plan, list(cfg.tracking_plans), n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
             loader.problem(

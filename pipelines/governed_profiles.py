@@ -28,16 +28,24 @@ from runners.sources import ReadFileSource
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
+from transforms.dead_letter import (
+    FAILED,
+    CountEventsOnce,
+    ElementDeadLetters,
+    EventDeadLetters,
+    guarded,
+)
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
+from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
-from transforms.stitching import MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
+from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan
-from transforms.unify import IdentifierRedactor, UnifyProfiles
+from transforms.unify import ROWS, IdentifierRedactor, UnifyProfiles
 from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
@@ -102,6 +110,16 @@ def identifier_redactor(config: PipelineConfig, rules, policy, default, salt):
     return IdentifierRedactor(paths, rules, policy, default, salt)
 
 
+def key_by_profile(env, identity) -> tuple[str, Any]:
+    """``(profile key, envelope)``. Validation keeps only events with a usable identifier, by
+    the same rule, so a key is always found; were it not, the event is a dead letter here
+    rather than a ``None`` key that fails a later step for the whole person."""
+    key = primary_profile_key(env.event, identity)
+    if key is None:
+        raise ValueError("no usable identifier to key the event by")
+    return key, env
+
+
 def build(
     p: beam.Pipeline,
     config: PipelineConfig,
@@ -136,7 +154,7 @@ def build(
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
         config.dedup.key, config.dedup.ttl, bounded=bounded
     )
-    unique = deduped.unique
+    unique = deduped["unique"]
     identity = config.identity
     stitched = unique | "StitchIdentities" >> StitchIdentities(
         identity, config.privacy.deleted_identifiers, identity.max_hops, bounded=bounded
@@ -144,9 +162,12 @@ def build(
     behaviour = unique | "DropUnlinks" >> beam.Filter(
         lambda env: env.event.get("type") != UNLINK_TYPE
     )
-    keyed = behaviour | "KeyByProfile" >> beam.Map(
-        lambda env: (primary_profile_key(env.event, identity), env)
-    ).with_output_types(beam.typehints.KV[str, Any])
+    keyed = behaviour | "KeyByProfile" >> guarded(
+        beam.Map(key_by_profile, identity).with_output_types(beam.typehints.KV[str, Any])
+    )
+    # Dead letters of the steps after dedup that carry events (stage, dead letters).
+    failed_events = [("key", keyed[FAILED]), ("stitching", stitched[FAILED_EVENTS])]
+    keyed = keyed.good
     specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
     trait_rules = TraitRules(
         frozenset(config.profile.set_once), frozenset(config.profile.increment)
@@ -167,11 +188,13 @@ def build(
         destinations = {name: history[name] for name in config.consent.destinations}
         denied, deleted = history[CONSENT_DENIED], history[DELETED]
         late = p | "NoLateEvents" >> beam.Create([])
+        failed_events.append(("person_history", history[FAILED]))
     else:
-        profile_fragments, destinations, denied, deleted, late = _streaming_profiles(
+        profile_fragments, destinations, denied, deleted, late, failed = _streaming_profiles(
             keyed, config, (rules, policies, salt), specs, trait_rules
         )
-    profiles = {
+        failed_events += failed
+    unified = {
         "fragments": profile_fragments,
         "assignments": stitched["assignments"],
         "identities": stitched["identities"],
@@ -180,10 +203,27 @@ def build(
         bounded=bounded,
         redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
     )
+    profiles = unified[ROWS]
 
+    # Every dead letter becomes a quarantine record (transforms/dead_letter.py): events before
+    # dedup are counted at once, events after it once each however many steps failed on them,
+    # other elements (identifier groups, persons) per stage, apart from the event accounting.
+    key_paths = tuple(config.dedup.key)
+    after_dedup = [
+        dead | f"DeadLetters[{stage}]" >> EventDeadLetters(stage, after_dedup=key_paths)
+        for stage, dead in failed_events
+    ]
     quarantine = (
         validated[QUARANTINE],
         deduped[QUARANTINE],
+        validated[FAILED] | "DeadLetters[validate]" >> EventDeadLetters("validate", raw=True),
+        deduped[FAILED] | "DeadLetters[dedup]" >> EventDeadLetters("dedup"),
+        tuple(after_dedup)
+        | "MergeDeadLettersAfterDedup" >> beam.Flatten()
+        | "CountEventsOnce" >> CountEventsOnce(config.dedup.ttl),
+        stitched[FAILED]
+        | "DeadLetters[identifier groups]" >> ElementDeadLetters("stitching", "identifier group"),
+        unified[FAILED] | "DeadLetters[unify]" >> ElementDeadLetters("unify", "person"),
     ) | "MergeQuarantine" >> beam.Flatten()
     return {
         VALID: unique,
@@ -203,7 +243,8 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
     """The streaming chain: stateful consent (events held until the watermark passes them), the
     fan-out redacted per destination, windowed computed traits with a late output, and profile
     fragments. Returns ``(fragments, {destination: record lists}, denied lists, deleted lists,
-    late records)``; record outputs are one-record lists, the same contract as bounded runs."""
+    late records, [(stage, dead letters)])``; record outputs are one-record lists, the same
+    contract as bounded runs."""
     rules, policies, salt = pii
     identity = config.identity
     consent = keyed | "EnforceConsent" >> EnforceConsent(
@@ -225,9 +266,14 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
             else:
                 yield beam.pvalue.TaggedOutput(name, [delivery_record(name, key, redacted)])
 
-    delivered = consent.delivered | "RedactPerDestination" >> beam.FlatMap(
-        redact_per_destination
-    ).with_outputs(PROFILES_DESTINATION, PROFILES_DELETE, *config.consent.destinations)
+    delivered = consent.delivered | "RedactPerDestination" >> guarded(
+        beam.FlatMap(redact_per_destination),
+        PROFILES_DESTINATION,
+        PROFILES_DELETE,
+        *config.consent.destinations,
+        main="main",
+    )
+    failed = [("consent", consent[FAILED]), ("pii", delivered[FAILED])]
     to_profiles = delivered[PROFILES_DESTINATION]
     fragments = {"events": to_profiles, "deletes": delivered[PROFILES_DELETE]}
     if specs:
@@ -236,24 +282,27 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
         )
         fragments["computed"] = traits.computed
         late = traits[LATE]
+        failed.append(("computed_traits", traits[FAILED]))
     else:
         late = keyed.pipeline | "NoLateEvents" >> beam.Create([])
-    profile_fragments = fragments | "BuildProfiles" >> BuildProfiles(
+    built = fragments | "BuildProfiles" >> BuildProfiles(
         identity, trait_rules, config.profile.update_every, as_rows=False
     )
+    failed.append(("profile", built[FAILED]))
     destinations = {name: delivered[name] for name in config.consent.destinations}
     return (
-        profile_fragments,
+        built[PROFILE_FRAGMENTS],
         destinations,
         consent[CONSENT_DENIED] | "DeniedAsLists" >> beam.Map(lambda r: [r]),
         consent[DELETED] | "DeletedAsLists" >> beam.Map(lambda r: [r]),
         late,
+        failed,
     )
 
 
 def _validate(config: PipelineConfig, plans):
     return ValidateEvents(
-        {s.name: plans[s.tracking_plan] for s in config.sources},
+        {s.name: plans.get(s.tracking_plan) for s in config.sources},
         config.identity,
         max_event_bytes=config.validation.max_event_bytes,
         max_depth=config.validation.max_depth,

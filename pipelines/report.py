@@ -41,7 +41,13 @@ def build_report(
         if name.startswith("quarantined.") and n
     }
     events_in = metrics.get("events_in", 0)
-    valid = metrics.get("dedup.first", 0)
+    # Unique events a later step dead-lettered are quarantined (internal.error), not valid.
+    valid = metrics.get("dedup.first", 0) - metrics.get("dead_lettered_after_dedup", 0)
+    internal_errors = {
+        name[len("internal_error.") :]: n
+        for name, n in sorted(metrics.items())
+        if name.startswith("internal_error.") and n
+    }
     duplicates = metrics.get("dedup.duplicates", 0)
     total_q = sum(quarantined.values())
     return {
@@ -66,6 +72,9 @@ def build_report(
             # Links between candidate groups that propagation did not join (max_hops too low).
             "unresolved_links": metrics.get("identity.unresolved_links", 0),
         },
+        # Per step: records of elements a step raised on (events, identifier groups, persons;
+        # "repeats": events another step had already dead-lettered). Zero in a healthy run.
+        "internal_errors": internal_errors,
         "accounted": events_in == valid + total_q + duplicates,
         "wall_seconds": round(wall_seconds, 3),
         "outputs": {k: str(v) for k, v in paths.items()},
@@ -91,6 +100,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"deliveries        {report['deliveries']:>10,}  (event x destination, profile store included)",
         f"consent denied    {report['consent_denied']:>10,}  (event x destination)",
         f"deleted (privacy) {report['deleted']:>10,}",
+        f"internal errors   {sum(report['internal_errors'].values()):>10,}"
+        + "".join(f"  {k} {v:,}" for k, v in report["internal_errors"].items()),
         f"profiles          {report['profiles']:>10,}",
         f"identity merges   {report['identity']['merges']:>10,}"
         f"  (splits {report['identity']['splits']:,}, links refused"

@@ -43,7 +43,7 @@ def config_from(text: str, base_dir: Path | None = None):
 def default_config():
     return config_from(
         """
-sources: [{name: web, paths: []}]
+sources: [{name: web, paths: [], tracking_plan: default}]
 tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
 """
     )

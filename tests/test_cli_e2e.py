@@ -4,6 +4,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -12,6 +13,10 @@ from benchmarks.identity_accuracy import pairwise_scores, profile_rows
 from pipelines.cli import main
 
 EVENTS, PERSONS = 3000, 150
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = str(REPO / "schemas" / "configs" / "example.yaml")  # the example plan judges events
+# What a tracking plan rejects; without a plan these events are valid.
+PLAN_REASONS = ("event.unplanned", "schema.")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,8 @@ def generated(tmp_path_factory):
         == 0
     )
     truth = json.loads((d / "events.ndjson.truth.json").read_text())
-    assert main(["run", "--input", str(src), "--output", str(d / "out")]) == 0
+    run = ["run", "--config", EXAMPLE, "--input", str(src), "--output", str(d / "out")]
+    assert main(run) == 0
     return d, src, truth
 
 
@@ -93,7 +99,8 @@ def test_profiles_equal_a_run_on_deduplicated_time_sorted_input(generated, tmp_p
             other.append(line)
     clean = tmp_path / "clean.ndjson"
     clean.write_text("\n".join([line for _, _, line in sorted(valid)] + other) + "\n")
-    assert main(["run", "--input", str(clean), "--output", str(tmp_path / "out")]) == 0
+    run = ["run", "--config", EXAMPLE, "--input", str(clean), "--output", str(tmp_path / "out")]
+    assert main(run) == 0
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
     assert report["duplicates"] == 0
     assert _profiles(tmp_path / "out" / "profiles.sqlite") == _profiles(
@@ -122,6 +129,20 @@ def test_no_raw_email_reaches_a_destination_that_hashes_or_drops_it(generated):
         assert not any(e in text for e in emails), sub
 
 
+def test_without_a_plan_every_well_formed_event_is_valid(generated, tmp_path):
+    """The embedded default has no tracking plan: the generator's plan violations are valid
+    events there, and only envelope problems are quarantined."""
+    d, src, truth = generated
+    assert main(["run", "--input", str(src), "--output", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "run_report.json").read_text())
+    planned = {r: n for r, n in truth["invalid"].items() if r.startswith(PLAN_REASONS)}
+    assert planned  # the generator writes some: the test would prove nothing otherwise
+    envelope = {r: n for r, n in truth["invalid"].items() if r not in planned}
+    assert report["quarantined_by_reason"] == envelope
+    assert report["valid"] == truth["valid_unique"] + sum(planned.values())
+    assert report["accounted"]
+
+
 def test_cli_exit_code_and_default_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run"], cwd=tmp_path, capture_output=True, text=True
@@ -147,10 +168,8 @@ def test_quarantine_summarize_and_replay_through_the_same_dedup_keys(generated, 
         if '"messageId"' in line and '"type":"track"' in line
     )
     replay.write_text(replay.read_text() + valid_line + "\n")  # a copy of an accepted event
-    assert (
-        main(["run", "--input", str(src), "--input", str(replay), "--output", str(tmp_path / "o")])
-        == 0
-    )
+    run = ["run", "--config", EXAMPLE, "--input", str(src), "--input", str(replay)]
+    assert main([*run, "--output", str(tmp_path / "o")]) == 0
     report = json.loads((tmp_path / "o" / "run_report.json").read_text())
     assert report["valid"] == truth["valid_unique"]
     assert report["duplicates"] == truth["duplicates"] + 1

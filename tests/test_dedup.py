@@ -65,7 +65,7 @@ def test_pipeline_duplicates_collisions_and_sources(bounded):
             | DeduplicateEvents(bounded=bounded)
         )
         assert_that(
-            out.unique | "U" >> beam.Map(lambda e: (e.source, e.event["messageId"])),
+            out["unique"] | "U" >> beam.Map(lambda e: (e.source, e.event["messageId"])),
             equal_to([("web", "a"), ("web", "b"), ("ios", "a")]),
             label="unique",
         )
@@ -96,7 +96,7 @@ def test_ttl_expires_state_by_event_time():
     with make_pipeline(streaming=True) as p:
         out = p | stream | DeduplicateEvents(ttl_seconds=ttl)
         assert_that(
-            out.unique | "U" >> beam.Map(lambda e: e.event_time_ms),
+            out["unique"] | "U" >> beam.Map(lambda e: e.event_time_ms),
             equal_to([0, 3700_000]),
             label="u",
         )
@@ -116,7 +116,7 @@ def test_any_order_and_duplication_gives_each_key_once(ids, rnd):
     with make_pipeline() as p:
         out = p | beam.Create(items) | DeduplicateEvents()
         assert_that(
-            out.unique | beam.Map(lambda e: e.event["messageId"]),
+            out["unique"] | beam.Map(lambda e: e.event["messageId"]),
             equal_to(sorted(set(ids))),
             label="u",
         )
@@ -140,7 +140,7 @@ def test_bounded_run_keeps_the_copy_received_first_whatever_the_file_order(order
     with make_pipeline() as p:
         out = p | beam.Create([copies[i] for i in order]) | DeduplicateEvents(bounded=True)
         assert_that(
-            out.unique | "U" >> beam.Map(lambda e: e.event["receivedAt"]),
+            out["unique"] | "U" >> beam.Map(lambda e: e.event["receivedAt"]),
             equal_to(["2026-11-01T00:00:05Z"]),
             label="unique",
         )

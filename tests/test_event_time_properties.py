@@ -60,13 +60,14 @@ def test_out_of_order_set_set_once_and_duplicates_across_windows_and_replay():
     )
     with make_pipeline(streaming=True) as p:
         dd = p | stream | DeduplicateEvents()
-        keyed = dd.unique | beam.Map(lambda e: ("user:u1", e)).with_output_types(
+        keyed = dd["unique"] | beam.Map(lambda e: ("user:u1", e)).with_output_types(
             beam.typehints.KV[str, object]
         )
         traits = keyed | ComputeTraits([spec], allowed_lateness_ms=100 * S)
-        rows = {"events": keyed, "computed": traits.computed} | BuildProfiles(
+        built = {"events": keyed, "computed": traits.computed} | BuildProfiles(
             IDENTITY, TraitRules(set_once=frozenset({"first_plan"}))
         )
+        rows = built["profiles"]
         latest = (
             rows
             | beam.Map(lambda r: (r["profile_id"], r))
@@ -95,7 +96,7 @@ def test_out_of_order_set_set_once_and_duplicates_across_windows_and_replay():
 # --- the whole job: any permutation and duplication gives identical profiles ----------------------
 
 CONFIG = """
-sources: [{name: web, paths: []}]
+sources: [{name: web, paths: [], tracking_plan: default}]
 tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
 profile: {set_once: [first_plan], increment: [logins]}
 computed_traits:

@@ -35,7 +35,7 @@ LINES = [
 def _config(tmp_path, fmt="ndjson"):
     return config_from(
         f"""
-sources: [{{name: web, format: {fmt}, paths: []}}]
+sources: [{{name: web, format: {fmt}, paths: [], tracking_plan: default}}]
 tracking_plans: {{default: {{path: ../tracking_plans/example.yaml}}}}
 """
     )

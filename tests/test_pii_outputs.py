@@ -14,7 +14,7 @@ GRANT = {
 }
 
 CONFIG = """
-sources: [{name: web, paths: []}]
+sources: [{name: web, paths: [], tracking_plan: default}]
 tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
 pii: {salt: test-salt}
 sinks: {profiles: {pii: {email: hash, phone: drop}}}

@@ -133,7 +133,7 @@ def test_build_profiles_pipeline():
         keyed = (
             p | beam.Create(items) | beam.Map(lambda e: (primary_profile_key(e.event, IDENTITY), e))
         )
-        rows = {"events": keyed} | BuildProfiles(IDENTITY)
+        rows = ({"events": keyed} | BuildProfiles(IDENTITY))["profiles"]
         assert_that(
             rows | beam.Map(lambda r: (r["profile_id"], r["version"], r["traits"])),
             equal_to(

@@ -90,7 +90,7 @@ def test_unplanned_allow_and_envelope_rules_always_block():
 def test_unknown_rule_in_config_suggests_the_nearest():
     with pytest.raises(ConfigError) as e:
         config_from(
-            "sources: [{name: web, violations: {schema.aditional_property: omit}}]\n"
+            "sources: [{name: web, tracking_plan: default, violations: {schema.aditional_property: omit}}]\n"
             "tracking_plans: {default: {path: ../tracking_plans/example.yaml}}"
         )
     assert "did you mean 'schema.additional_property'?" in str(e.value)

@@ -21,7 +21,7 @@ from transforms.envelope import Envelope
 from transforms.stitching import StitchIdentities
 
 CONFIG = """
-sources: [{name: web, paths: []}]
+sources: [{name: web, paths: [], tracking_plan: default}]
 tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
 """
 

@@ -39,6 +39,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import exact_sum
+from transforms.dead_letter import FAILED, dead_letter_on_raise
 from transforms.envelope import Envelope, format_iso_ms, get_path
 
 LATE = "late"
@@ -286,6 +287,7 @@ class _ComputeTraitsFn(beam.DoFn):
     def _now(self) -> Timestamp:
         return Timestamp.of(self._clock()) if self._clock else Timestamp.now()
 
+    @dead_letter_on_raise
     def process(
         self,
         element: tuple[str, Envelope],
@@ -372,6 +374,7 @@ class _ComputeTraitsFn(beam.DoFn):
             timer.set(Timestamp(micros=nxt * 1000))
 
     @on_timer(WINDOW_TIMER)
+    @dead_letter_on_raise
     def on_window_timer(
         self,
         key=beam.DoFn.KeyParam,
@@ -402,6 +405,7 @@ class _ComputeTraitsFn(beam.DoFn):
         self._arm(state, wm, armed_state, window_timer)
 
     @on_timer(EARLY_TIMER)
+    @dead_letter_on_raise
     def on_early_timer(
         self,
         key=beam.DoFn.KeyParam,
@@ -420,7 +424,8 @@ class _ComputeTraitsFn(beam.DoFn):
 
 
 class ComputeTraits(beam.PTransform):
-    """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes and ``late`` records out."""
+    """``(profile_key, envelope)`` in; ``(profile_key, (trait, pane))`` panes, ``late`` records
+    and ``failed`` dead letters (an event, or a timer's key, the step raised on) out."""
 
     def __init__(self, specs, allowed_lateness_ms: int, clock=None):
         super().__init__()
@@ -435,4 +440,4 @@ class ComputeTraits(beam.PTransform):
     def expand(self, keyed_envelopes):
         return keyed_envelopes | "Windows" >> beam.ParDo(
             _ComputeTraitsFn(self._specs, self._lateness, self._clock)
-        ).with_outputs(LATE, main=COMPUTED)
+        ).with_outputs(LATE, FAILED, main=COMPUTED)

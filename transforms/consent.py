@@ -40,6 +40,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.dead_letter import FAILED, dead_letter, dead_letter_on_raise
 from transforms.envelope import Envelope
 from transforms.identity import extract_identifiers
 
@@ -179,6 +180,7 @@ class _EnforceConsentFn(beam.DoFn):
         self._suppressed = Metrics.counter("cdi", "privacy.deleted")
         self._delivered = Metrics.counter("cdi", "delivered")
 
+    @dead_letter_on_raise
     def process(
         self,
         element: tuple[str, Envelope],
@@ -206,12 +208,16 @@ class _EnforceConsentFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DELETED, deleted_record(env, key))
             yield ((PROFILES_DELETE,), key, None)
             return
+        # The pure rule first, state after: an event that raises has changed nothing.
         prefs = consent_observation(env.event)
         if prefs is not None:
-            timeline = timeline_state.read() or []
-            timeline_state.write(
-                add_observation(timeline, env.event_time_ms, env.event.get("messageId", ""), prefs)
+            timeline = add_observation(
+                timeline_state.read() or [],
+                env.event_time_ms,
+                env.event.get("messageId", ""),
+                prefs,
             )
+            timeline_state.write(timeline)
         held.add(tuple(env))
         current = armed.read()
         if current is None or env.event_time_ms < current:
@@ -219,6 +225,7 @@ class _EnforceConsentFn(beam.DoFn):
             timer.set(Timestamp(micros=env.event_time_ms * 1000))
 
     @on_timer(RELEASE_TIMER)
+    @dead_letter_on_raise
     def release(
         self,
         key=beam.DoFn.KeyParam,
@@ -236,17 +243,22 @@ class _EnforceConsentFn(beam.DoFn):
             if env.event_time_ms > now_ms:
                 keep.append(item)
                 continue
-            allowed, denied = judge_destinations(
-                consent_at(timeline, env.event_time_ms), self._destinations
-            )
+            try:  # one bad held event costs its own dead letter, not the others' release
+                allowed, denied = judge_destinations(
+                    consent_at(timeline, env.event_time_ms), self._destinations
+                )
+                records = [denied_record(env, key, name, missing) for name, missing in denied]
+            except Exception as e:
+                yield dead_letter((key, env), e)
+                continue
             if allowed:
                 # One element per event, not per destination: PII redaction downstream
                 # classifies the event once for all of them.
                 self._delivered.inc(len(allowed))
                 yield (tuple(allowed), key, env)
-            for name, missing in denied:
-                self._denied.inc()
-                yield beam.pvalue.TaggedOutput(DENIED, denied_record(env, key, name, missing))
+            self._denied.inc(len(records))
+            for record in records:
+                yield beam.pvalue.TaggedOutput(DENIED, record)
         held.clear()
         armed.clear()
         for item in keep:
@@ -288,7 +300,8 @@ def denied_record(env: Envelope, key: str, destination: str, missing: list[str])
 class EnforceConsent(beam.PTransform):
     """``(profile_key, envelope)`` in. Main output: ``(allowed destinations, profile_key,
     envelope)`` once per event allowed anywhere, plus ``(("profiles-delete",), profile_key,
-    None)`` for deleted persons; tagged ``consent_denied`` and ``deleted`` records."""
+    None)`` for deleted persons; tagged ``consent_denied`` and ``deleted`` records, and
+    ``failed`` dead letters (``(profile_key, envelope)`` the step raised on)."""
 
     def __init__(self, destinations, deleted_identifiers=(), identity=None):
         super().__init__()
@@ -304,4 +317,4 @@ class EnforceConsent(beam.PTransform):
     def expand(self, keyed):
         return keyed | "Judge" >> beam.ParDo(
             _EnforceConsentFn(self._destinations, self._deleted, self._identity)
-        ).with_outputs(DENIED, DELETED, main="delivered")
+        ).with_outputs(DENIED, DELETED, FAILED, main="delivered")

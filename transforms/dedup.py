@@ -31,6 +31,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration as BeamDuration
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.envelope import Envelope, format_iso_ms, get_path, pack, parse_iso_ms, unpack
 from transforms.quarantine import DUPLICATES, QUARANTINE, Violation, quarantine_record
 
@@ -88,25 +89,30 @@ def duplicate_record(env: Envelope, key: str, first_message_id: str, first_time_
 
 
 class _CopyJudge:
-    """The per-copy decision with its counters, shared by the stateful and the grouped path."""
+    """The per-copy decision with its counters, shared by the stateful and the grouped path.
+    Counters are bumped only once an element's outputs are all made (:meth:`_tally`): an element
+    that raises half-way goes to the dead letters and must not be counted unique as well."""
 
     def _count(self) -> None:
-        self._first = Metrics.counter("cdi", "dedup.first")
-        self._dups = Metrics.counter("cdi", "dedup.duplicates")
-        self._collisions = Metrics.counter("cdi", "quarantined.dedup.collision")
+        self._counters = {
+            FIRST: Metrics.counter("cdi", "dedup.first"),
+            DUPLICATE: Metrics.counter("cdi", "dedup.duplicates"),
+            COLLISION: Metrics.counter("cdi", "quarantined.dedup.collision"),
+        }
+
+    def _tally(self, decisions: list[str]) -> None:
+        for decision in decisions:
+            self._counters[decision].inc()
 
     def _judge(self, key: str, env: Envelope, state):
-        """``(outputs, new state or None)`` for one copy given the key's state."""
+        """``(decision, outputs, new state or None)`` for one copy given the key's state."""
         fp = fingerprint(env.event)
         decision = decide(state, fp)
         if decision == FIRST:
-            self._first.inc()
-            return [env], (fp, str(env.event.get("messageId", "")), env.event_time_ms)
+            return decision, [env], (fp, str(env.event.get("messageId", "")), env.event_time_ms)
         if decision == DUPLICATE:
-            self._dups.inc()
             record = duplicate_record(env, key, state[1], state[2])
-            return [beam.pvalue.TaggedOutput(DUPLICATES, record)], None
-        self._collisions.inc()
+            return decision, [beam.pvalue.TaggedOutput(DUPLICATES, record)], None
         violation = Violation(
             "dedup.collision",
             "messageId",
@@ -122,7 +128,7 @@ class _CopyJudge:
             plan_version=env.plan_version,
             message_id=env.event.get("messageId"),
         )
-        return [beam.pvalue.TaggedOutput(QUARANTINE, record)], None
+        return decision, [beam.pvalue.TaggedOutput(QUARANTINE, record)], None
 
 
 class _DedupFn(beam.DoFn, _CopyJudge):
@@ -135,6 +141,7 @@ class _DedupFn(beam.DoFn, _CopyJudge):
         self._ttl = BeamDuration(seconds=ttl_seconds)
         self._count()
 
+    @dead_letter_on_raise
     def process(
         self,
         element: tuple[str, Envelope],
@@ -143,11 +150,11 @@ class _DedupFn(beam.DoFn, _CopyJudge):
         expiry=beam.DoFn.TimerParam(EXPIRY_TIMER),
     ):
         key, env = element
-        state = seen.read()
-        outputs, first = self._judge(key, env, state)
-        if first is not None:
+        decision, outputs, first = self._judge(key, env, seen.read())
+        if first is not None:  # state is written once the pure decision is made
             seen.write(first)
             expiry.set(ts + self._ttl)
+        self._tally([decision])
         yield from outputs
 
     @on_timer(EXPIRY_TIMER)
@@ -165,8 +172,10 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
     def process(self, element):
         key, packed = element
         state = None
+        decisions, out = [], []
         for env in sorted(map(unpack, packed), key=arrival_order):
-            outputs, first = self._judge(key, env, state)
+            decision, outputs, first = self._judge(key, env, state)
+            decisions.append(decision)
             if first is not None:
                 state = first
                 # Stamped with its event time again, as the event left validation, and without
@@ -174,11 +183,14 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
                 # in a bounded run. Later shuffles then carry the parsed event alone.
                 kept = env._replace(payload="")
                 outputs = [TimestampedValue(kept, Timestamp(micros=env.event_time_ms * 1000))]
-            yield from outputs
+            out += outputs
+        self._tally(decisions)
+        return out
 
 
 class DeduplicateEvents(beam.PTransform):
-    """Envelopes in; unique envelopes out, plus ``duplicates`` and ``quarantine`` tagged outputs."""
+    """Envelopes in; unique envelopes out, plus ``duplicates``, ``quarantine`` and ``failed``
+    (dead letters: a key's copies the step raised on) tagged outputs."""
 
     def __init__(
         self,
@@ -200,17 +212,27 @@ class DeduplicateEvents(beam.PTransform):
         # Bounded: a key's copies wait for their group as bytes (envelope.pack), packed in the
         # same step that keys them.
         value = pack if self._bounded else (lambda env: env)
-        keyed = envelopes | "KeyByIdempotencyKey" >> beam.Map(
-            lambda env: (dedup_key(env.source, env.event, key_paths), value(env))
-        ).with_output_types(beam.typehints.KV[str, Any])
+        keyed = envelopes | "KeyByIdempotencyKey" >> guarded(
+            beam.Map(
+                lambda env: (dedup_key(env.source, env.event, key_paths), value(env))
+            ).with_output_types(beam.typehints.KV[str, Any])
+        )
         if self._bounded:
             # A key's copies are grouped once instead of a state read (and write) per copy.
-            return (
-                keyed
+            judged = (
+                keyed.good
                 | "Copies" >> beam.GroupByKey()
                 | "DropRepeatsOfCopies"
-                >> beam.ParDo(_DedupHistoryFn()).with_outputs(DUPLICATES, QUARANTINE, main="unique")
+                >> guarded(beam.ParDo(_DedupHistoryFn()), DUPLICATES, QUARANTINE, main="unique")
             )
-        return keyed | "DropRepeats" >> beam.ParDo(_DedupFn(self._ttl)).with_outputs(
-            DUPLICATES, QUARANTINE, main="unique"
-        )
+        else:
+            judged = keyed.good | "DropRepeats" >> beam.ParDo(_DedupFn(self._ttl)).with_outputs(
+                DUPLICATES, QUARANTINE, FAILED, main="unique"
+            )
+        failed = (keyed[FAILED], judged[FAILED]) | "MergeFailed" >> beam.Flatten()
+        return {
+            "unique": judged.unique,
+            DUPLICATES: judged[DUPLICATES],
+            QUARANTINE: judged[QUARANTINE],
+            FAILED: failed,
+        }

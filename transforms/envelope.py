@@ -98,6 +98,22 @@ def _patch_over_payload(payload: str, event: dict[str, Any], event_json: bytes) 
 # --- decoding ----------------------------------------------------------------------------------
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_text(line: bytes) -> tuple[str | None, Violation | None]:
+    """One raw line as text: UTF-8, a leading byte-order mark dropped (editors on Windows write
+    one at the top of a file); ``(None, decode.bad_encoding)`` when it is not UTF-8."""
+    if line.startswith(_BOM):
+        line = line[3:]
+    try:
+        return line.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, Violation(
+            "decode.bad_encoding", "", f"not UTF-8: byte {e.start} is 0x{line[e.start]:02x}"
+        )
+
+
 def decode_json(
     payload: str | bytes, max_bytes: int
 ) -> tuple[dict[str, Any] | None, Violation | None]:
@@ -106,7 +122,7 @@ def decode_json(
     # A str's UTF-8 size lies between len and 4 * len: encode only when that range straddles
     # the limit, so the common small event costs no copy.
     if isinstance(payload, str) and size <= max_bytes < 4 * size:
-        size = len(payload.encode("utf-8"))
+        size = len(payload.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         return None, Violation("decode.oversize", "", f"payload is {size} bytes, limit {max_bytes}")
     try:
@@ -184,11 +200,13 @@ def parse_iso_ms(value: Any) -> int | None:
 
 
 def format_iso_ms(ms: int) -> str:
-    return (
-        dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    try:
+        t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        # Beyond datetime's years 1-9999: only a bound or a sentinel gets here, never an
+        # accepted event time; say it rather than fail the bundle formatting it.
+        return f"{'+' if ms > 0 else '-'}out-of-range({ms}ms)"
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def corrected_event_time_ms(event: dict[str, Any]) -> int | None:
@@ -207,9 +225,18 @@ def corrected_event_time_ms(event: dict[str, Any]) -> int | None:
 
 
 def check_event_time(
-    event: dict[str, Any], event_time_ms: int | None, max_future_skew_ms: int, floor_ms: int
+    event: dict[str, Any],
+    event_time_ms: int | None,
+    max_future_skew_ms: int,
+    floor_ms: int,
+    now_ms: int | None = None,
 ) -> Violation | None:
-    """A violation when the event time is missing, too far ahead of receipt, or before the floor."""
+    """A violation when the event time is missing, before the floor, or too far ahead.
+
+    "Ahead" is measured from the event's ``receivedAt`` and from ``now_ms``, the time the job
+    read it, whichever is earlier (nothing can have been received after it was read): so an
+    event with no ``receivedAt`` is bounded by the read time, and a ``receivedAt`` in the far
+    future does not lift the bound. ``now_ms=None`` (pure tests) uses ``receivedAt`` alone."""
     if event_time_ms is None:
         return Violation(
             "timestamp.invalid",
@@ -222,15 +249,26 @@ def check_event_time(
             "timestamp",
             f"event time {format_iso_ms(event_time_ms)} is before the floor {format_iso_ms(floor_ms)}",
         )
-    received = parse_iso_ms(event.get("receivedAt"))
-    if received is not None and event_time_ms - received > max_future_skew_ms:
+    base, what = upper_bound_base(event, now_ms)
+    if base is not None and event_time_ms - base > max_future_skew_ms:
         return Violation(
             "timestamp.out_of_range",
             "timestamp",
             f"event time {format_iso_ms(event_time_ms)} is more than "
-            f"{max_future_skew_ms // 1000}s after receivedAt",
+            f"{max_future_skew_ms // 1000}s after {what}",
         )
     return None
+
+
+def upper_bound_base(event: dict[str, Any], now_ms: int | None) -> tuple[int | None, str]:
+    """The instant event times are bounded from, and what it is: the earlier of ``receivedAt``
+    and the read time ``now_ms`` (either may be absent)."""
+    received = parse_iso_ms(event.get("receivedAt"))
+    if received is not None and (now_ms is None or received <= now_ms):
+        return received, "receivedAt"
+    if now_ms is not None:
+        return now_ms, "the time the job read it"
+    return None, ""
 
 
 def get_path(obj: Any, path: str) -> Any:

@@ -80,11 +80,36 @@ def blocked_identifiers(event: dict[str, Any], identity) -> list[tuple[str, str]
     return out
 
 
+# Identifier types whose keys are short (``user:<v>``, ``anon:<v>``); others are ``<type>:<v>``.
+PREFIX = {"user_id": "user", "anonymous_id": "anon"}
+
+
+def id_key(id_type: str, value: str) -> str:
+    """The identifier key of a ``(type, value)``: the profile key and the stitching key."""
+    return f"{PREFIX.get(id_type, id_type)}:{value}"
+
+
+def type_rank(id_type: str, type_order: tuple[str, ...]) -> int:
+    """How well an identifier type names a person: user ids first, anonymous ids second, other
+    types in config order. The one ranking behind both the profile key of an event and the
+    anchor (the id) of a stitched person."""
+    if id_type in PREFIX:
+        return 0 if id_type == "user_id" else 1
+    try:
+        return 2 + type_order.index(id_type)
+    except ValueError:
+        return 2 + len(type_order)
+
+
 def primary_profile_key(event: dict[str, Any], identity) -> str | None:
-    """Profile key before stitching exists: the user id, else the anonymous id, else None."""
-    ids = dict(reversed(extract_identifiers(event, identity)))
-    if "user_id" in ids:
-        return "user:" + ids["user_id"]
-    if "anonymous_id" in ids:
-        return "anon:" + ids["anonymous_id"]
-    return None
+    """The key an event's profile fragment is folded under: the identifier key of its best
+    usable identifier (:func:`type_rank`, then the config's path order), or None when it has no
+    usable identifier at all. Validation quarantines such events (``identity.missing``) with
+    the same :func:`extract_identifiers`, so every valid event has a key: the device id of an
+    event whose anonymous id is blocklisted junk, for instance."""
+    ids = extract_identifiers(event, identity)
+    if not ids:
+        return None
+    order = tuple(t.name for t in identity.types)
+    best = min(range(len(ids)), key=lambda i: (type_rank(ids[i][0], order), i))
+    return id_key(*ids[best])

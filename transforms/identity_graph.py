@@ -35,15 +35,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from transforms.identity import extract_identifiers
+from transforms.identity import PREFIX, extract_identifiers, id_key, type_rank
 
-# Identifier types whose keys double as profile keys (see transforms.identity.primary_profile_key).
-_PREFIX = {"user_id": "user", "anonymous_id": "anon"}
-_TYPE_OF_PREFIX = {v: k for k, v in _PREFIX.items()}
-
-
-def id_key(id_type: str, value: str) -> str:
-    return f"{_PREFIX.get(id_type, id_type)}:{value}"
+_TYPE_OF_PREFIX = {v: k for k, v in PREFIX.items()}
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -112,12 +106,7 @@ class StitchRules:
         )
 
     def rank(self, id_type: str) -> int:
-        if id_type in _PREFIX:
-            return 0 if id_type == "user_id" else 1
-        try:
-            return 2 + self.type_order.index(id_type)
-        except ValueError:
-            return 2 + len(self.type_order)
+        return type_rank(id_type, self.type_order)
 
 
 class Refusal(NamedTuple):

@@ -41,6 +41,7 @@ from transforms.consent import (
     denied_record,
     judge_history,
 )
+from transforms.dead_letter import FAILED, guarded
 from transforms.envelope import Envelope, format_iso_ms, pack, unpack
 from transforms.identity import extract_identifiers
 from transforms.pii import PiiRule, apply_policies
@@ -83,25 +84,31 @@ class _PersonHistoryFn(beam.DoFn):
         self._panes = Metrics.counter("cdi", "computed_trait_panes")
 
     def process(self, element):
+        """All of a person's outputs, made before any is emitted or counted: a person whose
+        history raises goes to the dead letters whole (every event of it, see
+        transforms/dead_letter.py), and must not be counted as delivered as well."""
         key, packed = element
         envelopes = [unpack(blob) for blob in packed]
         if any(deletes_person(e.event, self._deleted_ids, self._identity) for e in envelopes):
-            self._suppressed.inc(len(envelopes))
-            yield beam.pvalue.TaggedOutput(DELETED, [deleted_record(e, key) for e in envelopes])
             profile = empty_profile()
             profile["deleted"] = True
-            yield key, profile
-            return
+            records = [deleted_record(e, key) for e in envelopes]
+            self._suppressed.inc(len(envelopes))
+            return [beam.pvalue.TaggedOutput(DELETED, records), (key, profile)]
+        out: list = []
         deliveries, denials = judge_history(envelopes, self._destinations)
         if denials:
-            self._denied.inc(len(denials))
-            yield beam.pvalue.TaggedOutput(
-                DENIED, [denied_record(env, key, name, missing) for env, name, missing in denials]
+            out.append(
+                beam.pvalue.TaggedOutput(
+                    DENIED,
+                    [denied_record(env, key, name, missing) for env, name, missing in denials],
+                )
             )
         batches: dict[str, list[dict]] = {}
         kept: list[tuple[int, dict[str, Any]]] = []  # what the profile store may keep
+        delivered = 0
         for allowed, env in deliveries:
-            self._delivered.inc(len(allowed))
+            delivered += len(allowed)
             events = apply_policies(
                 env.event, self._rules, {n: self._policies[n] for n in allowed}, self._salt
             )
@@ -112,26 +119,29 @@ class _PersonHistoryFn(beam.DoFn):
                     batches.setdefault(name, []).append(
                         delivery_record(name, key, env._replace(event=events[name]))
                     )
-        for name, records in batches.items():
-            yield beam.pvalue.TaggedOutput(name, records)
-        if not kept:
-            return
-        profile = empty_profile()
-        for ts_ms, event in kept:
-            ids = extract_identifiers(event, self._identity)
-            fold_event(profile, event, ts_ms, ids, self._trait_rules)
-        if self._specs:
-            panes = history_panes(self._specs, kept)
-            self._panes.inc(len(panes))
-            for name, pane in panes:
-                fold_computed(profile, name, pane)
-        yield key, profile
+        out += [beam.pvalue.TaggedOutput(name, records) for name, records in batches.items()]
+        panes = []
+        if kept:
+            profile = empty_profile()
+            for ts_ms, event in kept:
+                ids = extract_identifiers(event, self._identity)
+                fold_event(profile, event, ts_ms, ids, self._trait_rules)
+            if self._specs:
+                panes = history_panes(self._specs, kept)
+                for name, pane in panes:
+                    fold_computed(profile, name, pane)
+            out.append((key, profile))
+        self._denied.inc(len(denials))
+        self._delivered.inc(delivered)
+        self._panes.inc(len(panes))
+        return out
 
 
 class PersonHistory(beam.PTransform):
     """``(profile_key, envelope)`` in (bounded input only). Main output: ``(profile_key, profile
     fragment)``; tagged outputs ``consent_denied``, ``deleted`` and one per destination other
-    than the profile store, each a PCollection of record lists (one list per person)."""
+    than the profile store, each a PCollection of record lists (one list per person), and
+    ``failed``: dead letters ``((profile_key, [packed envelopes]), error)``."""
 
     def __init__(
         self,
@@ -162,10 +172,15 @@ class PersonHistory(beam.PTransform):
     def expand(self, keyed):
         if not keyed.is_bounded:
             raise ValueError("PersonHistory needs a bounded input; streaming runs keep state")
-        return (
-            keyed
-            | "Pack" >> beam.MapTuple(lambda key, env: (key, pack(env)))  # waits as bytes
+        packed = keyed | "Pack" >> guarded(  # waits as bytes
+            beam.Map(lambda kv: (kv[0], pack(kv[1])))
+        )
+        history = (
+            packed.good
             | "History" >> beam.GroupByKey()
             | "JudgeAndFold"
-            >> beam.ParDo(self._fn).with_outputs(DENIED, DELETED, *self._outputs, main=FRAGMENTS)
+            >> guarded(beam.ParDo(self._fn), DENIED, DELETED, *self._outputs, main=FRAGMENTS)
         )
+        failed = (packed[FAILED], history[FAILED]) | "MergeFailed" >> beam.Flatten()
+        outputs = {tag: history[tag] for tag in (FRAGMENTS, DENIED, DELETED, *self._outputs)}
+        return {**outputs, FAILED: failed}

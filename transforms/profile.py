@@ -23,6 +23,7 @@ import orjson
 
 from transforms import exact_sum
 from transforms.consent import consent_observation
+from transforms.dead_letter import FAILED, guarded
 from transforms.envelope import format_iso_ms
 
 _SEP = "\x1f"
@@ -251,13 +252,15 @@ def profile_row(
     }
 
 
-EVENT, COMPUTED, DELETE = "e", "c", "d"
+EVENT, COMPUTED, DELETE, FOLDED = "e", "c", "d", "p"
+PROFILES = "profiles"
 
 
 class ProfileCombineFn(beam.CombineFn):
     """Beam shell over the fold/merge functions.
 
-    Inputs: ``("e", event, time_ms, identifiers)`` or ``("c", trait_name, pane)``.
+    Inputs: ``("e", event, time_ms, identifiers)``, ``("p", one event already folded)``,
+    ``("c", trait_name, pane)`` or ``("d",)`` (deleted).
     """
 
     def __init__(self, rules: TraitRules = TraitRules()):
@@ -269,6 +272,8 @@ class ProfileCombineFn(beam.CombineFn):
     def add_input(self, acc, element):
         if element[0] == EVENT:
             return fold_event(acc, element[1], element[2], element[3], self._rules)
+        if element[0] == FOLDED:
+            return merge_profiles(acc, element[1])
         if element[0] == DELETE:
             acc["deleted"] = True
             return acc
@@ -294,6 +299,9 @@ class BuildProfiles(beam.PTransform):
     pre-combine before the shuffle. A deletion makes the row a tombstone (``deleted``), which the
     sink turns into a DELETE. With ``update_every`` (seconds, streaming) the global window fires
     accumulating panes on processing time; each pane is the whole profile with a larger version.
+
+    Output: ``{"profiles": rows (or ``(key, accumulator)`` fragments with ``as_rows=False``),
+    "failed": dead letters}`` (an event whose fold raised, a profile whose row did).
     """
 
     def __init__(
@@ -318,11 +326,21 @@ class BuildProfiles(beam.PTransform):
 
         identity = self._identity
 
-        def fragment(key, env):
-            ids = extract_identifiers(env.event, identity)
-            return key, (EVENT, env.event, env.event_time_ms, ids)
+        rules = self._rules
 
-        parts = [inputs["events"] | "EventFragments" >> beam.MapTuple(fragment)]
+        def fragment(element):
+            # The event folded here, on its own, not inside the combiner: an event that makes
+            # the fold raise is then one dead letter, not a failed combine. Folding then merging
+            # is what combiner lifting does anyway (merge_profiles is the CombineFn's merge).
+            key, env = element
+            ids = extract_identifiers(env.event, identity)
+            return key, (
+                FOLDED,
+                fold_event(empty_profile(), env.event, env.event_time_ms, ids, rules),
+            )
+
+        folded = inputs["events"] | "EventFragments" >> guarded(beam.Map(fragment))
+        parts = [folded.good]
         if inputs.get("computed") is not None:
             parts.append(
                 inputs["computed"]
@@ -356,5 +374,8 @@ class BuildProfiles(beam.PTransform):
             fragments = fragments | "Global" >> beam.WindowInto(window.GlobalWindows())
         aggregated = fragments | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn(self._rules))
         if not self._as_rows:
-            return aggregated  # (key, accumulator): per-identifier fragments for UnifyProfiles
-        return aggregated | "ToRow" >> beam.MapTuple(profile_row)
+            # (key, accumulator): per-identifier fragments for UnifyProfiles
+            return {PROFILES: aggregated, FAILED: folded[FAILED]}
+        rows = aggregated | "ToRow" >> guarded(beam.Map(lambda kv: profile_row(*kv)))
+        failed = (folded[FAILED], rows[FAILED]) | "MergeFailed" >> beam.Flatten()
+        return {PROFILES: rows.good, FAILED: failed}

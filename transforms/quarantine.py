@@ -9,6 +9,7 @@ Records are never logged: payloads may carry PII.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ REASONS = {
     "timestamp.invalid": "no parsable event time",
     "timestamp.out_of_range": "the event time is too far in the future or before the floor",
     "dedup.collision": "the idempotency key was seen before with a different payload",
+    "internal.error": "a step of the job raised on this element (a bug): see `exception`",
 }
 
 
@@ -62,11 +64,15 @@ def quarantine_record(
     received_at: str | None = None,
     plan_version: str | None = None,
     message_id: str | None = None,
+    raw: bytes | None = None,
 ) -> dict[str, Any]:
-    """The dead-letter record for one event; ``reason`` is the first violation's code."""
+    """The dead-letter record for one event; ``reason`` is the first violation's code.
+
+    ``raw``: the original bytes when they are not text (``decode.bad_encoding``): the record
+    then carries them as ``payload_base64`` and ``payload`` is their lossy UTF-8 reading."""
     first = violations[0]
     assert first.reason in REASONS, first.reason
-    return {
+    record = {
         "stage": stage,
         "reason": first.reason,
         "message": f"{first.path}: {first.message}" if first.path else first.message,
@@ -78,3 +84,6 @@ def quarantine_record(
         "received_at": received_at,
         "payload": payload,
     }
+    if raw is not None:
+        record["payload_base64"] = base64.b64encode(raw).decode("ascii")
+    return record

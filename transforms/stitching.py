@@ -41,6 +41,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
     Link,
@@ -57,6 +58,7 @@ MERGES = "merges"
 REVIEW = "identity_review"
 ASSIGNMENTS = "assignments"
 IDENTITIES = "identities"
+FAILED_EVENTS = "failed_events"
 
 UNLINK_TYPE = "unlink"
 DELETE_TYPE = "delete"
@@ -139,6 +141,7 @@ class _PropagateFn(beam.DoFn):
         self._first, self._last, self._cap = first, last, cap
         self._shared = Metrics.counter("cdi", "identity.shared_identifiers")
 
+    @dead_letter_on_raise
     def process(
         self,
         element,
@@ -381,6 +384,7 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
     def __init__(self, rules: StitchRules, deleted: frozenset[str]):
         _GroupResolver.__init__(self, rules, deleted)
 
+    @dead_letter_on_raise
     def process(
         self,
         element,
@@ -405,6 +409,7 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
             timer.set(ts)
 
     @on_timer(RESOLVE_TIMER)
+    @dead_letter_on_raise
     def on_resolve(
         self,
         key=beam.DoFn.KeyParam,
@@ -447,6 +452,7 @@ class _ReportBlockedFn(beam.DoFn):
     DONE = ReadModifyWriteStateSpec("done", VarIntCoder())
     TIMER = TimerSpec("report", TimeDomain.WATERMARK)
 
+    @dead_letter_on_raise
     def process(
         self,
         element,
@@ -464,6 +470,7 @@ class _ReportBlockedFn(beam.DoFn):
         best.write(tuple(keep))
 
     @on_timer(TIMER)
+    @dead_letter_on_raise
     def report(
         self,
         key=beam.DoFn.KeyParam,
@@ -492,7 +499,10 @@ class StitchIdentities(beam.PTransform):
       changes (``None``: it left the group);
     - ``identities``: ``(person, (group, members | None))`` whenever a person's members change;
     - ``merges``: ``profile_merged`` / ``profile_split`` records;
-    - ``identity_review``: refused links with their evidence and rule.
+    - ``identity_review``: refused links with their evidence and rule;
+    - ``failed_events``: dead letters of the per-event steps (envelopes the step raised on);
+    - ``failed``: dead letters of the keyed steps (an identifier's or a group's messages, a
+      timer's key): not events, see transforms/dead_letter.py.
     """
 
     def __init__(self, identity, deleted_identifiers=(), max_hops: int = 5, bounded=False):
@@ -507,50 +517,73 @@ class StitchIdentities(beam.PTransform):
 
     def expand(self, envelopes):
         identity = self._identity
-        messages = envelopes | "StitchMessages" >> beam.FlatMap(
-            lambda env: stitch_messages(env.event, env.event_time_ms, identity)
-        ).with_output_types(KV[str, Any])
-        if self._bounded:
+        bounded = self._bounded
+
+        def dead_lettered(pardo, *tags, main):
+            """Beam's dead-letter wrapper where the step keeps no state; the stateful DoFns
+            route their own (``dead_letter_on_raise``), as Beam's cannot carry timers."""
+            if bounded:
+                return guarded(pardo, *tags, main=main)
+            return pardo.with_outputs(*tags, FAILED, main=main)
+
+        messages = envelopes | "StitchMessages" >> guarded(
+            beam.FlatMap(
+                lambda env: stitch_messages(env.event, env.event_time_ms, identity)
+            ).with_output_types(KV[str, Any])
+        )
+        failed_events = [messages[FAILED]]
+        messages = messages.good
+        if bounded:
             messages = messages | "EarliestLinkPerPair" >> EarliestLinkPerPair()
-        reviews = []
+        reviews, failed = [], []
         stage = messages
         cap = self._rules.max_cluster_size
         for k in range(1, self._hops + 1):
             last = k == self._hops
-            if self._bounded:
+            if bounded:
                 # One shuffle per hop: each identifier's messages grouped and settled at once.
                 stage = stage | f"Hop[{k}]" >> beam.GroupByKey()
                 fn = _PropagateGroupedFn(first=k == 1, last=last, cap=cap)
             else:
                 fn = _PropagateFn(first=k == 1, last=last, cap=cap)
-            result = stage | f"Propagate[{k}]" >> beam.ParDo(fn).with_input_types(
-                KV[str, Any]
-            ).with_output_types(KV[str, Any]).with_outputs(REVIEW, main="next")
+            pardo = beam.ParDo(fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any])
+            result = stage | f"Propagate[{k}]" >> dead_lettered(pardo, REVIEW, main="next")
             if k == 1:
                 reviews.append(result[REVIEW])
+            failed.append(result[FAILED])
             stage = result.next
-        if self._bounded:
+        if bounded:
             resolver = _ResolveGroupedFn(self._rules, self._deleted)
             stage = stage | "Members" >> beam.GroupByKey()
         else:
             resolver = _ResolveGroupFn(self._rules, self._deleted)
-        resolved = stage | "ResolveGroup" >> beam.ParDo(resolver).with_input_types(
-            KV[str, Any]
-        ).with_outputs(ASSIGNMENTS, IDENTITIES, MERGES, REVIEW, main="unused")
-        blocked = (
-            envelopes
-            | "BlockedLinks"
-            >> beam.FlatMap(
+        resolved = stage | "ResolveGroup" >> dead_lettered(
+            beam.ParDo(resolver).with_input_types(KV[str, Any]),
+            ASSIGNMENTS,
+            IDENTITIES,
+            MERGES,
+            REVIEW,
+            main="unused",
+        )
+        failed.append(resolved[FAILED])
+        blocked_links_ = envelopes | "BlockedLinks" >> guarded(
+            beam.FlatMap(
                 lambda env: blocked_links(env.event, env.event_time_ms, identity)
             ).with_output_types(KV[str, Any])
-            | "ReportBlocked" >> beam.ParDo(_ReportBlockedFn()).with_input_types(KV[str, Any])
         )
-        review = (*reviews, resolved[REVIEW], blocked) | "MergeReview" >> beam.Flatten()
+        failed_events.append(blocked_links_[FAILED])
+        blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
+            _ReportBlockedFn()
+        ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
+        failed.append(blocked[FAILED])
+        review = (*reviews, resolved[REVIEW], blocked.review) | "MergeReview" >> beam.Flatten()
         return {
             ASSIGNMENTS: resolved[ASSIGNMENTS],
             IDENTITIES: resolved[IDENTITIES],
             MERGES: resolved[MERGES],
             REVIEW: review,
+            FAILED_EVENTS: tuple(failed_events) | "MergeFailedEvents" >> beam.Flatten(),
+            FAILED: tuple(failed) | "MergeFailed" >> beam.Flatten(),
         }
 
 

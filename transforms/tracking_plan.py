@@ -183,12 +183,20 @@ def envelope_violations(event: dict[str, Any]) -> list[Violation]:
     return out
 
 
+def depth_violations(event: dict[str, Any], max_depth: int) -> list[Violation]:
+    """The nesting limit, which applies with or without a plan."""
+    if _depth(event, max_depth - 1):
+        return [Violation("schema.too_deep", "", f"nesting deeper than {max_depth} levels")]
+    return []
+
+
 def plan_violations(
     event: dict[str, Any], compiled: CompiledPlan, max_depth: int
 ) -> list[Violation]:
     """Checks against the tracking plan; assumes :func:`envelope_violations` passed."""
-    if _depth(event, max_depth - 1):
-        return [Violation("schema.too_deep", "", f"nesting deeper than {max_depth} levels")]
+    too_deep = depth_violations(event, max_depth)
+    if too_deep:
+        return too_deep
     etype = event["type"]
     plan = compiled.plan
     if etype not in plan.types:

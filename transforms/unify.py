@@ -32,12 +32,14 @@ from apache_beam.coders import FastPrimitivesCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.typehints import KV
 
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.envelope import get_path
 from transforms.identity_graph import id_key, split_key
 from transforms.pii import apply_policy
 from transforms.profile import empty_profile, merge_profiles, profile_row
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS = "f", "r", "a", "m"
+ROWS = "rows"
 
 
 # --- pure core ---------------------------------------------------------------------------------
@@ -144,6 +146,7 @@ class _RouteFragmentsFn(beam.DoFn):
     # One cell per identifier, ``(person per group, fragment, person routed to)``.
     ROUTE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
 
+    @dead_letter_on_raise
     def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
         groups, frag, routed = route_state.read() or ({}, None, None)
@@ -238,6 +241,7 @@ class _UnifyProfilesFn(beam.DoFn):
         self._kinds = trait_kinds
         self._redact = redact
 
+    @dead_letter_on_raise
     def process(self, element, person_state=beam.DoFn.StateParam(PERSON)):
         """Streaming: a new row version at every change of the person."""
         person, msg = element
@@ -261,7 +265,9 @@ class _UnifyProfilesFn(beam.DoFn):
 
 class UnifyProfiles(beam.PTransform):
     """``{"fragments": (primary id, accumulator), "assignments": (identifier, (group, person)),
-    "identities": (person, (group, members))}`` in; profile rows (and tombstones) out."""
+    "identities": (person, (group, members))}`` in; ``{"rows": profile rows (and tombstones),
+    "failed": dead letters}`` out (an identifier's or a person's messages the step raised on:
+    not events, see transforms/dead_letter.py)."""
 
     def __init__(
         self,
@@ -283,20 +289,34 @@ class UnifyProfiles(beam.PTransform):
             | "AsAssign"
             >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))).with_output_types(KV[str, Any]),
         ) | "ToRouter" >> beam.Flatten()
-        if self._bounded:
+        bounded = self._bounded
+
+        def dead_lettered(pardo, main):
+            """Beam's dead-letter wrapper where the step keeps no state; the stateful DoFns
+            route their own (``dead_letter_on_raise``)."""
+            if bounded:
+                return guarded(pardo, main=main)
+            return pardo.with_outputs(FAILED, main=main)
+
+        if bounded:
             # Each keyed step a GroupByKey and one call per key (no state, no timers).
             routed_in = routed_in | "Fragment+Assignments" >> beam.GroupByKey()
             router, unifier = _RouteGroupedFn(), _UnifyGroupedFn(self._kinds, self._redact)
         else:
             router = _RouteFragmentsFn()
             unifier = _UnifyProfilesFn(self._kinds, self._redact)
-        routed = routed_in | "RouteFragments" >> beam.ParDo(router).with_input_types(
-            KV[str, Any]
-        ).with_output_types(KV[str, Any])
+        routed = routed_in | "RouteFragments" >> dead_lettered(
+            beam.ParDo(router).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
+            main="routed",
+        )
         members = inputs["identities"] | "AsMembers" >> beam.MapTuple(
             lambda p, m: (p, (MEMBERS, m))
         ).with_output_types(KV[str, Any])
-        to_unify = (routed, members) | "ToUnify" >> beam.Flatten()
-        if self._bounded:
+        to_unify = (routed.routed, members) | "ToUnify" >> beam.Flatten()
+        if bounded:
             to_unify = to_unify | "Fragments+Members" >> beam.GroupByKey()
-        return to_unify | "UnifyProfiles" >> beam.ParDo(unifier).with_input_types(KV[str, Any])
+        rows = to_unify | "UnifyProfiles" >> dead_lettered(
+            beam.ParDo(unifier).with_input_types(KV[str, Any]), main="rows"
+        )
+        failed = (routed[FAILED], rows[FAILED]) | "MergeFailed" >> beam.Flatten()
+        return {ROWS: rows.rows, FAILED: failed}

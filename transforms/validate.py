@@ -9,12 +9,14 @@ event time, so downstream windows and TTL timers run on event time.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
 
+from transforms.dead_letter import guarded
 from transforms.envelope import (
     CONTROL_TYPES,
     Envelope,
@@ -22,6 +24,7 @@ from transforms.envelope import (
     check_event_time,
     corrected_event_time_ms,
     decode_json,
+    decode_text,
     parse_iso_ms,
 )
 from transforms.identity import extract_identifiers
@@ -30,12 +33,16 @@ from transforms.tracking_plan import (
     TrackingPlan,
     apply_rule_modes,
     compile_plan,
+    depth_violations,
     envelope_violations,
     plan_violations,
 )
 
 # A raw input element: (source name, origin, payload). Payload is NDJSON text or an Avro record.
 RawEvent = tuple[str, str, Any]
+
+
+NO_PLAN = "none"  # the plan_version of events from a source without a tracking plan
 
 
 def judge(
@@ -49,18 +56,29 @@ def judge(
     identity,
     clamp_event_time: bool = False,
     rule_modes: dict[str, str] | None = None,
+    now_ms: int | None = None,
 ) -> tuple[Envelope | None, dict | None]:
     """The whole stateless verdict on one raw event: ``(envelope, None)`` or ``(None, record)``.
 
-    ``plan`` is a :class:`~transforms.tracking_plan.CompiledPlan`; ``identity`` an IdentityConfig.
+    ``plan`` is a :class:`~transforms.tracking_plan.CompiledPlan`, or None for a source without
+    a tracking plan (envelope rules and the depth limit only; ``plan_version`` ``none``);
+    ``identity`` an IdentityConfig; ``now_ms`` the time the job reads the event (the upper
+    bound of event times without a ``receivedAt``, see :func:`check_event_time`).
     """
     source, origin, payload = raw
+    raw_bytes = None
     if isinstance(payload, dict):  # an Avro record of the canonical envelope
         text = orjson.dumps(payload).decode()
         event, violation = avro_record_to_event(payload)
     else:
-        text = payload
-        event, violation = decode_json(payload, max_event_bytes)
+        if isinstance(payload, bytes):  # an NDJSON line as read from the file
+            text, violation = decode_text(payload)
+            if violation is not None:
+                raw_bytes, text, event = payload, payload.decode("utf-8", "replace"), None
+        else:
+            text, violation = payload, None
+        if violation is None:
+            event, violation = decode_json(text, max_event_bytes)
 
     def reject(stage: str, violations: list[Violation], version: str | None = None):
         received = event.get("receivedAt") if event else None
@@ -74,32 +92,39 @@ def judge(
             received_at=received if isinstance(received, str) else None,
             plan_version=version,
             message_id=mid if isinstance(mid, str) else None,
+            raw=raw_bytes,
         )
 
     if violation is not None:
         return reject("decode", [violation])
     violations = envelope_violations(event)
     if not violations and not extract_identifiers(event, identity):
+        # The same rule that keys the event (transforms.identity.primary_profile_key): an event
+        # is kept only when it has a usable identifier to be keyed by.
         violations = [
             Violation("identity.missing", "anonymousId", "every identifier is blocklisted junk")
         ]
     if violations:
         return reject("validate", violations)
     event_time = corrected_event_time_ms(event)
-    violation = check_event_time(event, event_time, max_future_skew_ms, floor_ms)
+    violation = check_event_time(event, event_time, max_future_skew_ms, floor_ms, now_ms)
     if violation is not None and clamp_event_time:
         received = parse_iso_ms(event.get("receivedAt"))
         if received is not None:
-            # Configured to keep such events at their receive time; say so on the event.
+            # Configured to keep such events at their receive time (never later than the
+            # time the job read them); say so on the event.
             ctx = event.setdefault("context", {})
             if isinstance(ctx, dict):  # a malformed context is the plan's to judge, not a crash
                 ctx["cdi_clamped_event_time"] = violation.message
-            event_time, violation = received, None
+            event_time = received if now_ms is None else min(received, now_ms)
+            violation = None
     if violation is not None:
         return reject("event_time", [violation])
-    version = plan.plan.version
+    version = plan.plan.version if plan is not None else NO_PLAN
     if event.get("type") in CONTROL_TYPES:
         violations = []  # control events carry no behaviour for a plan to judge
+    elif plan is None:
+        violations = depth_violations(event, max_depth)
     elif rule_modes:
         violations, notes = apply_rule_modes(event, plan, max_depth, rule_modes)
         if notes and not violations:
@@ -121,7 +146,9 @@ class _ValidateFn(beam.DoFn):
         settings: dict[str, Any],
         identity,
         modes: dict[str, dict[str, str]],
+        clock=time.time,
     ):
+        self._clock = clock  # the read time bounds event times without receivedAt
         self._plans = plans_by_source
         self._modes = modes
         self._settings = settings
@@ -131,7 +158,9 @@ class _ValidateFn(beam.DoFn):
 
     def setup(self):
         # Compile once per worker process; fastjsonschema output is not picklable anyway.
-        self._compiled = {s: compile_plan(p) for s, p in self._plans.items()}
+        self._compiled = {
+            s: (compile_plan(p) if p is not None else None) for s, p in self._plans.items()
+        }
         self._quarantined: dict[str, Any] = {}
 
     def process(self, raw: RawEvent):
@@ -141,6 +170,7 @@ class _ValidateFn(beam.DoFn):
             self._compiled[raw[0]],
             identity=self._identity,
             rule_modes=self._modes.get(raw[0]),
+            now_ms=int(self._clock() * 1000),
             **self._settings,
         )
         if env is not None:
@@ -158,11 +188,15 @@ class _ValidateFn(beam.DoFn):
 
 
 class ValidateEvents(beam.PTransform):
-    """Raw events in; ``valid`` envelopes (timestamped by event time) and ``quarantine`` records out."""
+    """Raw events in; ``valid`` envelopes (timestamped by event time), ``quarantine`` records and
+    ``failed`` dead letters (raw events the step raised on, see transforms/dead_letter.py) out.
+
+    ``plans_by_source``: every source's plan, None for a source without one (envelope rules and
+    the depth limit only). ``clock``: seconds since the epoch, the read time of an event."""
 
     def __init__(
         self,
-        plans_by_source: dict[str, TrackingPlan],
+        plans_by_source: dict[str, TrackingPlan | None],
         identity,
         *,
         max_event_bytes: int = 32768,
@@ -171,11 +205,13 @@ class ValidateEvents(beam.PTransform):
         floor_ms: int = 1420070400000,  # 2015-01-01
         clamp_event_time: bool = False,
         rule_modes: dict[str, dict[str, str]] | None = None,
+        clock=time.time,
     ):
         super().__init__()
         self._modes = {s: dict(m) for s, m in (rule_modes or {}).items() if m}
+        self._clock = clock
         if not plans_by_source:
-            raise ValueError("at least one source with a tracking plan is required")
+            raise ValueError("at least one source is required")
         if max_event_bytes <= 0 or max_depth <= 0 or max_future_skew_ms < 0:
             raise ValueError("limits must be positive")
         self._plans = dict(plans_by_source)
@@ -189,6 +225,5 @@ class ValidateEvents(beam.PTransform):
         }
 
     def expand(self, raw_events):
-        return raw_events | "Judge" >> beam.ParDo(
-            _ValidateFn(self._plans, self._settings, self._identity, self._modes)
-        ).with_outputs(QUARANTINE, main="valid")
+        fn = _ValidateFn(self._plans, self._settings, self._identity, self._modes, self._clock)
+        return raw_events | "Judge" >> guarded(beam.ParDo(fn), QUARANTINE, main="valid")
