@@ -129,7 +129,10 @@ def _clear_outputs(paths: dict[str, Path]) -> None:
             path.unlink()
         if key == "profiles":
             for suffix in ("-wal", "-shm"):
-                Path(str(path) + suffix).unlink(missing_ok=True)
+                try:
+                    Path(str(path) + suffix).unlink(missing_ok=True)
+                except NotADirectoryError:  # nothing of ours there; the run will say why
+                    pass
 
 
 def cmd_run(args, beam_args: list[str]) -> int:

@@ -63,3 +63,49 @@ def event(**kw):
     }
     base.update(kw)
     return {k: v for k, v in base.items() if v is not None}
+
+
+# --- the whole job on a file, for robustness and fuzz tests ------------------------------------
+
+
+def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True) -> dict:
+    """Run ``build`` + ``write_outputs`` over ``lines`` (raw bytes, one event each) on the local
+    runner; ``bounded=False`` runs the streaming stages over the finite input. Returns the run
+    report (counters, accounting) and every output's records and profile rows."""
+    import orjson
+
+    from pipelines import governed_profiles as job
+    from pipelines.report import build_report, counters
+
+    out = tmp_path / ("bounded" if bounded else "streaming")
+    src = tmp_path / "input.ndjson"
+    src.write_bytes(b"".join(line + b"\n" for line in lines))
+    p = make_pipeline()
+    job.write_outputs(
+        job.build(p, config, {config.sources[0].name: [str(src)]}, bounded), config, out
+    )
+    result = p.run()
+    result.wait_until_finish()
+    paths = job.output_paths(config, out)
+    report = build_report(counters(result), paths, 0.0)
+
+    def records(directory: Path) -> list[dict]:
+        return [
+            orjson.loads(line)
+            for f in sorted(directory.glob("**/part-*"))
+            for line in f.read_bytes().splitlines()
+        ]
+
+    written = [name for name in job.OUTPUTS if name not in (job.PROFILES, job.VALID)]
+    outputs = {name: records(paths[name]) for name in written}
+    outputs["destinations"] = {
+        d: records(paths[job.DESTINATIONS] / d) for d in config.consent.destinations
+    }
+    rows = {}
+    if paths[job.PROFILES].exists():
+        import sqlite3
+
+        with sqlite3.connect(paths[job.PROFILES]) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = {r["profile_id"]: dict(r) for r in conn.execute("SELECT * FROM profiles")}
+    return {"report": report, "outputs": outputs, "rows": rows}

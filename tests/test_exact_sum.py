@@ -78,3 +78,16 @@ def test_sum_trait_and_increment_trait_do_not_depend_on_order(amounts, rnd):
         return profile_row("p", merge_profiles(parts[1], parts[0]))["traits"]
 
     assert incremented(amounts) == incremented(shuffled)
+
+
+def test_integer_sums_beyond_64_bits_are_given_as_floats():
+    """Three increments of 2**63 - 1 exceed what a JSON writer carries as an integer (the
+    profile row then failed to encode: a corpus line); the sum is the nearest float."""
+    acc = exact_sum.new()
+    for _ in range(3):
+        exact_sum.add(acc, 2**63 - 1)
+    assert exact_sum.value(acc) == float(3 * (2**63 - 1))
+    assert isinstance(exact_sum.value(acc), float)
+    assert exact_sum.value(exact_sum.add(exact_sum.new(), 2**64 - 1)) == 2**64 - 1
+    huge = exact_sum.add(exact_sum.new(), 10**400)
+    assert exact_sum.value(huge) == math.inf

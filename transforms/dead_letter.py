@@ -155,17 +155,32 @@ def raw_record(stage: str, error: tuple, raw: tuple) -> dict[str, Any]:
     elif not isinstance(payload, str):
         text = _json(payload)
     cls, message = exception_fields(error)
+    event = _parsed(payload)
+    mid, received = event.get("messageId"), event.get("receivedAt")
     record = quarantine_record(
         stage=stage,
         violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")],
         payload=text,
         source=str(source),
         origin=str(origin),
+        received_at=received if isinstance(received, str) else None,
+        message_id=mid if isinstance(mid, str) else None,
         raw=data if data is not None and text.encode("utf-8", "replace") != data else None,
     )
     record["subject"] = EVENT
     record["exception"] = {"class": cls, "message": message}
     return record
+
+
+def _parsed(payload: Any) -> dict:
+    """The payload's JSON object, to cite its messageId; {} when it is none."""
+    if isinstance(payload, dict):
+        return payload
+    try:
+        value = orjson.loads(payload)
+    except Exception:  # not JSON, not text: nothing to cite
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def element_record(stage: str, subject: str, error: tuple, element: Any) -> dict[str, Any]:

@@ -53,13 +53,24 @@ def merge(a: list, b: list) -> list:
     return a
 
 
+# The integers JSON writers carry exactly (orjson: signed 64-bit up to unsigned 64-bit).
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
 def value(acc: list) -> int | float:
-    """The sum: an ``int`` when only integers were added, else the correctly rounded float."""
+    """The sum: an ``int`` when only integers were added and it fits 64 bits, else the correctly
+    rounded float (a sum of integers beyond 64 bits cannot be written as a JSON integer by the
+    sinks, so it is given as the nearest float, or an infinity)."""
     ints, partials = acc
-    if not partials:
+    if not partials and _INT_MIN <= ints <= _INT_MAX:
         return ints
     try:
         floats = math.fsum(partials)
     except (OverflowError, ValueError):  # an intermediate overflowed: the sum is infinite
         floats = math.inf if sum(partials) > 0 else -math.inf
-    return float(ints) + floats if ints else floats
+    if not ints:
+        return floats
+    try:
+        return float(ints) + floats
+    except OverflowError:  # beyond the largest float
+        return math.inf if ints > 0 else -math.inf

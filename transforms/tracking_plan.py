@@ -169,7 +169,7 @@ def _nonempty_str(v: Any) -> bool:
 def envelope_violations(event: dict[str, Any]) -> list[Violation]:
     """Checks every event must pass whatever the plan: type, idempotency key, identity."""
     etype = event.get("type")
-    if etype not in EVENT_TYPES and etype not in CONTROL_TYPES:
+    if not isinstance(etype, str) or (etype not in EVENT_TYPES and etype not in CONTROL_TYPES):
         return [Violation("event.unknown_type", "type", f"unknown event type {etype!r}")]
     out = []
     if not _nonempty_str(event.get("messageId")):

@@ -1,0 +1,284 @@
+"""No input stops the job: the three crashes found by hand, and a dead letter for every step.
+
+Each "found" test runs the line that failed the job before the fix, through both stage kinds.
+The dead-letter tests make one step raise on one marked element (a fault injected into the pure
+function the step calls) and check that the job finishes, that the element is one quarantine
+record with ``stage``, ``reason: internal.error``, the exception and the payload, and that the
+accounting still holds.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from pipelines.config import IdentityConfig
+from tests.conftest import config_from, event, run_job
+from transforms.identity import primary_profile_key
+from transforms.validate import judge
+
+CONFIG = """
+sources: [{name: web, paths: []}]
+computed_traits:
+  - {name: views, aggregate: count, event: Product Viewed}
+consent:
+  purposes: [analytics]
+  destinations: {warehouse: {purposes: [analytics], pii: {email: hash}}}
+pii: {salt: s}
+"""
+KINDS = pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "streaming"])
+SETTINGS = dict(
+    max_event_bytes=32768,
+    max_depth=16,
+    max_future_skew_ms=3600_000,
+    floor_ms=0,
+    identity=IdentityConfig(),
+)
+NOW_MS = 1_790_000_000_000  # 2026-09-21: a fixed read time for the pure tests
+
+
+def line(**kw) -> bytes:
+    return orjson.dumps(event(**kw))
+
+
+def granted(**kw) -> bytes:
+    """An event whose person granted analytics (so it reaches the warehouse)."""
+    return line(context={"consent": {"categoryPreferences": {"analytics": True}}}, **kw)
+
+
+def _accounted(run: dict, events: int) -> dict:
+    report = run["report"]
+    assert report["events_in"] == events
+    assert report["valid"] + report["quarantined"] + report["duplicates"] == events
+    assert report["accounted"]
+    return report
+
+
+# --- found 1: validation and keying agree on one identifier rule --------------------------------
+
+
+def test_the_profile_key_is_the_best_usable_identifier_by_rank():
+    identity = IdentityConfig()
+    junk_anon = event(anonymousId="undefined", context={"device": {"id": "d1"}})
+    assert primary_profile_key(junk_anon, identity) == "device_id:d1"
+    # user ids first, anonymous ids second, other types in config order (email before device)
+    both = event(
+        anonymousId="undefined", traits={"email": "A@x.io"}, context={"device": {"id": "d1"}}
+    )
+    assert primary_profile_key(both, identity) == "email:a@x.io"
+    assert primary_profile_key(event(userId="u1"), identity) == "user:u1"
+    assert primary_profile_key(event(), identity) == "anon:anon-1"
+    assert primary_profile_key(event(anonymousId="undefined"), identity) is None
+
+
+def test_validation_keeps_exactly_the_events_that_have_a_key():
+    keyed = ("web", "f", line(anonymousId="undefined", context={"device": {"id": "d1"}}))
+    env, record = judge(keyed, None, **SETTINGS)
+    assert record is None and primary_profile_key(env.event, IdentityConfig()) == "device_id:d1"
+    keyless = ("web", "f", line(anonymousId="undefined", context={"device": {"id": "0000"}}))
+    env, record = judge(keyless, None, **SETTINGS)
+    assert env is None and record["reason"] == "identity.missing"
+
+
+@KINDS
+def test_an_event_keyed_by_its_device_id_runs_through_the_job(tmp_path, bounded):
+    lines = [
+        line(messageId="1", anonymousId="undefined", context={"device": {"id": "dev-9"}}),
+        line(messageId="2", anonymousId="undefined"),  # nothing usable: identity.missing
+        line(messageId="3"),
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 3)
+    assert report["quarantined_by_reason"] == {"identity.missing": 1}
+    assert set(run["rows"]) == {"device_id:dev-9", "anon:anon-1"}
+
+
+# --- found 2: a line that is not UTF-8 ------------------------------------------------------------
+
+
+@KINDS
+def test_a_line_that_is_not_utf8_is_quarantined_with_its_bytes(tmp_path, bounded):
+    bad = b"\xff\xfe" + line(messageId="x")
+    lines = [line(messageId="1"), bad, line(messageId="2")]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 3)
+    assert report["valid"] == 2
+    (record,) = run["outputs"]["quarantine"]
+    assert record["reason"] == "decode.bad_encoding" and record["stage"] == "decode"
+    assert base64.b64decode(record["payload_base64"]) == bad
+    assert "x" in record["payload"]  # a readable (lossy) copy too
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_event():
+    env, record = judge(("web", "f", b"\xef\xbb\xbf" + line()), None, **SETTINGS)
+    assert record is None and env.event["messageId"] == "m-1"
+
+
+# --- found 3: event time without receivedAt -------------------------------------------------------
+
+
+def test_without_received_at_the_read_time_bounds_event_time():
+    far = ("web", "f", line(receivedAt=None, timestamp="9999-12-31T23:59:59Z"))
+    env, record = judge(far, None, now_ms=NOW_MS, **SETTINGS)
+    assert env is None and record["reason"] == "timestamp.out_of_range"
+    assert "after the time the job read it" in record["message"]
+    # A backfill of old files without receivedAt: past event times are untouched.
+    old = ("web", "f", line(receivedAt=None, sentAt=None, timestamp="2021-03-01T00:00:00Z"))
+    env, record = judge(old, None, now_ms=NOW_MS, **SETTINGS)
+    assert record is None and env.event_time_ms == 1614556800000
+
+
+def test_a_received_at_in_the_future_of_the_read_does_not_lift_the_bound():
+    lying = ("web", "f", line(receivedAt="9999-12-31T00:00:00Z", timestamp="9999-12-31T00:00:00Z"))
+    env, record = judge(lying, None, now_ms=NOW_MS, **SETTINGS)
+    assert env is None and record["reason"] == "timestamp.out_of_range"
+
+
+@KINDS
+def test_far_future_events_do_not_reach_profiles(tmp_path, bounded):
+    lines = [
+        line(messageId="1", receivedAt=None, sentAt=None, timestamp="9999-12-31T23:59:59Z"),
+        line(messageId="2", receivedAt="9999-12-31T23:59:59Z", timestamp="9999-12-31T23:59:59Z"),
+        line(messageId="3"),
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 3)
+    assert report["quarantined_by_reason"] == {"timestamp.out_of_range": 2}
+    assert run["rows"]["anon:anon-1"]["last_seen"].startswith("2026-11-01")
+
+
+# --- a dead letter for every step ----------------------------------------------------------------
+
+POISON = "poison"
+
+
+def _poisoned(original, *, on_arg: int = 0):
+    """``original``, raising on the marked element (its ``on_arg``-th argument mentions it)."""
+
+    def fn(*args, **kwargs):
+        if POISON in repr(args[on_arg])[:100_000]:
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+
+    return fn
+
+
+# (stage expected in the record, [(module, function, argument to look at)], stage kinds)
+FAULTS = {
+    "validate": ("validate", [("transforms.validate", "envelope_violations", 0)]),
+    "dedup": ("dedup", [("transforms.dedup", "fingerprint", 0)]),
+    "key": ("key", [("pipelines.governed_profiles", "primary_profile_key", 0)]),
+    "stitching": ("stitching", [("transforms.stitching", "stitch_messages", 0)]),
+    "consent": (
+        {True: "person_history", False: "consent"},
+        [
+            ("transforms.person_history", "judge_history", 0),
+            ("transforms.consent", "consent_observation", 0),
+        ],
+    ),
+    "pii": (
+        {True: "person_history", False: "pii"},
+        [
+            ("transforms.person_history", "apply_policies", 0),
+            ("pipelines.governed_profiles", "apply_policies", 0),
+        ],
+    ),
+    "computed_traits": (
+        {True: "person_history", False: "computed_traits"},
+        [
+            ("transforms.person_history", "history_panes", 1),
+            ("transforms.computed_traits", "extract_value", 1),
+        ],
+    ),
+    "profile": (
+        {True: "person_history", False: "profile"},
+        [("transforms.person_history", "fold_event", 1), ("transforms.profile", "fold_event", 1)],
+    ),
+}
+
+
+@KINDS
+@pytest.mark.parametrize("step", list(FAULTS))
+def test_an_event_that_makes_a_step_raise_costs_one_record(tmp_path, monkeypatch, bounded, step):
+    stage, patches = FAULTS[step]
+    stage = stage[bounded] if isinstance(stage, dict) else stage
+    for module, name, arg in patches:
+        mod = __import__(module, fromlist=[name])
+        monkeypatch.setattr(mod, name, _poisoned(getattr(mod, name), on_arg=arg))
+    lines = [
+        granted(messageId="1", anonymousId="a1"),
+        granted(messageId=POISON, anonymousId="a2"),
+        granted(messageId="3", anonymousId="a3"),
+        granted(messageId="3", anonymousId="a3"),  # a duplicate, still counted as one
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 4)
+    assert report["quarantined_by_reason"] == {"internal.error": 1}
+    assert report["duplicates"] == 1 and report["valid"] == 2
+    (record,) = run["outputs"]["quarantine"]
+    assert (record["stage"], record["reason"]) == (stage, "internal.error")
+    assert record["exception"] == {
+        "class": "RuntimeError",
+        "message": "RuntimeError('injected fault')",
+    }
+    assert record["message_id"] == POISON and POISON in record["payload"]
+    assert report["internal_errors"] == {stage: 1}
+    # Everyone else is untouched: their profiles and deliveries are there.
+    assert {"anon:a1", "anon:a3"} <= set(run["rows"])
+    delivered = {r["event"]["messageId"] for r in run["outputs"]["destinations"]["warehouse"]}
+    assert {"1", "3"} <= delivered
+
+
+@KINDS
+def test_an_event_two_parallel_steps_fail_on_is_counted_once(tmp_path, monkeypatch, bounded):
+    """Stitching and the profile branch both see every unique event: the second dead letter of
+    the same event says ``repeat`` and the accounting counts the event once."""
+    import pipelines.governed_profiles as job
+    import transforms.stitching as stitching
+
+    monkeypatch.setattr(stitching, "stitch_messages", _poisoned(stitching.stitch_messages))
+    monkeypatch.setattr(job, "primary_profile_key", _poisoned(job.primary_profile_key))
+    lines = [granted(messageId="1", anonymousId="a1"), granted(messageId=POISON, anonymousId="a2")]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 2)
+    assert report["quarantined_by_reason"] == {"internal.error": 1}
+    records = run["outputs"]["quarantine"]
+    assert sorted(r["stage"] for r in records) == ["key", "stitching"]
+    assert sorted(bool(r.get("repeat")) for r in records) == [False, True]
+    assert report["internal_errors"] == {"key": 1, "stitching": 1, "repeats": 1}
+
+
+@KINDS
+def test_a_person_unify_fails_on_is_one_record_and_the_others_are_written(
+    tmp_path, monkeypatch, bounded
+):
+    import transforms.unify as unify
+
+    monkeypatch.setattr(unify, "unify_profile", _poisoned(unify.unify_profile))
+    lines = [granted(messageId="1", anonymousId="a1"), granted(messageId="2", anonymousId=POISON)]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 2)
+    assert report["valid"] == 2  # the events were governed; their person could not be built
+    assert set(run["rows"]) == {"anon:a1"}
+    records = [r for r in run["outputs"]["quarantine"] if r["reason"] == "internal.error"]
+    assert records and all(r["stage"] == "unify" and r["subject"] == "person" for r in records)
+    assert all(POISON in r["payload"] for r in records)
+    assert report["internal_errors"] == {"unify": len(records)}
+
+
+def test_job_errors_still_fail_the_run(tmp_path, capsys):
+    """Not an element's fault: a profile database that cannot be opened fails the run, loudly
+    (exit 1), instead of dead-lettering every profile."""
+    from pipelines.cli import main
+
+    src = tmp_path / "in.ndjson"
+    src.write_bytes(line() + b"\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "blocker").write_text("a file where the database's directory must go")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources: [{name: web}]\nsinks: {profiles: {path: blocker/x.sqlite}}\n")
+    assert main(["run", "--config", str(cfg), "--input", str(src), "--output", str(out)]) == 1
+    assert "pipeline failed" in capsys.readouterr().err
