@@ -6,7 +6,10 @@ DEMO_DIR ?= data/demo
 DEMO_EVENTS ?= 10000
 DEMO_PERSONS ?= 500
 
-.PHONY: install demo test lint format bench clean
+FUZZ_SECONDS ?= 60
+FUZZ_DIR ?= data/fuzz
+
+.PHONY: install demo test lint format bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +35,14 @@ format: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# Coverage-guided fuzzing (atheris) of decode + validate + the pure per-event path, seeded with
+# tests/corpus/; a crash leaves its input in $(FUZZ_DIR)/crash-* (add it to tests/corpus/).
+fuzz: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,fuzz]'
+	mkdir -p $(FUZZ_DIR)/corpus
+	PYTHONPATH=. $(BIN)/python tests/atheris_validate.py -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/corpus
 
 bench: install
 	$(BIN)/python -m benchmarks.run_benchmark

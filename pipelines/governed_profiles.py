@@ -330,17 +330,34 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
 
 
 def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path) -> None:
+    """The output directory contract (README). A record a sink cannot write (it does not encode,
+    a row that is not a row) is a dead letter like any other: it lands in ``quarantine/`` as
+    ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run."""
     paths = output_paths(config, output_dir)
-    outputs[PROFILES] | "WriteProfiles" >> WriteProfilesToSqlite(str(paths[PROFILES]))
-    outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(str(paths[QUARANTINE]))
-    outputs[DUPLICATES] | "WriteDuplicates" >> WriteRecordsAsJson(str(paths[DUPLICATES]))
-    outputs[LATE] | "WriteLate" >> WriteRecordsAsJson(str(paths[LATE]))
-    denied, deleted = outputs[CONSENT_DENIED], outputs[DELETED]
-    denied | "WriteDenied" >> WriteRecordsAsJson(str(paths[CONSENT_DENIED]), batched=True)
-    deleted | "WriteDeleted" >> WriteRecordsAsJson(str(paths[DELETED]), batched=True)
-    outputs[MERGES] | "WriteMerges" >> WriteRecordsAsJson(str(paths[MERGES]))
-    outputs[REVIEW] | "WriteIdentityReview" >> WriteRecordsAsJson(str(paths[REVIEW]))
-    for name, records in outputs[DESTINATIONS].items():
-        records | f"Write[{name}]" >> WriteRecordsAsJson(
-            str(paths[DESTINATIONS] / name), batched=True
+    failed = [outputs[PROFILES] | "WriteProfiles" >> WriteProfilesToSqlite(str(paths[PROFILES]))]
+    outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(
+        str(paths[QUARANTINE]), lenient=True
+    )
+    for label, name, batched in (
+        ("WriteDuplicates", DUPLICATES, False),
+        ("WriteLate", LATE, False),
+        ("WriteDenied", CONSENT_DENIED, True),
+        ("WriteDeleted", DELETED, True),
+        ("WriteMerges", MERGES, False),
+        ("WriteIdentityReview", REVIEW, False),
+    ):
+        failed.append(
+            outputs[name] | label >> WriteRecordsAsJson(str(paths[name]), batched=batched)
         )
+    for name, records in outputs[DESTINATIONS].items():
+        failed.append(
+            records
+            | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True)
+        )
+    (
+        tuple(failed)
+        | "MergeSinkDeadLetters" >> beam.Flatten()
+        | "DeadLetters[sink]" >> ElementDeadLetters("sink", "record")
+        | "WriteSinkDeadLetters"
+        >> WriteRecordsAsJson(str(paths[QUARANTINE]), lenient=True, prefix="part-sink")
+    )

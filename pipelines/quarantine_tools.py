@@ -172,6 +172,8 @@ def replay_lines(records: Iterable[dict[str, Any]]) -> tuple[list[str], list[dic
     lines: list[str] = []
     broken: list[dict[str, Any]] = []
     for record in records:
+        if not is_event_record(record):
+            continue
         line = replay_line(record)
         if line is None:
             broken.append(record)
@@ -190,9 +192,13 @@ def _replay_to(
     tmp = out.with_name(out.name + ".tmp")
     replayed: Counter[str] = Counter()
     broken: list[tuple[Path | None, int, dict[str, Any]]] = []
+    skipped = 0
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for file, lineno, record in located:
+                if not is_event_record(record):
+                    skipped += 1
+                    continue
                 line = replay_line(record)
                 if line is None:
                     broken.append((file, lineno, record))
@@ -206,8 +212,16 @@ def _replay_to(
         "replayed": sum(replayed.values()),
         "still_malformed": len(broken),
         "by_source": dict(sorted(replayed.items())),
+        "not_events": skipped,
     }
     return counts, broken
+
+
+def is_event_record(record: dict[str, Any]) -> bool:
+    """A record whose payload is an event to re-submit: not the dead letter of an identifier
+    group, a person or a sink record (``subject``), nor the second record of an event that
+    two steps failed on (``repeat``: the first one is replayed)."""
+    return record.get("subject", "event") == "event" and not record.get("repeat")
 
 
 def write_replay(records: Iterable[dict[str, Any]], out_path: str | os.PathLike) -> dict[str, Any]:
@@ -249,6 +263,12 @@ def main_replay(directory: str | os.PathLike, out: str | os.PathLike) -> int:
     except (OSError, ValueError) as e:
         return _fail(str(e))
     print(f"replayed {counts['replayed']:,} events to {out}")
+    if counts["not_events"]:
+        print(
+            f"cdi quarantine: skipped {counts['not_events']:,} records that are not events to "
+            "re-submit (dead letters of identifier groups, persons or sink records, and repeats)",
+            file=sys.stderr,
+        )
     if len(counts["by_source"]) > 1:
         # The dedup key uses the configured source name, not the payload's `source` field.
         sources = ", ".join(f"{s} ({n:,})" for s, n in counts["by_source"].items())

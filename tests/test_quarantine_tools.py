@@ -179,7 +179,12 @@ def test_replay_lines_reports_still_malformed():
 def test_write_replay_counts_and_writes_ndjson(out_dir, tmp_path):
     out = tmp_path / "replay" / "events.ndjson"
     counts = write_replay(read_records(out_dir), out)
-    assert counts == {"replayed": 4, "still_malformed": 1, "by_source": {"ios": 2, "web": 2}}
+    assert counts == {
+        "replayed": 4,
+        "still_malformed": 1,
+        "by_source": {"ios": 2, "web": 2},
+        "not_events": 0,
+    }
     events = [orjson.loads(line) for line in out.read_text().splitlines()]
     assert [(e["source"], e["messageId"]) for e in events] == [
         ("web", "m-1"),
@@ -227,3 +232,17 @@ def test_read_located_gives_file_and_line(out_dir):
         ("part-00000-of-00002.ndjson", 3),
         ("part-00001-of-00002.ndjson", 1),
     ]
+
+
+def test_replay_skips_records_that_are_not_events(tmp_path):
+    """Dead letters of identifier groups, persons and sink records carry the element as JSON,
+    not an event; a repeat is an event already replayed from its first record."""
+    event = {"reason": "internal.error", "subject": "event", "source": "web", "payload": '{"a":1}'}
+    others = [
+        {**event, "subject": "person", "payload": '["anon:a1",{}]'},
+        {**event, "subject": "identifier group", "payload": '["g",[]]'},
+        {**event, "repeat": True},
+    ]
+    counts = write_replay([event, *others], tmp_path / "r.ndjson")
+    assert counts["replayed"] == 1 and counts["not_events"] == 3
+    assert (tmp_path / "r.ndjson").read_text().splitlines() == ['{"a":1,"source":"web"}']

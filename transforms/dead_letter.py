@@ -129,7 +129,7 @@ def event_record(stage: str, error: tuple, env: Envelope) -> dict[str, Any]:
     """The quarantine record of one event a step failed on."""
     cls, message = exception_fields(error)
     event = env.event if isinstance(env.event, dict) else {}
-    payload = env.payload or _json(env.event)
+    payload = env.payload or json_text(env.event)
     mid, received = event.get("messageId"), event.get("receivedAt")
     record = quarantine_record(
         stage=stage,
@@ -153,7 +153,7 @@ def raw_record(stage: str, error: tuple, raw: tuple) -> dict[str, Any]:
     if isinstance(payload, bytes):
         text, data = payload.decode("utf-8", "replace"), payload
     elif not isinstance(payload, str):
-        text = _json(payload)
+        text = json_text(payload)
     cls, message = exception_fields(error)
     event = _parsed(payload)
     mid, received = event.get("messageId"), event.get("receivedAt")
@@ -189,7 +189,7 @@ def element_record(stage: str, subject: str, error: tuple, element: Any) -> dict
     record = quarantine_record(
         stage=stage,
         violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")],
-        payload=_json(element),
+        payload=json_text(element),
         source=None,
         origin=None,
     )
@@ -217,7 +217,7 @@ def envelopes_in(element: Any) -> list[Envelope]:
     return []
 
 
-def _json(value: Any) -> str:
+def json_text(value: Any) -> str:
     """Any element as JSON text, whatever it holds (tuples, bytes, sets, NamedTuples)."""
     return orjson.dumps(
         value,
@@ -257,7 +257,7 @@ class _EventRecordsFn(beam.DoFn):
             envs = envelopes_in(element)
             pairs = [(self._key(env), event_record(self._stage, error, env)) for env in envs]
             if not envs:  # nothing recognisable as an event: still never lost
-                pairs = [(_json(element), element_record(self._stage, ELEMENT, error, element))]
+                pairs = [(json_text(element), element_record(self._stage, ELEMENT, error, element))]
         self._stage_count.inc(len(pairs))
         if self._key_paths is None:
             self._quarantined.inc(len(pairs))

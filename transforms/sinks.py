@@ -16,6 +16,8 @@ import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
 
+from transforms.dead_letter import FAILED, guarded, json_text
+
 PROFILE_COLUMNS = (
     "profile_id",
     "identities",
@@ -75,10 +77,35 @@ def open_profile_db(path: str | Path) -> sqlite3.Connection:
             time.sleep(0.05 * (attempt + 1))
 
 
+_TEXT_COLUMNS = frozenset(PROFILE_COLUMNS) - {"version"}
+
+
+def row_values(row: dict) -> tuple:
+    """A profile row as the statement's parameters: ``(profile_id,)`` for a tombstone, else one
+    value per column; raises on a row that is not one (a missing column, a wrong type), which
+    is that row's fault, not the database's."""
+    if row.get("deleted"):
+        if not isinstance(row["profile_id"], str):
+            raise TypeError(f"profile_id must be text, got {type(row['profile_id']).__name__}")
+        return (row["profile_id"],)
+    values = tuple(row[c] for c in PROFILE_COLUMNS)
+    for column, value in zip(PROFILE_COLUMNS, values, strict=True):
+        if column in _TEXT_COLUMNS and not (value is None or isinstance(value, str)):
+            raise TypeError(f"column {column} must be text, got {type(value).__name__}")
+    if not isinstance(row["version"], int) or not -(2**63) <= row["version"] < 2**63:
+        raise TypeError("version must be a 64-bit integer")
+    return values
+
+
 def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:
     """Upsert live rows and delete tombstoned ones (``{"profile_id", "deleted": True}``)."""
-    live = [tuple(r[c] for c in PROFILE_COLUMNS) for r in rows if not r.get("deleted")]
-    gone = [(r["profile_id"],) for r in rows if r.get("deleted")]
+    write_values(conn, [row_values(r) for r in rows])
+
+
+def write_values(conn: sqlite3.Connection, values: list[tuple]) -> None:
+    """One transaction: upserts (full rows) and deletes (``(profile_id,)``)."""
+    live = [v for v in values if len(v) > 1]
+    gone = [v for v in values if len(v) == 1]
     with conn:
         conn.executemany(_UPSERT, live)
         conn.executemany("DELETE FROM profiles WHERE profile_id = ?", gone)
@@ -93,14 +120,17 @@ class _SqliteProfileWriter(beam.DoFn):
         self._conn = open_profile_db(self._path)
 
     def start_bundle(self):
-        self._rows: list[dict] = []
+        self._rows: list[tuple] = []
 
     def process(self, row: dict):
-        self._rows.append(row)
+        # Checked here, per row: a bad row is its own dead letter; what fails at the commit
+        # (the database) fails the bundle and the run, as a job error should.
+        self._rows.append(row_values(row))
+        return ()  # no output; Beam's dead-letter wrapper iterates what process returns
 
     def finish_bundle(self):
         if self._rows:
-            upsert_profiles(self._conn, self._rows)
+            write_values(self._conn, self._rows)
             self._written.inc(len(self._rows))
             self._rows = []
 
@@ -118,35 +148,39 @@ class WriteProfilesToSqlite(beam.PTransform):
         self._path = str(path)
 
     def expand(self, rows):
-        return rows | "Upsert" >> beam.ParDo(_SqliteProfileWriter(self._path))
+        """Returns the dead letters: rows that are not rows (transforms/dead_letter.py)."""
+        return (rows | "Upsert" >> guarded(beam.ParDo(_SqliteProfileWriter(self._path))))[FAILED]
 
 
-def _lines(batch: list[dict]) -> list[str]:
+def _lines(batch: list[dict], encode) -> list[str]:
     # One text element for the whole batch: the text sink appends the newline after it.
-    return ["\n".join(orjson.dumps(r).decode() for r in batch)] if batch else []
+    return ["\n".join(encode(r) for r in batch)] if batch else []
 
 
 class WriteRecordsAsJson(beam.PTransform):
-    """Dict records to ``<directory>/part-SSSSS-of-NNNNN.ndjson``, one JSON object per line.
+    """Dict records to ``<directory>/<prefix>-SSSSS-of-NNNNN.ndjson``, one JSON object per line.
     ``batched``: the elements are lists of records, written as consecutive lines (a batch costs
-    the runner one element instead of one per record)."""
+    the runner one element instead of one per record). Returns the dead letters (records that do
+    not encode). ``lenient``: encode anything (bytes, tuples, big integers) rather than fail, for
+    the quarantine itself, whose records have nowhere else to go."""
 
-    def __init__(self, directory: str, batched: bool = False):
+    def __init__(
+        self, directory: str, batched: bool = False, lenient: bool = False, prefix: str = "part"
+    ):
         super().__init__()
         self._directory = str(directory)
-        self._batched = batched
+        self._batched, self._lenient, self._prefix = batched, lenient, prefix
 
     def expand(self, records):
-        to_json = (
-            beam.FlatMap(_lines) if self._batched else beam.Map(lambda r: orjson.dumps(r).decode())
+        encode = json_text if self._lenient else (lambda r: orjson.dumps(r).decode())
+        if self._batched:
+            to_json = beam.FlatMap(lambda batch: _lines(batch, encode))
+        else:
+            to_json = beam.Map(encode)
+        encoded = records | "ToJson" >> guarded(to_json)
+        encoded.good | "Write" >> beam.io.WriteToText(
+            str(Path(self._directory) / self._prefix),
+            file_name_suffix=".ndjson",
+            shard_name_template="-SSSSS-of-NNNNN",
         )
-        return (
-            records
-            | "ToJson" >> to_json
-            | "Write"
-            >> beam.io.WriteToText(
-                str(Path(self._directory) / "part"),
-                file_name_suffix=".ndjson",
-                shard_name_template="-SSSSS-of-NNNNN",
-            )
-        )
+        return encoded[FAILED]
