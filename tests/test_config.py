@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.config import ConfigError, Duration, load_config, load_default_config
-from tests.conftest import REPO, config_from
+from tests.conftest import PLAN, REPO, config_from
 
 CONFIGS = REPO / "schemas" / "configs"
 
@@ -196,3 +196,25 @@ def test_run_with_unmatched_input_exits_2(tmp_path, capsys):
 
 def test_unknown_subcommand_exits_2(capsys):
     assert main(["frobnicate"]) == 2
+
+
+def test_validate_config_says_which_sources_have_no_plan(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "sources: [{name: web}, {name: app, tracking_plan: p}]\n"
+        f"tracking_plans: {{p: {{path: {PLAN}}}, spare: {{path: {PLAN}}}}}\n"
+    )
+    assert main(["validate-config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "source 'web': no tracking plan" in out
+    assert "source 'app': tracking plan 'p'" in out
+    assert "tracking plan 'spare': not used by any source" in out
+
+
+def test_violations_need_a_plan():
+    with pytest.raises(ConfigError) as e:
+        config_from("sources: [{name: web, violations: {default: allow}}]\n")
+    assert e.value.problems == [
+        "test.yaml: sources[0].violations: the source has no tracking_plan, "
+        "so there are no plan rules to relax"
+    ]

@@ -1,3 +1,4 @@
+import orjson
 import pytest
 
 from tests.conftest import JUDGE_SETTINGS, PLAN, event
@@ -151,3 +152,20 @@ def test_clamp_with_a_non_object_context_does_not_crash():
         ("web", "f", orjson.dumps(e).decode()), COMPILED, clamp_event_time=True, **settings
     )
     assert record is None and env.event["context"] == "not an object"
+
+
+def test_a_source_without_a_plan_gets_envelope_rules_and_the_depth_limit():
+    from transforms.validate import NO_PLAN
+
+    unplanned = orjson.dumps(event(event="Anything At All", properties={"any": [1, {"x": 2}]}))
+    env, record = judge(("web", "f", unplanned), None, **JUDGE_SETTINGS)
+    assert record is None and env.plan_version == NO_PLAN == "none"
+    deep: object = 1
+    for _ in range(20):
+        deep = {"x": deep}
+    too_deep = orjson.dumps(event(properties={"deep": deep}))
+    env, record = judge(("web", "f", too_deep), None, **JUDGE_SETTINGS)
+    assert record["reason"] == "schema.too_deep" and record["plan_version"] == "none"
+    no_id = orjson.dumps(event(anonymousId=None))
+    env, record = judge(("web", "f", no_id), None, **JUDGE_SETTINGS)
+    assert record["reason"] == "identity.missing"

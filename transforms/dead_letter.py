@@ -21,9 +21,10 @@ What an element *is* differs per step, and so does its record:
   sink): one record with ``subject`` naming it and the element as JSON in ``payload``; these are
   counted per stage (``internal_error.<stage>``) and reported apart, since they are not events.
 
-Stateful steps run under the same wrapper with ``allow_unsafe_userstate_in_process``: their
-DoFns compute with pure functions first and write state last, so an element that raises has
-changed nothing (the shells are written that way on purpose; see each one's docstring).
+Stateful steps with timers cannot run under Beam's wrapper (it hides their timer callbacks from
+the runner): :func:`dead_letter_on_raise` gives their ``process`` (and timer callbacks) the same
+contract through a tagged output of their own. Their DoFns compute with pure functions first and
+write state last, so an element that raises has changed nothing.
 Tracebacks are not kept in records (they can quote values, and payloads are restricted enough).
 """
 
@@ -59,7 +60,7 @@ _HANDLING = dict(dead_letter_tag=FAILED, exc_class=Exception, partial=False, thr
 _MAX_MESSAGE = 2000  # an exception message can quote a whole element; the payload has it anyway
 
 
-def guarded(pardo: beam.ParDo, *tags: str, main: str = "good", stateful: bool = False):
+def guarded(pardo: beam.ParDo, *tags: str, main: str = "good"):
     """``pardo`` with Beam's dead-letter output under the tag :data:`FAILED`, plus its own
     ``tags`` (as ``ParDo.with_outputs``: the result is indexed by tag, ``main`` its main
     output). The tags are declared as output types first, with the main output's declared type
@@ -69,9 +70,7 @@ def guarded(pardo: beam.ParDo, *tags: str, main: str = "good", stateful: bool = 
         main_type = declared[0][0] if declared and declared[0] else Any
         pardo = pardo.with_output_types(main_type, **{t: Any for t in tags})
         pardo = pardo.with_outputs(*tags, main=main)
-    return pardo.with_exception_handling(
-        main_tag=main, **_HANDLING, allow_unsafe_userstate_in_process=stateful
-    )
+    return pardo.with_exception_handling(main_tag=main, **_HANDLING)
 
 
 def dead_letter_on_raise(method):
