@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine (Python 3.11, nothing else): `make demo` and `make test`.
+# Two entry points for a fresh machine (Python 3.11, nothing else): `make demo` and `make test`
+# (which also starts the local services the integration tests use: Kafka, PostgreSQL, Redis).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ DEMO_PERSONS ?= 500
 FUZZ_SECONDS ?= 60
 FUZZ_DIR ?= data/fuzz
 
-.PHONY: install demo test lint format bench fuzz clean
+.PHONY: install demo test lint format bench fuzz services services-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,16 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# Kafka (KRaft, from Maven jars), PostgreSQL and Redis (Debian packages) on loopback, no Docker;
+# idempotent. A service whose tools are missing is skipped (and its tests skip) unless
+# CDI_REQUIRE_SERVICES=1, as in CI. `infra/local/services.sh env` prints the addresses.
+services:
+	infra/local/services.sh start
+
+services-stop:
+	infra/local/services.sh stop
+
+test: lint services
 	$(BIN)/python -m pytest
 
 # Coverage-guided fuzzing (atheris) of decode + validate + the pure per-event path, seeded with

@@ -109,3 +109,29 @@ def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True) ->
             conn.row_factory = sqlite3.Row
             rows = {r["profile_id"]: dict(r) for r in conn.execute("SELECT * FROM profiles")}
     return {"report": report, "outputs": outputs, "rows": rows}
+
+
+# --- local services (infra/local/services.sh) --------------------------------------------------
+
+SERVICE_DEFAULTS = {
+    "CDI_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
+    "CDI_POSTGRES_URL": "postgresql://cdi@127.0.0.1:55432/cdi",
+    "CDI_REDIS_URL": "redis://127.0.0.1:56379/0",
+}
+
+
+def service_address(variable: str) -> str:
+    import os
+
+    return os.environ.get(variable) or SERVICE_DEFAULTS[variable]
+
+
+def service_unavailable(reason: str) -> None:
+    """Skip with a one-line reason; with CDI_REQUIRE_SERVICES=1 (CI) fail instead: CI must never
+    pass by skipping an integration test."""
+    import os
+
+    message = f"{reason} (start it with `make services`)"
+    if os.environ.get("CDI_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service unavailable: {message}", pytrace=False)
+    pytest.skip(message)
