@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from transforms.io.kafka import KafkaSourceConfig
 from transforms.pii import PiiRule
 
 
@@ -71,9 +72,9 @@ def parse_instant(text: str) -> float:
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
-    # Only `files` (NDJSON or Avro, local or any Beam filesystem) is available in this release;
-    # Kafka and Pub/Sub adapters are planned and the loader says so instead of ignoring them.
-    type: Literal["files"] = "files"
+    # files: NDJSON or Avro, local or any Beam filesystem; kafka: a bounded range of topics
+    # (transforms/io/kafka.py; the `kafka` section). Pub/Sub is planned.
+    type: Literal["files", "kafka"] = "files"
     format: Literal["ndjson", "avro"] = "ndjson"
     # Globs, relative to the config file; `cdi run --input` replaces them.
     paths: tuple[str, ...] = ()
@@ -83,9 +84,16 @@ class SourceConfig:
     # Per tracking-plan rule: block (quarantine), omit (strip the offending value, keep the event,
     # note it in context.cdi), allow (keep and note). `default` applies to unnamed rules.
     violations: dict[str, Literal["block", "omit", "allow"]] = field(default_factory=dict)
+    # For type: kafka (see transforms/io/kafka.py and the reference config).
+    kafka: KafkaSourceConfig | None = None
 
     def __post_init__(self):
         from transforms.tracking_plan import CONFIGURABLE_RULES
+
+        if self.type == "kafka" and self.kafka is None:
+            raise ValueError("kafka: a source of type kafka needs its `kafka` section")
+        if self.type != "kafka" and self.kafka is not None:
+            raise ValueError(f"kafka: only for sources of type kafka, not {self.type}")
 
         for rule in self.violations:
             if rule != "default" and rule not in CONFIGURABLE_RULES:

@@ -24,7 +24,6 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.config import PipelineConfig, parse_instant
-from runners.sources import ReadFileSource
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
@@ -37,6 +36,8 @@ from transforms.dead_letter import (
 )
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
+from transforms.io.files import ReadFileSource
+from transforms.io.kafka import ReadKafkaRange
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
@@ -66,10 +67,15 @@ OUTPUTS = (
 def source_inputs(
     config: PipelineConfig, override: list[str] | None = None
 ) -> dict[str, list[str]]:
-    """Input globs per source: ``--input`` replaces the first source's paths."""
-    out = {s.name: [str(config.resolve(p)) for p in s.paths] for s in config.sources}
+    """Input globs per file source: ``--input`` replaces the first file source's paths."""
+    files = [s for s in config.sources if s.type == "files"]
+    out = {s.name: [str(config.resolve(p)) for p in s.paths] for s in files}
     if override:
-        out[config.sources[0].name] = list(override)
+        if not files:
+            from pipelines.config import ConfigError
+
+            raise ConfigError(["--input: the config has no file source to read it"])
+        out[files[0].name] = list(override)
     return out
 
 
@@ -143,9 +149,11 @@ def build(
     policies = pii_policies(config)
     reads = []
     for src in config.sources:
-        reads.append(
-            p | f"Read[{src.name}]" >> ReadFileSource(src.name, src.format, inputs[src.name])
-        )
+        if src.type == "kafka":
+            read = ReadKafkaRange(src.name, src.kafka)
+        else:
+            read = ReadFileSource(src.name, src.format, inputs[src.name])
+        reads.append(p | f"Read[{src.name}]" >> read)
     raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
 
     validated = raw | "ValidateEvents" >> _validate(config, plans)

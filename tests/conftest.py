@@ -78,6 +78,7 @@ def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True) ->
     from pipelines.report import build_report, counters
 
     out = tmp_path / ("bounded" if bounded else "streaming")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "input.ndjson"
     src.write_bytes(b"".join(line + b"\n" for line in lines))
     p = make_pipeline()

@@ -42,6 +42,7 @@ def test_reference_config_documents_every_key():
         c.PipelineConfig, c.SourceConfig, c.TrackingPlanRef, c.ValidationConfig, c.EventTimeConfig,
         c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
         c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig,
+        c.KafkaSourceConfig,
     ]  # fmt: skip
     for cls in classes:
         for f in dataclasses.fields(cls):

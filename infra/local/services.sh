@@ -80,8 +80,10 @@ start_kafka() {
     command -v mvn >/dev/null || { unavailable kafka "no mvn to fetch the broker's jars"; return; }
     log "kafka: fetching kafka_2.13 $KAFKA_VERSION and its dependencies with mvn"
     mkdir -p "$lib"
+    # (set -e does not reach into a function called from a condition: check each step)
     mvn -q -B -Dstyle.color=never -f "$ROOT/infra/local/kafka/pom.xml" dependency:copy-dependencies \
-      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$lib" >&2
+      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$lib" >&2 ||
+      { log "kafka: mvn could not fetch the broker's jars"; rm -rf "$lib"; return 1; }
     touch "$lib/.complete"
   fi
   mkdir -p "$dir/logs"
@@ -109,7 +111,8 @@ EOF
     local cluster
     cluster="$("${java[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -1)"
     "${java[@]}" kafka.tools.StorageTool format --cluster-id "$cluster" --standalone \
-      --config "$dir/server.properties" >"$dir/logs/format.log" 2>&1
+      --config "$dir/server.properties" >"$dir/logs/format.log" 2>&1 ||
+      { log "kafka: formatting the storage failed (see $dir/logs/format.log)"; return 1; }
   fi
   : >"$dir/logs/server.log"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/logs/stdout.log" 2>&1 &
@@ -152,10 +155,12 @@ start_postgres() {
   mkdir -p "$dir"
   [[ "$(id -u)" == "0" ]] && chown postgres: "$dir" && chmod o+x "$STATE"
   if [[ ! -f "$dir/data/PG_VERSION" ]]; then
-    as_pg "$bin/initdb" -D "$dir/data" -U cdi --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1
+    as_pg "$bin/initdb" -D "$dir/data" -U cdi --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 ||
+      { log "postgres: initdb failed (see $dir/initdb.log)"; return 1; }
   fi
   as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 start \
-    -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" >/dev/null
+    -o "-p $PG_PORT -k $dir -c listen_addresses=127.0.0.1 -c fsync=off" >/dev/null ||
+    { log "postgres: did not start (see $dir/postgres.log)"; return 1; }
   wait_for postgres 30 pg_ready || return 1
   as_pg "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U cdi -d postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = 'cdi'" | grep -q 1 ||

@@ -1,0 +1,313 @@
+"""Kafka as a source, on confluent-kafka (a native Python reader: it runs on every runner, the
+local ones included; Beam's ``ReadFromKafka`` is a Java cross-language transform).
+
+This release reads a **bounded range** of each partition: ``stop`` is required (``end``: the
+partition's end when the job plans the read; an ISO instant: the first offset at or after it,
+by record timestamp). That is the backfill and replay path: history re-read through the same
+governed core, as a bounded run. The continuous, unbounded read is the next step.
+
+Stream contract:
+- Planning (one step, at run time): the topics' partitions are listed and each gets an offset
+  range ``[start, stop)``: ``start`` from ``earliest`` / ``latest`` / ``committed`` (the group's
+  committed offset, else earliest) / an ISO instant (``offsets_for_times``) / a map
+  ``{partition: offset}`` (others from earliest); ``stop`` as above. Pure rule:
+  :func:`plan_range`.
+- Reading: ranges are spread over workers (a reshuffle) and each is read with its own consumer,
+  assigned to the partition at ``start``; nothing is committed (a bounded re-read must not move
+  the group's position; the continuous read will commit after its outputs are durable).
+- Elements: raw events ``(source, origin, payload)`` with ``origin`` =
+  ``kafka:<topic>/<partition>@<offset>`` and the record's Kafka timestamp
+  (``ts=<ISO instant>``), so quarantine records cite where each event came from; ``payload`` is
+  the value's bytes (``value_format: json``) or the decoded Avro record of the canonical
+  envelope (``avro``, optionally in the Confluent wire format: magic byte 0 + 4-byte schema id).
+  A value that cannot be decoded is passed on as its bytes, and validation quarantines it; a
+  null value (a compaction tombstone) is an empty payload, quarantined the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+EARLIEST, LATEST, COMMITTED, END = "earliest", "latest", "committed", "end"
+_RESERVED_CONSUMER_KEYS = frozenset(
+    {"bootstrap.servers", "group.id", "enable.auto.commit", "auto.offset.reset"}
+)
+
+
+def parse_instant_ms(text: str) -> int | None:
+    """An ISO 8601 instant as epoch milliseconds (naive: UTC), or None when it is not one."""
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, AttributeError):
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return int(t.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class KafkaSourceConfig:
+    """``sources[].kafka``: where to read and which range."""
+
+    bootstrap_servers: str
+    topics: tuple[str, ...]
+    # Used for `start: committed` (and by the continuous read to commit); never committed to by
+    # a bounded read.
+    group_id: str | None = None
+    # Passed to the consumer as is (SASL/SSL: security.protocol, sasl.mechanism, sasl.username,
+    # ssl.ca.location...). Secrets belong in the environment: `${VAR}` values are expanded at
+    # run time on the worker and never logged.
+    consumer: dict[str, Any] = field(default_factory=dict)
+    # earliest | latest | committed | an ISO instant | {partition: offset}
+    start: Any = EARLIEST
+    # end | an ISO instant. Required in this release (a bounded read).
+    stop: str | None = END
+    value_format: Literal["json", "avro"] = "json"
+    # Avro values framed as the Confluent Schema Registry writes them.
+    confluent_wire_format: bool = False
+
+    def __post_init__(self):
+        if not self.bootstrap_servers:
+            raise ValueError("bootstrap_servers: required")
+        if not self.topics:
+            raise ValueError("topics: at least one topic is required")
+        bad = sorted(_RESERVED_CONSUMER_KEYS & set(self.consumer))
+        if bad:
+            raise ValueError(f"consumer: {bad[0]!r} is set by the source itself; use its own key")
+        if isinstance(self.start, dict):
+            for p, o in self.start.items():
+                if not str(p).isdigit() or not isinstance(o, int) or isinstance(o, bool) or o < 0:
+                    raise ValueError("start: a map must give {partition number: offset >= 0}")
+        elif self.start not in (EARLIEST, LATEST, COMMITTED) and (
+            not isinstance(self.start, str) or parse_instant_ms(self.start) is None
+        ):
+            raise ValueError(
+                f"start: expected earliest, latest, committed, an ISO instant or "
+                f"{{partition: offset}}, got {self.start!r}"
+            )
+        if self.start == COMMITTED and not self.group_id:
+            raise ValueError("start: committed needs a group_id")
+        if self.stop is None:
+            raise ValueError(
+                "stop: required in this release (end or an ISO instant): the continuous, "
+                "unbounded read is not built yet"
+            )
+        if self.stop != END and parse_instant_ms(self.stop) is None:
+            raise ValueError(f"stop: expected end or an ISO instant, got {self.stop!r}")
+
+
+# --- pure core ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionFacts:
+    """What the broker says about one partition when the read is planned."""
+
+    low: int  # the first offset still stored
+    high: int  # the offset the next record will get (the end)
+    committed: int | None = None  # the group's committed offset, if any
+    start_time_offset: int | None = None  # offsets_for_times(start): first at/after, or None
+    stop_time_offset: int | None = None  # offsets_for_times(stop): first at/after, or None
+
+
+def plan_range(config: KafkaSourceConfig, partition: int, facts: PartitionFacts) -> tuple[int, int]:
+    """``[start, stop)`` offsets of one partition (empty when start >= stop). A time with no
+    record at or after it resolves to the end; offsets are kept within what is stored."""
+    start_spec = config.start
+    if isinstance(start_spec, dict):
+        start = int(start_spec.get(partition, start_spec.get(str(partition), facts.low)))
+    elif start_spec == EARLIEST:
+        start = facts.low
+    elif start_spec == LATEST:
+        start = facts.high
+    elif start_spec == COMMITTED:
+        start = facts.committed if facts.committed is not None else facts.low
+    else:
+        start = facts.start_time_offset if facts.start_time_offset is not None else facts.high
+    if config.stop == END:
+        stop = facts.high
+    else:
+        stop = facts.stop_time_offset if facts.stop_time_offset is not None else facts.high
+    start = min(max(start, facts.low), facts.high)
+    stop = min(max(stop, facts.low), facts.high)
+    return start, max(start, stop)
+
+
+def origin_of(topic: str, partition: int, offset: int, timestamp_ms: int | None) -> str:
+    where = f"kafka:{topic}/{partition}@{offset}"
+    if timestamp_ms is None or timestamp_ms <= 0:
+        return where
+    stamp = dt.datetime.fromtimestamp(timestamp_ms / 1000, tz=dt.timezone.utc)
+    return f"{where} ts={stamp.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
+
+
+def decode_value(value: bytes | None, value_format: str, wire_format: bool, schema) -> Any:
+    """The payload validation judges: the JSON bytes, or the Avro record of the canonical
+    envelope; undecodable values are passed on as their bytes (and quarantined there)."""
+    if value is None:
+        return b""
+    if value_format == "json":
+        return value
+    import fastavro
+
+    data = value
+    if wire_format:
+        if len(data) < 5 or data[0] != 0:
+            return value
+        data = data[5:]
+    try:
+        record = fastavro.schemaless_reader(io.BytesIO(data), schema)
+    except Exception:  # any malformed binary: validation quarantines the raw bytes
+        return value
+    return record if isinstance(record, dict) else value
+
+
+def consumer_settings(config: KafkaSourceConfig, environ) -> dict[str, Any]:
+    """The consumer's configuration: passthrough keys with ``${VAR}`` expanded from the
+    environment, then what the source needs (no auto commit: a bounded read never commits)."""
+    out = {}
+    for key, value in config.consumer.items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            value = environ.get(value[2:-1], "")
+        out[key] = value
+    out.update(
+        {
+            "bootstrap.servers": config.bootstrap_servers,
+            "group.id": config.group_id or "cdi-pipelines-bounded-read",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+        }
+    )
+    return out
+
+
+# --- Beam shell --------------------------------------------------------------------------------
+
+_POLL_SECONDS = 1.0
+_EMPTY_POLLS_BEFORE_GIVING_UP = 60  # a range the broker stops serving: fail, do not hang
+
+
+class _PlanRangesFn(beam.DoFn):
+    def __init__(self, config: KafkaSourceConfig):
+        self._config = config
+
+    def process(self, _):
+        import os
+
+        from confluent_kafka import Consumer, TopicPartition
+
+        config = self._config
+        consumer = Consumer(consumer_settings(config, os.environ))
+        try:
+            for topic in config.topics:
+                meta = consumer.list_topics(topic, timeout=30).topics[topic]
+                if meta.error is not None:
+                    raise RuntimeError(f"kafka topic {topic!r}: {meta.error}")
+                partitions = sorted(meta.partitions)
+                committed = {}
+                if config.start == COMMITTED:
+                    tps = [TopicPartition(topic, p) for p in partitions]
+                    for tp in consumer.committed(tps, timeout=30):
+                        committed[tp.partition] = tp.offset if tp.offset >= 0 else None
+                starts = self._offsets_for(consumer, topic, partitions, config.start)
+                stops = self._offsets_for(consumer, topic, partitions, config.stop)
+                for p in partitions:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                    facts = PartitionFacts(low, high, committed.get(p), starts.get(p), stops.get(p))
+                    start, stop = plan_range(config, p, facts)
+                    if start < stop:
+                        yield (topic, p, start, stop)
+        finally:
+            consumer.close()
+
+    @staticmethod
+    def _offsets_for(consumer, topic: str, partitions: list[int], spec) -> dict[int, int | None]:
+        from confluent_kafka import TopicPartition
+
+        ms = parse_instant_ms(spec) if isinstance(spec, str) else None
+        if ms is None:
+            return {}
+        found = consumer.offsets_for_times(
+            [TopicPartition(topic, p, ms) for p in partitions], timeout=30
+        )
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+
+class _ReadRangeFn(beam.DoFn):
+    def __init__(self, source_name: str, config: KafkaSourceConfig):
+        self._name, self._config = source_name, config
+        self._records = Metrics.counter("cdi", "kafka.records_read")
+
+    def process(self, planned):
+        import os
+
+        from confluent_kafka import Consumer, TopicPartition
+
+        from transforms.envelope import envelope_avro_schema
+
+        topic, partition, start, stop = planned
+        config = self._config
+        schema = None
+        if config.value_format == "avro":
+            import fastavro
+
+            schema = fastavro.parse_schema(envelope_avro_schema())
+        consumer = Consumer(consumer_settings(config, os.environ))
+        try:
+            consumer.assign([TopicPartition(topic, partition, start)])
+            offset, empty = start, 0
+            while offset < stop:
+                msg = consumer.poll(_POLL_SECONDS)
+                if msg is None:
+                    # Offsets may have gaps (compaction, transaction markers): the range is done
+                    # when the consumer's position has reached its end.
+                    (position,) = consumer.position([TopicPartition(topic, partition)])
+                    if position.offset >= stop:
+                        break
+                    empty += 1
+                    if empty >= _EMPTY_POLLS_BEFORE_GIVING_UP:
+                        raise RuntimeError(
+                            f"kafka {topic}/{partition}: no record at offset {offset} "
+                            f"(planned up to {stop}) after {empty} polls"
+                        )
+                    continue
+                if msg.error() is not None:
+                    raise RuntimeError(f"kafka {topic}/{partition}: {msg.error()}")
+                empty = 0
+                offset = msg.offset() + 1
+                if msg.offset() >= stop:
+                    break
+                _, ts = msg.timestamp()
+                payload = decode_value(
+                    msg.value(), config.value_format, config.confluent_wire_format, schema
+                )
+                self._records.inc()
+                yield self._name, origin_of(topic, partition, msg.offset(), ts), payload
+        finally:
+            consumer.close()
+
+
+class ReadKafkaRange(beam.PTransform):
+    """Raw events ``(source, origin, payload)`` from a bounded offset range of every partition
+    of the configured topics (see the module doc)."""
+
+    def __init__(self, source_name: str, config: KafkaSourceConfig):
+        super().__init__()
+        self._name, self._config = source_name, config
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Impulse" >> beam.Impulse()
+            | "PlanRanges" >> beam.ParDo(_PlanRangesFn(self._config))
+            # Each range to any worker: partitions are read in parallel.
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self._name, self._config))
+        )
