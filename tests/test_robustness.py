@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from pipelines.config import IdentityConfig
-from tests.conftest import config_from, event, run_job
+from tests.conftest import JUDGE_SETTINGS, config_from, event, run_job
 from transforms.identity import primary_profile_key
 from transforms.validate import judge
 
@@ -29,13 +29,6 @@ consent:
 pii: {salt: s}
 """
 KINDS = pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "streaming"])
-SETTINGS = dict(
-    max_event_bytes=32768,
-    max_depth=16,
-    max_future_skew_ms=3600_000,
-    floor_ms=0,
-    identity=IdentityConfig(),
-)
 NOW_MS = 1_790_000_000_000  # 2026-09-21: a fixed read time for the pure tests
 
 
@@ -75,10 +68,10 @@ def test_the_profile_key_is_the_best_usable_identifier_by_rank():
 
 def test_validation_keeps_exactly_the_events_that_have_a_key():
     keyed = ("web", "f", line(anonymousId="undefined", context={"device": {"id": "d1"}}))
-    env, record = judge(keyed, None, **SETTINGS)
+    env, record = judge(keyed, None, **JUDGE_SETTINGS)
     assert record is None and primary_profile_key(env.event, IdentityConfig()) == "device_id:d1"
     keyless = ("web", "f", line(anonymousId="undefined", context={"device": {"id": "0000"}}))
-    env, record = judge(keyless, None, **SETTINGS)
+    env, record = judge(keyless, None, **JUDGE_SETTINGS)
     assert env is None and record["reason"] == "identity.missing"
 
 
@@ -112,7 +105,7 @@ def test_a_line_that_is_not_utf8_is_quarantined_with_its_bytes(tmp_path, bounded
 
 
 def test_a_utf8_byte_order_mark_is_not_part_of_the_event():
-    env, record = judge(("web", "f", b"\xef\xbb\xbf" + line()), None, **SETTINGS)
+    env, record = judge(("web", "f", b"\xef\xbb\xbf" + line()), None, **JUDGE_SETTINGS)
     assert record is None and env.event["messageId"] == "m-1"
 
 
@@ -121,18 +114,18 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_event():
 
 def test_without_received_at_the_read_time_bounds_event_time():
     far = ("web", "f", line(receivedAt=None, timestamp="9999-12-31T23:59:59Z"))
-    env, record = judge(far, None, now_ms=NOW_MS, **SETTINGS)
+    env, record = judge(far, None, now_ms=NOW_MS, **JUDGE_SETTINGS)
     assert env is None and record["reason"] == "timestamp.out_of_range"
     assert "after the time the job read it" in record["message"]
     # A backfill of old files without receivedAt: past event times are untouched.
     old = ("web", "f", line(receivedAt=None, sentAt=None, timestamp="2021-03-01T00:00:00Z"))
-    env, record = judge(old, None, now_ms=NOW_MS, **SETTINGS)
+    env, record = judge(old, None, now_ms=NOW_MS, **JUDGE_SETTINGS)
     assert record is None and env.event_time_ms == 1614556800000
 
 
 def test_a_received_at_in_the_future_of_the_read_does_not_lift_the_bound():
     lying = ("web", "f", line(receivedAt="9999-12-31T00:00:00Z", timestamp="9999-12-31T00:00:00Z"))
-    env, record = judge(lying, None, now_ms=NOW_MS, **SETTINGS)
+    env, record = judge(lying, None, now_ms=NOW_MS, **JUDGE_SETTINGS)
     assert env is None and record["reason"] == "timestamp.out_of_range"
 
 
@@ -282,3 +275,54 @@ def test_job_errors_still_fail_the_run(tmp_path, capsys):
     cfg.write_text("sources: [{name: web}]\nsinks: {profiles: {path: blocker/x.sqlite}}\n")
     assert main(["run", "--config", str(cfg), "--input", str(src), "--output", str(out)]) == 1
     assert "pipeline failed" in capsys.readouterr().err
+
+
+@KINDS
+def test_a_group_stitching_fails_on_is_one_record_and_the_others_resolve(
+    tmp_path, monkeypatch, bounded
+):
+    """Streaming resolves a group in an event-time timer: a timer that raises is a dead letter
+    naming its key, like the grouped step's (bounded) element."""
+    import transforms.stitching as stitching
+
+    monkeypatch.setattr(stitching, "resolve", _poisoned(stitching.resolve))
+    lines = [
+        granted(messageId="1", anonymousId="a1"),
+        granted(messageId="2", anonymousId=POISON, userId="u-poison"),  # a group with a link
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 2)
+    assert report["valid"] == 2
+    assert "anon:a1" in run["rows"]
+    (record,) = [r for r in run["outputs"]["quarantine"] if r["reason"] == "internal.error"]
+    assert record["stage"] == "stitching" and record["subject"] == "identifier group"
+    assert POISON in record["payload"]
+    assert report["internal_errors"] == {"stitching": 1}
+
+
+@KINDS
+def test_a_held_event_consent_fails_on_costs_its_own_record(tmp_path, monkeypatch, bounded):
+    """Streaming consent releases held events in a timer, one try per event: the event that
+    raises is dead-lettered and the others held with it are released."""
+    import transforms.consent as consent
+    import transforms.person_history as person_history
+
+    for module in (consent, person_history):
+        monkeypatch.setattr(module, "denied_record", _poisoned(module.denied_record))
+    lines = [
+        granted(messageId="1", anonymousId="a1"),
+        # before a1 granted anything: denied, and making the denial record raises
+        line(messageId=POISON, anonymousId="a1", timestamp="2026-11-01T09:00:00Z"),
+        granted(messageId="3", anonymousId="a1"),
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), bounded)
+    report = _accounted(run, 3)
+    records = [r for r in run["outputs"]["quarantine"] if r["reason"] == "internal.error"]
+    if bounded:  # the person's grouped history is the element: all its events
+        assert report["internal_errors"] == {"person_history": 3}
+        assert sorted(r["message_id"] for r in records) == ["1", "3", POISON]
+    else:
+        assert report["internal_errors"] == {"consent": 1}
+        assert [r["message_id"] for r in records] == [POISON]
+        delivered = {r["event"]["messageId"] for r in run["outputs"]["destinations"]["warehouse"]}
+        assert delivered == {"1", "3"}
