@@ -44,6 +44,25 @@ def _parser() -> argparse.ArgumentParser:
         help="local (default), local-streaming, or a Beam runner name (DataflowRunner, FlinkRunner...)",
     )
 
+    rep = sub.add_parser(
+        "replay",
+        help="re-read a time range of a Kafka source through the same job, as a bounded run; "
+        "activation outputs (destinations) are suppressed unless --activate",
+    )
+    rep.add_argument("--config", required=True, help="pipeline config YAML")
+    rep.add_argument("--source", required=True, help="the name of a kafka source in the config")
+    rep.add_argument(
+        "--from", dest="start", required=True, help="ISO instant: first record time read"
+    )
+    rep.add_argument(
+        "--to", dest="stop", required=True, help="ISO instant: records from here on are not read"
+    )
+    rep.add_argument("--output", required=True, help="output directory of the replay")
+    rep.add_argument(
+        "--activate", action="store_true", help="also write the destinations (activation)"
+    )
+    rep.add_argument("--runner", help="as for `cdi run`")
+
     gen = sub.add_parser(
         "generate", help="write synthetic Segment-spec events and their ground truth"
     )
@@ -143,28 +162,64 @@ def cmd_run(args, beam_args: list[str]) -> int:
     from pipelines.report import build_report, counters, format_summary, write_report
     from runners.local import runner_flag
 
-    cfg = _load(args.config)
-    inputs = job.source_inputs(cfg, args.input)
+    cfg = getattr(args, "replay_config", None) or _load(args.config)
+    inputs = job.source_inputs(cfg, getattr(args, "input", None))
     _check_inputs(inputs)
     output_dir = Path(args.output or cfg.sinks.output_dir)
     paths = job.output_paths(cfg, output_dir)
     _clear_outputs(paths)
+    activate = getattr(args, "activate", True)
 
     options = PipelineOptions(beam_args + [f"--runner={runner_flag(args.runner)}"])
     started = time.perf_counter()
     try:
         p = beam.Pipeline(options=options)
         outputs = job.build(p, cfg, inputs)
-        job.write_outputs(outputs, cfg, output_dir)
+        job.write_outputs(outputs, cfg, output_dir, activate=activate)
         result = p.run()
         result.wait_until_finish()
     except Exception as e:  # the pipeline itself failed: exit 1 with the cause
         print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
     report = build_report(counters(result), paths, time.perf_counter() - started)
+    if not activate:
+        report["activation"] = "suppressed (replay without --activate): destinations not written"
+        del report["outputs"]["destinations"]
     write_report(report, paths["report"])
     print(format_summary(report))
+    if not activate:
+        print("activation        suppressed: no destination records written (use --activate)")
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
+
+
+def replay_config(cfg, source: str, start: str, stop: str):
+    """The config of a replay: only ``source`` (a kafka source), reading ``[start, stop)`` by
+    record time. Raises ConfigError naming what is wrong."""
+    import dataclasses
+
+    from pipelines.config import ConfigError
+    from transforms.io.kafka import parse_instant_ms
+
+    named = {s.name: s for s in cfg.sources}
+    if source not in named:
+        raise ConfigError([f"--source: no source named {source!r} ({', '.join(named)})"])
+    src = named[source]
+    if src.type != "kafka":
+        raise ConfigError(
+            [f"--source {source}: replay reads kafka sources (a {src.type} source: use cdi run)"]
+        )
+    for flag, value in (("--from", start), ("--to", stop)):
+        if parse_instant_ms(value) is None:
+            raise ConfigError([f"{flag}: not an ISO 8601 instant: {value!r}"])
+    if parse_instant_ms(start) >= parse_instant_ms(stop):
+        raise ConfigError(["--from must be before --to"])
+    kafka = dataclasses.replace(src.kafka, start=start, stop=stop)
+    return dataclasses.replace(cfg, sources=(dataclasses.replace(src, kafka=kafka),))
+
+
+def cmd_replay(args, beam_args: list[str]) -> int:
+    args.replay_config = replay_config(_load(args.config), args.source, args.start, args.stop)
+    return cmd_run(args, beam_args)
 
 
 def cmd_generate(args) -> int:
@@ -208,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, rest = _parser().parse_known_args(argv)
-        if rest and args.command != "run":
+        if rest and args.command not in ("run", "replay"):
             raise UsageError(f"cdi {args.command}: unrecognized arguments: {' '.join(rest)}")
         if args.command == "run":
             return cmd_run(args, rest)
+        if args.command == "replay":
+            return cmd_replay(args, rest)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "quarantine":

@@ -337,10 +337,13 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
     }
 
 
-def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path) -> None:
+def write_outputs(
+    outputs: dict, config: PipelineConfig, output_dir: str | Path, activate: bool = True
+) -> None:
     """The output directory contract (README). A record a sink cannot write (it does not encode,
     a row that is not a row) is a dead letter like any other: it lands in ``quarantine/`` as
-    ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run."""
+    ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run. ``activate``:
+    write the destinations (a replay suppresses them unless asked)."""
     paths = output_paths(config, output_dir)
     failed = [outputs[PROFILES] | "WriteProfiles" >> WriteProfilesToSqlite(str(paths[PROFILES]))]
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(
@@ -357,7 +360,7 @@ def write_outputs(outputs: dict, config: PipelineConfig, output_dir: str | Path)
         failed.append(
             outputs[name] | label >> WriteRecordsAsJson(str(paths[name]), batched=batched)
         )
-    for name, records in outputs[DESTINATIONS].items():
+    for name, records in outputs[DESTINATIONS].items() if activate else ():
         failed.append(
             records
             | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True)

@@ -212,3 +212,108 @@ def test_start_and_stop_by_record_time(broker, tmp_path):
     run = run_job(tmp_path, [], config)
     assert run["report"]["events_in"] == 5
     assert set(run["rows"]) == {"anon:batch-1"}
+
+
+REPLAY_CONFIG = """
+sources:
+  - {{name: web, paths: []}}
+  - name: app
+    type: kafka
+    kafka: {{bootstrap_servers: "{bootstrap}", topics: [{topic}], stop: end}}
+consent:
+  purposes: [analytics]
+  destinations: {{warehouse: {{purposes: [analytics]}}}}
+"""
+
+
+def test_replay_reads_a_time_range_and_suppresses_activation_unless_asked(broker, tmp_path):
+    import json
+
+    from pipelines.cli import main
+
+    t1, t2, t3 = 1793520000000, 1793523600000, 1793527200000  # 2026-11-01 08:00, 09:00, 10:00
+    consent = {"consent": {"categoryPreferences": {"analytics": True}}}
+    events = [
+        orjson.dumps(
+            {
+                "type": "track",
+                "event": "Clicked",
+                "messageId": f"r{i}",
+                "anonymousId": f"hour-{i // 4}",
+                "timestamp": "2026-11-01T10:00:00Z",
+                "context": consent,
+            }
+        )
+        for i in range(12)
+    ]
+    topic = _topic(broker, 2)
+    _produce(broker, topic, events, [t1] * 4 + [t2] * 4 + [t3] * 4)
+    config = tmp_path / "c.yaml"
+    config.write_text(REPLAY_CONFIG.format(bootstrap=broker, topic=topic))
+    window = ["--from", "2026-11-01T09:00:00Z", "--to", "2026-11-01T10:00:00Z"]
+    base = ["replay", "--config", str(config), "--source", "app", *window]
+
+    assert main([*base, "--output", str(tmp_path / "quiet")]) == 0
+    report = json.loads((tmp_path / "quiet" / "run_report.json").read_text())
+    assert report["events_in"] == 4 and report["valid"] == 4
+    assert "suppressed" in report["activation"]
+    assert not (tmp_path / "quiet" / "destinations").exists()
+
+    assert main([*base, "--output", str(tmp_path / "loud"), "--activate"]) == 0
+    delivered = [
+        orjson.loads(line)["event"]["messageId"]
+        for f in (tmp_path / "loud" / "destinations" / "warehouse").glob("part-*")
+        for line in f.read_text().splitlines()
+    ]
+    assert sorted(delivered) == ["r4", "r5", "r6", "r7"]
+
+
+def test_replay_refuses_what_it_cannot_read(tmp_path, capsys):
+    from pipelines.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(REPLAY_CONFIG.format(bootstrap="127.0.0.1:1", topic="t"))
+    window = ["--from", "2026-11-01T09:00:00Z", "--to", "2026-11-01T10:00:00Z"]
+    out = ["--output", str(tmp_path / "o")]
+    assert main(["replay", "--config", str(config), "--source", "web", *window, *out]) == 2
+    assert "replay reads kafka sources" in capsys.readouterr().err
+    assert main(["replay", "--config", str(config), "--source", "nope", *window, *out]) == 2
+    backwards = ["--from", "2026-11-02T00:00:00Z", "--to", "2026-11-01T00:00:00Z"]
+    assert main(["replay", "--config", str(config), "--source", "app", *backwards, *out]) == 2
+    assert "--from must be before --to" in capsys.readouterr().err
+
+
+def test_avro_values_in_the_confluent_wire_format(broker, tmp_path):
+    schema = fastavro.parse_schema(envelope_avro_schema())
+
+    def framed(event: dict) -> bytes:
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, schema, event_to_avro_record(event))
+        return b"\x00\x00\x00\x00\x2a" + buf.getvalue()  # magic byte, schema id 42
+
+    events = [
+        {
+            "type": "identify",
+            "messageId": f"a{i}",
+            "userId": f"u{i}",
+            "traits": {"plan": "pro"},
+            "timestamp": "2026-11-01T10:00:00Z",
+        }
+        for i in range(3)
+    ]
+    topic = _topic(broker, 1)
+    _produce(broker, topic, [framed(e) for e in events] + [b"\x00\x00\x00\x00\x2anot avro"])
+    config = config_from(
+        f"""
+sources:
+  - name: app
+    type: kafka
+    kafka: {{bootstrap_servers: "{broker}", topics: [{topic}], value_format: avro,
+             confluent_wire_format: true}}
+"""
+    )
+    run = run_job(tmp_path, [], config)
+    report = run["report"]
+    assert (report["events_in"], report["valid"], report["quarantined"]) == (4, 3, 1)
+    assert set(run["rows"]) == {"user:u0", "user:u1", "user:u2"}
+    assert '"plan":"pro"' in run["rows"]["user:u0"]["traits"]

@@ -82,8 +82,9 @@ start_kafka() {
     mkdir -p "$lib"
     # (set -e does not reach into a function called from a condition: check each step)
     mvn -q -B -Dstyle.color=never -f "$ROOT/infra/local/kafka/pom.xml" dependency:copy-dependencies \
-      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$lib" >&2 ||
-      { log "kafka: mvn could not fetch the broker's jars"; rm -rf "$lib"; return 1; }
+      -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$lib" \
+      >"$dir/mvn.log" 2>&1 ||
+      { log "kafka: mvn could not fetch the broker's jars (see $dir/mvn.log)"; rm -rf "$lib"; return 1; }
     touch "$lib/.complete"
   fi
   mkdir -p "$dir/logs"
@@ -104,6 +105,9 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
+# Keep everything: tests and replays produce records with historical timestamps, which the
+# default 7-day time retention would delete within minutes.
+log.retention.ms=-1
 EOF
   local java=(java -Xms256m -Xmx512m "-Dkafka.logs.dir=$dir/logs"
     "-Dlog4j2.configurationFile=$ROOT/infra/local/kafka/log4j2.properties" -cp "$lib/*")
