@@ -10,7 +10,7 @@ DEMO_PERSONS ?= 500
 FUZZ_SECONDS ?= 60
 FUZZ_DIR ?= data/fuzz
 
-.PHONY: install demo test lint format bench fuzz services services-stop clean
+.PHONY: install demo test lint format bench fuzz services services-stop prism clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +40,21 @@ format: install
 services:
 	infra/local/services.sh start
 
+# Beam's Prism runner (a Go program) at the installed Beam's version, from the Go module proxy,
+# into the venv (`cdi run --runner prism`). Skipped with a reason where Go is missing.
+prism: install
+	@if [ -x $(BIN)/prism ]; then echo "prism: $(BIN)/prism"; \
+	elif command -v go >/dev/null; then \
+	  v=$$($(BIN)/python -c 'import apache_beam; print(apache_beam.__version__)' 2>/dev/null); \
+	  echo "prism: building github.com/apache/beam/sdks/v2/go/cmd/prism@v$$v"; \
+	  GOBIN=$(abspath $(BIN)) go install github.com/apache/beam/sdks/v2/go/cmd/prism@v$$v; \
+	elif [ "$$CDI_REQUIRE_SERVICES" = "1" ]; then echo "prism: no Go to build it" >&2; exit 1; \
+	else echo "prism: skipped: no Go to build it (its tests skip)"; fi
+
 services-stop:
 	infra/local/services.sh stop
 
-test: lint services
+test: lint services prism
 	$(BIN)/python -m pytest
 
 # Coverage-guided fuzzing (atheris) of decode + validate + the pure per-event path, seeded with

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output directory (default: sinks.output_dir)")
     run.add_argument(
         "--runner",
-        help="local (default), local-streaming, or a Beam runner name (DataflowRunner, FlinkRunner...)",
+        help="local (default), local-streaming, prism (`make prism`), or a Beam runner name "
+        "(DataflowRunner, FlinkRunner...)",
     )
 
     rep = sub.add_parser(
@@ -160,7 +161,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
 
     from pipelines import governed_profiles as job
     from pipelines.report import build_report, counters, format_summary, write_report
-    from runners.local import runner_flag
+    from runners.local import runner_args
 
     cfg = getattr(args, "replay_config", None) or _load(args.config)
     inputs = job.source_inputs(cfg, getattr(args, "input", None))
@@ -170,7 +171,11 @@ def cmd_run(args, beam_args: list[str]) -> int:
     _clear_outputs(paths)
     activate = getattr(args, "activate", True)
 
-    options = PipelineOptions(beam_args + [f"--runner={runner_flag(args.runner)}"])
+    try:
+        runner = runner_args(args.runner)
+    except FileNotFoundError as e:
+        raise UsageError(f"cdi run: --runner {args.runner}: {e}") from None
+    options = PipelineOptions(beam_args + runner)
     started = time.perf_counter()
     try:
         p = beam.Pipeline(options=options)

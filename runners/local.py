@@ -8,6 +8,10 @@ and is not a dependency we want in CI, so we never ask for it:
   Flink's SDK harness also run, with Beam's state, timers and combiners.
 - ``local-streaming``: the ``BundleBasedDirectRunner``, which supports ``TestStream``, processing-time
   triggers and unbounded sources.
+- ``prism``: Beam's portable local runner (a Go program), built from the Go module proxy by
+  ``make prism`` into ``.venv/bin/prism`` (or found at ``$CDI_PRISM`` / on PATH) and passed as
+  ``--prism_location``: Beam's own download of it from GitHub cannot work here. It runs the
+  streaming stages over bounded and unbounded inputs with real watermarks.
 - Anything else (``DataflowRunner``, ``FlinkRunner``, ``PortableRunner``...) is passed to Beam as is;
   see docs in the README for what production needs (job server jar, expansion service).
 
@@ -19,8 +23,14 @@ production, and the stateful stages stop being dominated by cache bookkeeping.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 LOCAL = "local"
 LOCAL_STREAMING = "local-streaming"
+PRISM = "prism"
 
 _ALIASES = {
     LOCAL: "FnApiRunner",
@@ -28,7 +38,33 @@ _ALIASES = {
     LOCAL_STREAMING: "BundleBasedDirectRunner",
     "direct": "BundleBasedDirectRunner",
     "bundlebaseddirectrunner": "BundleBasedDirectRunner",
+    PRISM: "PrismRunner",
+    "prismrunner": "PrismRunner",
 }
+
+
+def prism_binary() -> str | None:
+    """The Prism binary: ``$CDI_PRISM``, else next to this Python (``make prism`` puts it in the
+    venv), else on PATH; None when there is none."""
+    candidates = [os.environ.get("CDI_PRISM"), str(Path(sys.executable).parent / "prism")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return shutil.which("prism")
+
+
+def runner_args(name: str | None, streaming: bool = False) -> list[str]:
+    """``--runner=...`` plus what that runner needs to run offline (Prism: its binary)."""
+    resolved = runner_flag(name, streaming)
+    args = [f"--runner={resolved}"]
+    if resolved == "PrismRunner":
+        binary = prism_binary()
+        if binary is None:
+            raise FileNotFoundError(
+                "no Prism binary: run `make prism` (needs Go), or set CDI_PRISM to one"
+            )
+        args.append(f"--prism_location={binary}")
+    return args
 
 
 def disable_local_state_cache() -> None:

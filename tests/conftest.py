@@ -68,10 +68,11 @@ def event(**kw):
 # --- the whole job on a file, for robustness and fuzz tests ------------------------------------
 
 
-def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True) -> dict:
+def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True, options=None) -> dict:
     """Run ``build`` + ``write_outputs`` over ``lines`` (raw bytes, one event each) on the local
-    runner; ``bounded=False`` runs the streaming stages over the finite input. Returns the run
-    report (counters, accounting) and every output's records and profile rows."""
+    runner (or with ``options``, a list of Beam flags: another runner); ``bounded=False`` runs
+    the streaming stages over the finite input. Returns the run report (counters, accounting)
+    and every output's records and profile rows."""
     import orjson
 
     from pipelines import governed_profiles as job
@@ -81,7 +82,12 @@ def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True) ->
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "input.ndjson"
     src.write_bytes(b"".join(line + b"\n" for line in lines))
-    p = make_pipeline()
+    if options is None:
+        p = make_pipeline()
+    else:
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        p = TestPipeline(options=PipelineOptions(options), blocking=True)
     job.write_outputs(
         job.build(p, config, {config.sources[0].name: [str(src)]}, bounded), config, out
     )
@@ -127,12 +133,12 @@ def service_address(variable: str) -> str:
     return os.environ.get(variable) or SERVICE_DEFAULTS[variable]
 
 
-def service_unavailable(reason: str) -> None:
+def service_unavailable(reason: str, fix: str = "start it with `make services`") -> None:
     """Skip with a one-line reason; with CDI_REQUIRE_SERVICES=1 (CI) fail instead: CI must never
     pass by skipping an integration test."""
     import os
 
-    message = f"{reason} (start it with `make services`)"
+    message = f"{reason} ({fix})"
     if os.environ.get("CDI_REQUIRE_SERVICES") == "1":
         pytest.fail(f"required service unavailable: {message}", pytrace=False)
     pytest.skip(message)
