@@ -175,7 +175,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
         runner = runner_args(args.runner)
     except FileNotFoundError as e:
         raise UsageError(f"cdi run: --runner {args.runner}: {e}") from None
-    options = PipelineOptions(beam_args + runner)
+    options = PipelineOptions(runner + beam_args)
     started = time.perf_counter()
     try:
         p = beam.Pipeline(options=options)

@@ -54,7 +54,8 @@ def prism_binary() -> str | None:
 
 
 def runner_args(name: str | None, streaming: bool = False) -> list[str]:
-    """``--runner=...`` plus what that runner needs to run offline (Prism: its binary)."""
+    """``--runner=...`` plus what that runner needs to run offline (Prism: its binary, a job
+    stream deadline fit for long runs). Put user flags after these: the last one wins."""
     resolved = runner_flag(name, streaming)
     args = [f"--runner={resolved}"]
     if resolved == "PrismRunner":
@@ -64,6 +65,10 @@ def runner_args(name: str | None, streaming: bool = False) -> list[str]:
                 "no Prism binary: run `make prism` (needs Go), or set CDI_PRISM to one"
             )
         args.append(f"--prism_location={binary}")
+        # Beam applies --job_server_timeout (default 300 s) as the deadline of the job's state
+        # and message streams too: a Prism run longer than 5 minutes failed with
+        # DEADLINE_EXCEEDED. A month instead (a flag given after these wins).
+        args.append(f"--job_server_timeout={30 * 86400}")
     return args
 
 

@@ -87,3 +87,21 @@ def test_streaming_stages_on_prism_equal_the_batch_run(scenario, tmp_path):
         assert prism["report"][key] == local["report"][key], key
     assert _rows(prism, computed=False) == _rows(local, computed=False)
     assert _records(prism) == _records(local)
+
+
+def test_prism_runner_flags(tmp_path, monkeypatch):
+    """`--runner prism` finds its binary and lifts Beam's 300 s job stream deadline; a flag the
+    user gives after them wins."""
+    from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
+
+    from runners.local import runner_args
+
+    fake = tmp_path / "prism"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CDI_PRISM", str(fake))
+    args = runner_args("prism")
+    assert args[0] == "--runner=PrismRunner" and f"--prism_location={fake}" in args
+    assert PipelineOptions(args).view_as(PortableOptions).job_server_timeout == 30 * 86400
+    mine = PipelineOptions([*args, "--job_server_timeout=60"])
+    assert mine.view_as(PortableOptions).job_server_timeout == 60
