@@ -203,7 +203,7 @@ def replay_config(cfg, source: str, start: str, stop: str):
     import dataclasses
 
     from pipelines.config import ConfigError
-    from transforms.io.kafka import parse_instant_ms
+    from transforms.envelope import parse_iso_ms as parse_instant_ms
 
     named = {s.name: s for s in cfg.sources}
     if source not in named:

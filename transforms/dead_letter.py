@@ -45,7 +45,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import MAX_TIMESTAMP, Duration, Timestamp
 
-from transforms.envelope import Envelope, unpack
+from transforms.envelope import Envelope, decode_text, unpack
 from transforms.quarantine import Violation, quarantine_record
 
 INTERNAL_ERROR = "internal.error"
@@ -124,25 +124,39 @@ def exception_fields(error: tuple) -> tuple[str, str]:
     return name, str(exc_repr)[:_MAX_MESSAGE]
 
 
-def event_record(stage: str, error: tuple, env: Envelope) -> dict[str, Any]:
-    """The quarantine record of one event a step failed on."""
+def _record(stage: str, error: tuple, subject: str, **fields) -> dict[str, Any]:
+    """A quarantine record with ``reason: internal.error``, the exception and ``subject``."""
     cls, message = exception_fields(error)
-    event = env.event if isinstance(env.event, dict) else {}
-    payload = env.payload or json_text(env.event)
-    mid, received = event.get("messageId"), event.get("receivedAt")
     record = quarantine_record(
-        stage=stage,
-        violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")],
-        payload=payload,
-        source=env.source,
-        origin=env.origin,
-        received_at=received if isinstance(received, str) else None,
-        plan_version=env.plan_version or None,
-        message_id=mid if isinstance(mid, str) else None,
+        stage=stage, violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")], **fields
     )
-    record["subject"] = EVENT
+    record["subject"] = subject
     record["exception"] = {"class": cls, "message": message}
     return record
+
+
+def _cited(event: Any) -> dict[str, str | None]:
+    """The messageId and receivedAt an event's record cites, when they are text."""
+    event = event if isinstance(event, dict) else {}
+    mid, received = event.get("messageId"), event.get("receivedAt")
+    return {
+        "message_id": mid if isinstance(mid, str) else None,
+        "received_at": received if isinstance(received, str) else None,
+    }
+
+
+def event_record(stage: str, error: tuple, env: Envelope) -> dict[str, Any]:
+    """The quarantine record of one event a step failed on."""
+    return _record(
+        stage,
+        error,
+        EVENT,
+        payload=env.payload or json_text(env.event),
+        source=env.source,
+        origin=env.origin,
+        plan_version=env.plan_version or None,
+        **_cited(env.event),
+    )
 
 
 def raw_record(stage: str, error: tuple, raw: tuple) -> dict[str, Any]:
@@ -150,25 +164,21 @@ def raw_record(stage: str, error: tuple, raw: tuple) -> dict[str, Any]:
     source, origin, payload = (list(raw) + [None, None, None])[:3]
     text, data = payload, None
     if isinstance(payload, bytes):
-        text, data = payload.decode("utf-8", "replace"), payload
+        text, bad = decode_text(payload)
+        if bad is not None:  # not UTF-8: keep the bytes, as validation would
+            text, data = payload.decode("utf-8", "replace"), payload
     elif not isinstance(payload, str):
         text = json_text(payload)
-    cls, message = exception_fields(error)
-    event = _parsed(payload)
-    mid, received = event.get("messageId"), event.get("receivedAt")
-    record = quarantine_record(
-        stage=stage,
-        violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")],
+    return _record(
+        stage,
+        error,
+        EVENT,
         payload=text,
         source=str(source),
         origin=str(origin),
-        received_at=received if isinstance(received, str) else None,
-        message_id=mid if isinstance(mid, str) else None,
-        raw=data if data is not None and text.encode("utf-8", "replace") != data else None,
+        raw=data,
+        **_cited(_parsed(payload)),
     )
-    record["subject"] = EVENT
-    record["exception"] = {"class": cls, "message": message}
-    return record
 
 
 def _parsed(payload: Any) -> dict:
@@ -184,17 +194,7 @@ def _parsed(payload: Any) -> dict:
 
 def element_record(stage: str, subject: str, error: tuple, element: Any) -> dict[str, Any]:
     """The quarantine record of a failed element that is not an event (a group, a person...)."""
-    cls, message = exception_fields(error)
-    record = quarantine_record(
-        stage=stage,
-        violations=[Violation(INTERNAL_ERROR, "", f"{cls}: {message}")],
-        payload=json_text(element),
-        source=None,
-        origin=None,
-    )
-    record["subject"] = subject
-    record["exception"] = {"class": cls, "message": message}
-    return record
+    return _record(stage, error, subject, payload=json_text(element), source=None, origin=None)
 
 
 def envelopes_in(element: Any) -> list[Envelope]:
@@ -209,8 +209,6 @@ def envelopes_in(element: Any) -> list[Envelope]:
         except Exception:  # the failure being reported may be this very value
             text = element.decode("utf-8", "replace")
             return [Envelope("", "", text, {}, 0, "")]
-    if isinstance(element, (tuple, list)):
-        return [env for item in element for env in envelopes_in(item)]
     if isinstance(element, Iterable) and not isinstance(element, (str, dict)):
         return [env for item in element for env in envelopes_in(item)]
     return []

@@ -252,26 +252,22 @@ def profile_row(
     }
 
 
-EVENT, COMPUTED, DELETE, FOLDED = "e", "c", "d", "p"
+COMPUTED, DELETE, FOLDED = "c", "d", "p"
 PROFILES = "profiles"
 
 
 class ProfileCombineFn(beam.CombineFn):
     """Beam shell over the fold/merge functions.
 
-    Inputs: ``("e", event, time_ms, identifiers)``, ``("p", one event already folded)``,
-    ``("c", trait_name, pane)`` or ``("d",)`` (deleted).
+    Inputs: ``("p", one event already folded)``, ``("c", trait_name, pane)`` or ``("d",)``
+    (deleted). Events are folded before the combine (``BuildProfiles``), where one that raises is
+    a dead letter instead of a failed combine.
     """
-
-    def __init__(self, rules: TraitRules = TraitRules()):
-        self._rules = rules
 
     def create_accumulator(self):
         return empty_profile()
 
     def add_input(self, acc, element):
-        if element[0] == EVENT:
-            return fold_event(acc, element[1], element[2], element[3], self._rules)
         if element[0] == FOLDED:
             return merge_profiles(acc, element[1])
         if element[0] == DELETE:
@@ -372,7 +368,7 @@ class BuildProfiles(beam.PTransform):
             )
         else:
             fragments = fragments | "Global" >> beam.WindowInto(window.GlobalWindows())
-        aggregated = fragments | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn(self._rules))
+        aggregated = fragments | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn())
         if not self._as_rows:
             # (key, accumulator): per-identifier fragments for UnifyProfiles
             return {PROFILES: aggregated, FAILED: folded[FAILED]}

@@ -26,7 +26,6 @@ Stream contract:
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -34,21 +33,13 @@ from typing import Any, Literal
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from transforms.envelope import format_iso_ms
+from transforms.envelope import parse_iso_ms as parse_instant_ms
+
 EARLIEST, LATEST, COMMITTED, END = "earliest", "latest", "committed", "end"
 _RESERVED_CONSUMER_KEYS = frozenset(
     {"bootstrap.servers", "group.id", "enable.auto.commit", "auto.offset.reset"}
 )
-
-
-def parse_instant_ms(text: str) -> int | None:
-    """An ISO 8601 instant as epoch milliseconds (naive: UTC), or None when it is not one."""
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except (ValueError, AttributeError):
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return int(t.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -143,8 +134,7 @@ def origin_of(topic: str, partition: int, offset: int, timestamp_ms: int | None)
     where = f"kafka:{topic}/{partition}@{offset}"
     if timestamp_ms is None or timestamp_ms <= 0:
         return where
-    stamp = dt.datetime.fromtimestamp(timestamp_ms / 1000, tz=dt.timezone.utc)
-    return f"{where} ts={stamp.isoformat(timespec='milliseconds').replace('+00:00', 'Z')}"
+    return f"{where} ts={format_iso_ms(timestamp_ms)}"
 
 
 def decode_value(value: bytes | None, value_format: str, wire_format: bool, schema) -> Any:
