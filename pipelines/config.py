@@ -324,17 +324,53 @@ class AudienceConfig:
     destinations: tuple[str, ...] = ()
 
 
+StoreType = Literal["sqlite", "postgres", "redis", "bigquery"]
+
+
+@dataclass(frozen=True)
+class ProfileStoreConfig:
+    """One profile store (transforms/profile_store.py; adapters in transforms/io/)."""
+
+    type: StoreType = "sqlite"
+    # postgres: postgresql://user@host:port/db; redis: redis://host:port/db; bigquery:
+    # bigquery://project/dataset.table. ${VAR} is read from the environment when the store is
+    # opened (credentials stay out of the file and out of logs).
+    url: str | None = None
+    # sqlite: the file, relative to the output directory.
+    path: str = "profiles.sqlite"
+    # Rows per write (a bundle writes at least once at its end).
+    batch_size: int = 500
+
+    def __post_init__(self):
+        if self.type not in ("sqlite", "bigquery") and not self.url:
+            raise ValueError(f"url: a {self.type} store needs a url")
+        if self.type == "bigquery" and not (self.url or "").startswith("bigquery://"):
+            raise ValueError("url: a bigquery store's url is bigquery://project/dataset.table")
+        if self.batch_size < 1:
+            raise ValueError("batch_size: must be at least 1")
+
+
 @dataclass(frozen=True)
 class ProfileSinkConfig:
-    type: Literal["sqlite"] = "sqlite"
+    # The profile store, and any more it is also written to (``also``): each gets every row.
+    type: StoreType = "sqlite"
+    url: str | None = None
     # Relative to the output directory.
     path: str = "profiles.sqlite"
+    batch_size: int = 500
+    also: tuple[ProfileStoreConfig, ...] = ()
     # Consent purposes an event needs to be folded into a profile (none by default: the profile
     # store is the system of record; deletion applies regardless).
     purposes: tuple[str, ...] = ()
     # PII policy for what the profile store keeps (traits, identities).
     pii: dict[str, PiiAction] = field(default_factory=dict)
     pii_default: PiiAction = "keep"
+
+    def __post_init__(self):
+        ProfileStoreConfig(self.type, self.url, self.path, self.batch_size)  # same checks
+
+    def stores(self) -> tuple[ProfileStoreConfig, ...]:
+        return (ProfileStoreConfig(self.type, self.url, self.path, self.batch_size), *self.also)
 
 
 @dataclass(frozen=True)

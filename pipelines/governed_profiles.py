@@ -43,7 +43,8 @@ from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, r
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.quarantine import DUPLICATES, QUARANTINE
-from transforms.sinks import WriteProfilesToSqlite, WriteRecordsAsJson
+from transforms.profile_store import StoreSpec, WriteProfiles
+from transforms.sinks import WriteRecordsAsJson
 from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan
 from transforms.unify import ROWS, IdentifierRedactor, UnifyProfiles
@@ -337,6 +338,19 @@ def output_paths(config: PipelineConfig, output_dir: str | Path) -> dict[str, Pa
     }
 
 
+def profile_stores(config: PipelineConfig, output_dir: str | Path) -> list[StoreSpec]:
+    """The profile stores a run writes (``sinks.profiles`` and its ``also``)."""
+    return [
+        StoreSpec(
+            s.type,
+            url=s.url,
+            path=str(Path(output_dir) / s.path) if s.type == "sqlite" else None,
+            batch_size=s.batch_size,
+        )
+        for s in config.sinks.profiles.stores()
+    ]
+
+
 def write_outputs(
     outputs: dict, config: PipelineConfig, output_dir: str | Path, activate: bool = True
 ) -> None:
@@ -345,7 +359,10 @@ def write_outputs(
     ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run. ``activate``:
     write the destinations (a replay suppresses them unless asked)."""
     paths = output_paths(config, output_dir)
-    failed = [outputs[PROFILES] | "WriteProfiles" >> WriteProfilesToSqlite(str(paths[PROFILES]))]
+    failed = [
+        outputs[PROFILES] | f"WriteProfiles[{spec.type}:{i}]" >> WriteProfiles(spec)
+        for i, spec in enumerate(profile_stores(config, output_dir))
+    ]
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(
         str(paths[QUARANTINE]), lenient=True
     )

@@ -41,7 +41,7 @@ def test_reference_config_documents_every_key():
     classes = [
         c.PipelineConfig, c.SourceConfig, c.TrackingPlanRef, c.ValidationConfig, c.EventTimeConfig,
         c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
-        c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig,
+        c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig, c.ProfileStoreConfig,
         c.KafkaSourceConfig,
     ]  # fmt: skip
     for cls in classes:
@@ -112,8 +112,16 @@ def _base(extra: str) -> str:
             "test.yaml: consent.destinations.crm.purposes[0]: unknown purpose 'sales'; declared purposes: analytics, marketing, advertising",
         ),
         (
+            "sinks: {profiles: {type: mongo}}",
+            "test.yaml: sinks.profiles.type: must be one of 'sqlite', 'postgres', 'redis', 'bigquery', got 'mongo'",
+        ),
+        (
             "sinks: {profiles: {type: postgres}}",
-            "test.yaml: sinks.profiles.type: must be one of 'sqlite', got 'postgres'",
+            "test.yaml: sinks.profiles: url: a postgres store needs a url",
+        ),
+        (
+            "sinks: {profiles: {also: [{type: redis, url: 'redis://h', batch_size: 0}]}}",
+            "test.yaml: sinks.profiles.also[0]: batch_size: must be at least 1",
         ),
         ("audiences: [{name: a}]", "test.yaml: audiences[0].trait: required key is missing"),
     ],

@@ -7,7 +7,8 @@ import pytest
 
 from pipelines.cli import main
 from pipelines.explain import MERGES_DIR, PROFILES_FILE, REVIEW_DIR, merge_history
-from transforms.sinks import PROFILE_COLUMNS, open_profile_db, upsert_profiles
+from transforms.io.sqlite import open_profile_db, upsert_profiles
+from transforms.profile_store import PROFILE_COLUMNS
 
 T0 = "2026-11-01T10:00:00.000Z"
 
@@ -217,7 +218,10 @@ def test_missing_record_dirs_are_noted(out, capsys):
 
 def test_an_identifier_in_two_profiles_is_flagged(out, capsys):
     conn = open_profile_db(out / PROFILES_FILE)
-    upsert_profiles(conn, [row("anon:a9", ("anonymous_id", "a9"), ("device_id", "d1"))])
+    # a newer row of anon:a9 (a store keeps the higher version)
+    upsert_profiles(
+        conn, [{**row("anon:a9", ("anonymous_id", "a9"), ("device_id", "d1")), "version": 2}]
+    )
     conn.close()
     code, text, _ = run(capsys, "device_id:d1", "--output", out)
     assert code == 0

@@ -112,7 +112,7 @@ def test_avro_source_and_sinks(tmp_path):
 
 
 def test_sink_never_rolls_a_profile_back(tmp_path):
-    from transforms.sinks import open_profile_db, upsert_profiles
+    from transforms.io.sqlite import open_profile_db, upsert_profiles
 
     conn = open_profile_db(tmp_path / "p.sqlite")
     row = {

@@ -8,7 +8,7 @@ import pytest
 from benchmarks.identity_accuracy import format_scores, main, pairwise_scores
 from pipelines.explain import PROFILES_FILE
 from tests.test_explain import row
-from transforms.sinks import open_profile_db, upsert_profiles
+from transforms.io.sqlite import open_profile_db, upsert_profiles
 
 # p1 identified on two devices; its second device never logged in (its own group). p2 identified,
 # p3 anonymous. Pairs: p1 group 1 has C(4, 2) = 6, the rest 1 + 1 + 1: 9 true pairs.

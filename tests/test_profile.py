@@ -10,7 +10,15 @@ from pipelines.config import IdentityConfig
 from tests.conftest import event, make_pipeline
 from transforms.envelope import Envelope
 from transforms.identity import extract_identifiers, is_blocked, normalize, primary_profile_key
-from transforms.profile import BuildProfiles, empty_profile, fold_event, merge_profiles, profile_row
+from transforms.profile import (
+    BuildProfiles,
+    as_of_version,
+    empty_profile,
+    fold_event,
+    merge_profiles,
+    next_version,
+    profile_row,
+)
 
 IDENTITY = IdentityConfig()
 
@@ -60,7 +68,7 @@ def test_set_trait_latest_event_time_wins_regardless_of_order():
     for order in ([older, newer], [newer, older]):
         row = profile_row("p", _fold(order))
         assert orjson.loads(row["traits"]) == {"plan": "pro"}
-        assert row["version"] == 2
+        assert row["version"] == as_of_version(2000, 2)
 
 
 def test_group_traits_are_not_person_traits_but_context_traits_are():
@@ -138,9 +146,9 @@ def test_build_profiles_pipeline():
             rows | beam.Map(lambda r: (r["profile_id"], r["version"], r["traits"])),
             equal_to(
                 [
-                    ("anon:anon-1", 1, "{}"),
-                    ("user:u1", 2, '{"email":"U1@X.io"}'),
-                    ("anon:anon-2", 1, "{}"),
+                    ("anon:anon-1", as_of_version(1000, 1), "{}"),
+                    ("user:u1", as_of_version(3000, 2), '{"email":"U1@X.io"}'),
+                    ("anon:anon-2", as_of_version(4000, 1), "{}"),
                 ]
             ),
         )
@@ -169,3 +177,21 @@ def test_unify_profile_leaves_its_fragments_unchanged():
     assert unify_profile("p1", frags, ["anon:anon-1"]) == first
     assert orjson.loads(first["traits"])["plan"] == "pro"
     assert orjson.loads(first["traits"])["logins"] == 3.75
+
+
+def test_version_orders_by_event_time_then_count_then_deletion():
+    assert as_of_version(2000, 1) > as_of_version(1999, 10**6)  # a later event wins
+    assert as_of_version(2000, 3) > as_of_version(2000, 2)  # an older event added wins
+    assert as_of_version(2000, 3, deleted=True) > as_of_version(2000, 3)  # deletion wins
+    assert as_of_version(2000, 4) > as_of_version(2000, 3, deleted=True)  # then new events win
+    assert as_of_version(None, 0) == 0
+    # Saturates instead of spilling into the next field; fits a signed 64-bit column.
+    assert as_of_version(2000, 2**30) < as_of_version(2001, 0)
+    assert as_of_version(2**60, 2**30, True) < 2**63
+
+
+def test_streaming_versions_strictly_increase_and_never_lag_the_events():
+    assert next_version(0, as_of_version(5, 1)) == as_of_version(5, 1)
+    same = as_of_version(5, 1)
+    assert next_version(same, same) == same + 1  # a split at the same events still moves on
+    assert next_version(same + 7, as_of_version(9, 1)) == as_of_version(9, 1)

@@ -3,7 +3,8 @@
 import multiprocessing as mp
 import sqlite3
 
-from transforms.sinks import PROFILE_COLUMNS, open_profile_db, upsert_profiles
+from transforms.io.sqlite import open_profile_db, upsert_profiles
+from transforms.profile_store import PROFILE_COLUMNS
 
 
 def _open_and_write(path, barrier, i, errors):
@@ -11,7 +12,7 @@ def _open_and_write(path, barrier, i, errors):
     try:
         conn = open_profile_db(path)
         row = {c: "x" for c in PROFILE_COLUMNS}
-        row.update(profile_id=f"p{i}", version=1)
+        row.update(profile_id=f"p{i}", version=1, identities="[]")
         upsert_profiles(conn, [row])
         conn.close()
     except Exception as e:  # reported to the test, not lost in a child's stderr
@@ -60,14 +61,14 @@ def test_a_row_that_is_not_a_row_is_a_dead_letter_and_the_rest_is_upserted(tmp_p
     from apache_beam.testing.util import assert_that, equal_to
 
     from tests.conftest import make_pipeline
-    from transforms.sinks import WriteProfilesToSqlite
+    from transforms.profile_store import StoreSpec, WriteProfiles
 
-    good = {c: "x" for c in PROFILE_COLUMNS} | {"version": 1, "profile_id": "p1"}
+    good = {c: "x" for c in PROFILE_COLUMNS} | {"version": 1, "profile_id": "p1", "identities": "[]"}
     bad = {**good, "profile_id": "p2", "traits": {"not": "text"}}
     missing = {"profile_id": "p3"}
     db = tmp_path / "p.sqlite"
     with make_pipeline() as p:
-        failed = p | beam.Create([good, bad, missing]) | WriteProfilesToSqlite(str(db))
+        failed = p | beam.Create([good, bad, missing]) | WriteProfiles(StoreSpec("sqlite", path=str(db)))
         assert_that(failed | beam.Map(lambda d: d[0]["profile_id"]), equal_to(["p2", "p3"]))
     conn = open_profile_db(db)
     assert [r[0] for r in conn.execute("SELECT profile_id FROM profiles")] == ["p1"]

@@ -36,7 +36,7 @@ from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.envelope import get_path
 from transforms.identity_graph import id_key, split_key
 from transforms.pii import apply_policy
-from transforms.profile import empty_profile, merge_profiles, profile_row
+from transforms.profile import empty_profile, merge_profiles, next_version, profile_row
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS = "f", "r", "a", "m"
 ROWS = "rows"
@@ -77,8 +77,6 @@ def unify_profile(
     policy allows (``None``: leave it out), matching the already redacted fragments."""
     if not fragments:
         return None
-    if any(f.get("deleted") for f in fragments.values()):
-        return {"profile_id": person, "deleted": True}
     merged = empty_profile()
     computed: dict[str, dict] = {}
     consent: dict[str, bool] = {}
@@ -93,6 +91,8 @@ def unify_profile(
         # No copy: merge_profiles never mutates the fragment's containers or entries (it only
         # stores references to entries it never changes), so state-held fragments stay intact.
         merge_profiles(merged, {**frag, "computed": {}})
+    if merged.get("deleted"):
+        return profile_row(person, merged)  # a tombstone, versioned by the events it removes
     merged["computed"] = {name: c["pane"] for name, c in computed.items()}
     keys = set(members) | set(fragments)
     if redact is not None:
@@ -212,8 +212,8 @@ def _members(by_group: dict[str, list]) -> list[str]:
 
 
 class _UnifyGroupedFn(beam.DoFn):
-    """Bounded runs: ``(person, its fragments and member lists)`` in, its row out, once
-    (version 1)."""
+    """Bounded runs: ``(person, its fragments and member lists)`` in, its row out, once (its
+    as-of version, :func:`transforms.profile.as_of_version`)."""
 
     def __init__(self, trait_kinds: dict[str, str], redact):
         self._kinds = trait_kinds
@@ -226,11 +226,8 @@ class _UnifyGroupedFn(beam.DoFn):
         for msg in messages:
             _apply_person_message(msg, frags, by_group)
         row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
-        if row is None:
-            return  # never had a row: nothing to write or delete
-        if not row.get("deleted"):
-            row["version"] = 1
-        yield row
+        if row is not None:  # None: never had a row, nothing to write or delete
+            yield row
 
 
 class _UnifyProfilesFn(beam.DoFn):
@@ -252,14 +249,13 @@ class _UnifyProfilesFn(beam.DoFn):
     def _emit(self, person, frags, by_group, version, person_state):
         row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
         if row is None:
-            person_state.write((frags, by_group, version))
             if not version:
+                person_state.write((frags, by_group, version))
                 return  # never had a row: nothing to delete
-            row = {"profile_id": person, "deleted": True}
-        version += 1
+            row = {"profile_id": person, "deleted": True, "version": 0}  # merged away
+        version = next_version(version, row["version"])
         person_state.write((frags, by_group, version))
-        if not row.get("deleted"):
-            row["version"] = version
+        row["version"] = version
         yield row
 
 

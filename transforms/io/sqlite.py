@@ -1,0 +1,101 @@
+"""SQLite profile store (the embedded default): ``profiles.sqlite`` in the output directory.
+
+The store contract and its SQL are shared with PostgreSQL (:mod:`transforms.io.sql`); here the
+batch runs statement by statement in one transaction (no round trips to save). WAL mode, so
+readers (``cdi profile get``, ``cdi serve``) never block the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+from transforms.io.sql import SQLITE, lookup_params, schema, statements, write_plan
+from transforms.profile_store import PROFILE_COLUMNS, StoreSpec, check_row, decoded, latest_rows
+
+_SQL = statements(SQLITE)
+_OPEN_ATTEMPTS = 40  # ~40 s of waiting in all
+
+
+def open_profile_db(path: str | Path) -> sqlite3.Connection:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # One DoFn instance uses its connection from one thread at a time, but Beam's SDK harness may
+    # call setup/process and teardown on different threads (multi-process local runs do).
+    conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
+    # Several workers (multi-process local runs) open the file at once. Switching to WAL needs
+    # an exclusive lock and SQLite reports "database is locked" at once instead of waiting on
+    # the busy timeout, so that first step is retried.
+    for attempt in range(_OPEN_ATTEMPTS):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            with conn:
+                for ddl in schema(SQLITE):
+                    conn.execute(ddl)
+            return conn
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == _OPEN_ATTEMPTS - 1:
+                conn.close()
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:
+    """Rows and tombstones, one transaction (the store contract, transforms/profile_store.py)."""
+    ops = write_plan(latest_rows(check_row(r) for r in rows), _SQL)
+    with conn:
+        for sql, params in ops:
+            conn.execute(sql, params)
+
+
+def read_profile(conn: sqlite3.Connection, key: str) -> dict | None:
+    ident, pid = lookup_params(key)
+    found = None
+    if ident is not None:
+        found = conn.execute(_SQL["by_identifier"], ident).fetchone()
+    if found is None:
+        found = conn.execute(_SQL["by_id"], (pid,)).fetchone()
+    return decoded(dict(zip(PROFILE_COLUMNS, found, strict=True))) if found else None
+
+
+class Store:
+    def __init__(self, spec: StoreSpec):
+        self._conn = open_profile_db(spec.path)
+
+    def write(self, rows: list[dict]) -> None:
+        upsert_profiles(self._conn, rows)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class Reader:
+    """Reads on a worker thread (sqlite3 blocks); one connection per thread of the pool."""
+
+    def __init__(self, spec: StoreSpec, pool_size: int = 8):
+        if not Path(spec.path).exists():
+            raise FileNotFoundError(f"no profile database at {spec.path}")
+        self._path = spec.path
+        self._conns: dict[int, sqlite3.Connection] = {}
+
+    def _conn(self) -> sqlite3.Connection:
+        import threading
+
+        tid = threading.get_ident()
+        if tid not in self._conns:
+            conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, check_same_thread=False)
+            self._conns[tid] = conn
+        return self._conns[tid]
+
+    async def get(self, key: str) -> dict | None:
+        return await asyncio.to_thread(lambda: read_profile(self._conn(), key))
+
+    async def ping(self) -> bool:
+        await asyncio.to_thread(lambda: self._conn().execute("SELECT 1").fetchone())
+        return True
+
+    async def aclose(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
