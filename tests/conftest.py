@@ -142,3 +142,49 @@ def service_unavailable(reason: str, fix: str = "start it with `make services`")
     if os.environ.get("CDI_REQUIRE_SERVICES") == "1":
         pytest.fail(f"required service unavailable: {message}", pytrace=False)
     pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url():
+    """A PostgreSQL URL whose search_path is a fresh schema (dropped after the test)."""
+    import uuid
+    from urllib.parse import quote
+
+    psycopg = pytest.importorskip("psycopg")
+    url = service_address("CDI_POSTGRES_URL")
+    try:
+        admin = psycopg.connect(url, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError:
+        service_unavailable(f"no PostgreSQL at {url}")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    yield f"{url}{sep}options={quote(f'-csearch_path={schema}')}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis URL on a database emptied before the test (db 1: the tests' own)."""
+    redis = pytest.importorskip("redis")
+    base = service_address("CDI_REDIS_URL")
+    url = base.rsplit("/", 1)[0] + "/1" if base.count("/") >= 3 else base + "/1"
+    client = redis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.flushdb()
+    except redis.ConnectionError:
+        service_unavailable(f"no Redis at {base}")
+    yield url
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def store_spec(request, tmp_path):
+    """Each profile store the project writes, on its real server."""
+    from transforms.profile_store import StoreSpec
+
+    if request.param == "sqlite":
+        return StoreSpec("sqlite", path=str(tmp_path / "profiles.sqlite"))
+    url = request.getfixturevalue(f"{request.param}_url")
+    return StoreSpec(request.param, url=url)

@@ -225,6 +225,8 @@ class _WriteProfilesFn(beam.DoFn):
 
     def setup(self):
         self._store = open_store(self._spec)
+        # An adapter may refuse rows its store cannot hold (e.g. NUL in PostgreSQL text).
+        self._check = getattr(adapter(self._spec), "check_row", None)
 
     def start_bundle(self):
         self._rows: list[dict] = []
@@ -232,7 +234,10 @@ class _WriteProfilesFn(beam.DoFn):
     def process(self, row: dict):
         # Checked here, per row: a bad row is its own dead letter; what fails at the write
         # (the store) fails the bundle, which the runner retries, and then the run.
-        self._rows.append(check_row(row))
+        check_row(row)
+        if self._check is not None:
+            self._check(row)
+        self._rows.append(row)
         if len(self._rows) >= self._spec.batch_size:
             self._flush()
         return ()  # no output; Beam's dead-letter wrapper iterates what process returns
