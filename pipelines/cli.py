@@ -1,7 +1,7 @@
 """`cdi`: run the job, generate sample events, check a config, inspect quarantine and profiles.
 
 Exit codes: 0 success, 2 usage or configuration error (nothing started), 1 pipeline failure
-(`profile explain`: nothing matches).
+(`profile explain`/`profile get`: nothing matches, or the store cannot be read).
 Errors go to stderr, one line each, ``file: path: reason``.
 """
 
@@ -101,7 +101,80 @@ def _parser() -> argparse.ArgumentParser:
     )
     pe.add_argument("--output", required=True, help="the run's output directory")
     pe.add_argument("--json", action="store_true", help="print one JSON object")
+    pg = psub.add_parser(
+        "get", help="print the profile an identifier names, as JSON (exit 1: no such profile)"
+    )
+    pg.add_argument(
+        "id", help="identifier or profile id: email:jane@example.com, anon:a1, user:u1, ..."
+    )
+    _store_arguments(pg)
+
+    srv = sub.add_parser(
+        "serve", help="serve GET /v1/profiles/{identifier}, /healthz and /metrics over a store"
+    )
+    _store_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--pool", type=int, default=8, help="store connections (default 8)")
     return p
+
+
+def _store_arguments(parser) -> None:
+    parser.add_argument(
+        "--sink",
+        help="the store: postgresql://..., redis://..., or a SQLite file (default: the "
+        "config's profile store)",
+    )
+    parser.add_argument(
+        "--config",
+        help="the config the store was written with: its identity types and profile PII "
+        "policy apply to the identifier (default: the embedded default config)",
+    )
+    parser.add_argument("--output", help="output directory of a SQLite store (with no --sink)")
+
+
+def _store_spec(args, cfg):
+    from transforms.profile_store import spec_from_url
+
+    if args.sink:
+        return spec_from_url(args.sink)
+    from pipelines.governed_profiles import profile_stores
+
+    return profile_stores(cfg, args.output or cfg.sinks.output_dir)[0]
+
+
+def cmd_profile_get(args) -> int:
+    import orjson
+
+    from pipelines.lookup import get_profile
+
+    cfg = _load(args.config)
+    spec = _store_spec(args, cfg)
+    if spec.type == "sqlite" and not Path(spec.path).exists():
+        raise UsageError(f"cdi profile get: no profile store at {spec.path}")
+    try:
+        found = get_profile(args.id, spec, cfg)
+    except Exception as e:  # unreachable store, bad URL, not a store: one line, no traceback
+        print(f"cdi profile get: {spec.type} {spec.describe()}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    if found is None:
+        print(f"cdi profile get: no profile for {args.id}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(orjson.dumps(found, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from pipelines.serve import serve
+
+    cfg = _load(args.config)
+    spec = _store_spec(args, cfg)
+    if spec.type == "bigquery":
+        raise UsageError("cdi serve: BigQuery is not a lookup store; serve PostgreSQL or Redis")
+    if spec.type == "sqlite" and not Path(spec.path).exists():
+        raise UsageError(f"cdi serve: no profile store at {spec.path}")
+    serve(spec, cfg, args.host, args.port, args.pool)
+    return EXIT_OK
 
 
 def _load(config_path: str | None):
@@ -283,9 +356,13 @@ def main(argv: list[str] | None = None) -> int:
                 return quarantine_tools.main_summarize(args.dir)
             return quarantine_tools.main_replay(args.dir, args.out)
         if args.command == "profile":
+            if args.action == "get":
+                return cmd_profile_get(args)
             from pipelines.explain import main_explain
 
             return main_explain(args.id, args.output, as_json=args.json)
+        if args.command == "serve":
+            return cmd_serve(args)
         return cmd_validate_config(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

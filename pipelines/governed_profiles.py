@@ -42,8 +42,8 @@ from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
-from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.profile_store import StoreSpec, WriteProfiles
+from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteRecordsAsJson
 from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import config_from, run_job
 from tests.hostile import good_lines, hostile_lines
-from transforms.quarantine import REASONS
 from transforms.profile_store import PROFILE_COLUMNS
+from transforms.quarantine import REASONS
 
 CORPUS = Path(__file__).parent / "corpus"
 

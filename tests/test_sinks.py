@@ -63,12 +63,18 @@ def test_a_row_that_is_not_a_row_is_a_dead_letter_and_the_rest_is_upserted(tmp_p
     from tests.conftest import make_pipeline
     from transforms.profile_store import StoreSpec, WriteProfiles
 
-    good = {c: "x" for c in PROFILE_COLUMNS} | {"version": 1, "profile_id": "p1", "identities": "[]"}
+    good = {c: "x" for c in PROFILE_COLUMNS} | {
+        "version": 1,
+        "profile_id": "p1",
+        "identities": "[]",
+    }
     bad = {**good, "profile_id": "p2", "traits": {"not": "text"}}
     missing = {"profile_id": "p3"}
     db = tmp_path / "p.sqlite"
     with make_pipeline() as p:
-        failed = p | beam.Create([good, bad, missing]) | WriteProfiles(StoreSpec("sqlite", path=str(db)))
+        failed = (
+            p | beam.Create([good, bad, missing]) | WriteProfiles(StoreSpec("sqlite", path=str(db)))
+        )
         assert_that(failed | beam.Map(lambda d: d[0]["profile_id"]), equal_to(["p2", "p3"]))
     conn = open_profile_db(db)
     assert [r[0] for r in conn.execute("SELECT profile_id FROM profiles")] == ["p1"]

@@ -12,6 +12,7 @@ import orjson
 
 from transforms.dead_letter import FAILED, guarded, json_text
 
+
 def _lines(batch: list[dict], encode) -> list[str]:
     # One text element for the whole batch: the text sink appends the newline after it.
     return ["\n".join(encode(r) for r in batch)] if batch else []
