@@ -44,3 +44,19 @@ def test_too_big_extrapolates_from_the_largest_measured_size(monkeypatch):
     reason = rb.too_big(rows, 2_000_000)  # 24 GiB does not
     assert reason.startswith("not run: peak memory extrapolated from 500,000 events is 24.0 GiB")
     assert rb.too_big([], 2_000_000) is None
+
+
+def test_lookup_benchmark_runs_end_to_end_and_every_lookup_finds_its_profile(tmp_path):
+    """The lookup benchmark on a small SQLite store: every phase answers, no request fails (the
+    keys are all identifiers of loaded profiles, so a 404 would be a lookup bug)."""
+    import json
+
+    from benchmarks.lookup_latency import main
+
+    out = tmp_path / "lookup.json"
+    assert main(["--profiles", "300", "--seconds", "0.3", "--stores", "sqlite", "--rate", "100",
+                 "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())["stores"]["sqlite"]
+    for phase in ("closed_1", "closed_16", "open"):
+        assert res[phase]["requests"] > 0 and res[phase]["errors"] == 0
+    assert res["write_profiles_per_s"] > 0
