@@ -25,9 +25,11 @@ def counters(result) -> dict[str, int]:
     return out
 
 
-def count_profiles(db_path: Path) -> int:
+def count_profiles(db_path: Path) -> int | None:
+    """Live profiles in the run's SQLite store; ``None`` when the run wrote none (the profile
+    store is a server: its rows written are in ``profile_updates_written``)."""
     if not db_path.exists():
-        return 0
+        return None
     with sqlite3.connect(str(db_path)) as conn:
         return conn.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
 
@@ -62,7 +64,12 @@ def build_report(
         "deliveries": metrics.get("delivered", 0),
         "computed_trait_panes": metrics.get("computed_trait_panes", 0),
         "profiles": count_profiles(paths["profiles"]),
-        "profile_updates_written": metrics.get("profiles_written", 0),
+        # Row versions and tombstones written, per store type (a store refuses the stale ones).
+        "profile_updates_written": {
+            name[len("profiles_written.") :]: n
+            for name, n in sorted(metrics.items())
+            if name.startswith("profiles_written.")
+        },
         "identity": {
             "merges": metrics.get("identity.merges", 0),
             "splits": metrics.get("identity.splits", 0),
@@ -102,7 +109,18 @@ def format_summary(report: dict[str, Any]) -> str:
         f"deleted (privacy) {report['deleted']:>10,}",
         f"internal errors   {sum(report['internal_errors'].values()):>10,}"
         + "".join(f"  {k} {v:,}" for k, v in report["internal_errors"].items()),
-        f"profiles          {report['profiles']:>10,}",
+        (
+            f"profiles          {report['profiles']:>10,}"
+            if report["profiles"] is not None
+            else "profiles          (no SQLite store in this run)"
+        )
+        + (
+            "  (rows written: "
+            + ", ".join(f"{k} {v:,}" for k, v in report["profile_updates_written"].items())
+            + ")"
+            if report["profile_updates_written"]
+            else ""
+        ),
         f"identity merges   {report['identity']['merges']:>10,}"
         f"  (splits {report['identity']['splits']:,}, links refused"
         f" {report['identity']['links_refused']:,}, unresolved {report['identity']['unresolved_links']:,})",

@@ -293,3 +293,26 @@ def test_the_job_fills_every_store_with_the_same_profiles(
     run_job(tmp_path / "again", [x.encode() for x in lines], config, bounded=bounded)
     assert stored(pg) == want and stored(rd) == want
     assert {pid: p["version"] for pid, p in stored(pg)[0].items()} == versions
+
+
+def test_store_urls_take_credentials_from_the_environment_and_never_print_them(monkeypatch):
+    from transforms.profile_store import expand_env, redact_url, spec_from_url
+
+    monkeypatch.setenv("CDI_TEST_PW", "s3cret")
+    spec = StoreSpec("postgres", url="postgresql://cdi:${CDI_TEST_PW}@db:5432/cdi")
+    assert spec.resolved_url() == "postgresql://cdi:s3cret@db:5432/cdi"
+    assert "s3cret" not in spec.describe() and "CDI_TEST_PW" not in repr(spec.describe())
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    monkeypatch.delenv("CDI_TEST_PW")
+    with pytest.raises(ValueError, match="CDI_TEST_PW"):
+        expand_env("postgresql://cdi:${CDI_TEST_PW}@db/cdi")
+    assert spec_from_url("redis://h:1/0").type == "redis"
+    assert spec_from_url("postgresql://h/db").type == "postgres"
+    assert spec_from_url("out/profiles.sqlite") == StoreSpec("sqlite", path="out/profiles.sqlite")
+
+
+def test_an_unreachable_store_fails_the_write_not_silently(tmp_path):
+    spec = StoreSpec("redis", url="redis://127.0.0.1:1/0")
+    with pytest.raises(Exception, match="(?i)connect"):
+        write(spec, [row("p", 1)])
