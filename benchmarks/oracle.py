@@ -275,7 +275,8 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     for person, frags in persons.items():
         row = unify_profile(person, frags, list(res.members.get(person, ())), kinds, redact)
         if row is not None and not row.get("deleted"):
-            row.pop("version", None)
+            for not_a_column in ("version", "_members", "_cause"):
+                row.pop(not_a_column, None)
             profiles[person] = row
     return {
         "events_in": len(raw),

@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         help="local (default), local-streaming, prism (`make prism`), or a Beam runner name "
         "(DataflowRunner, FlinkRunner...)",
     )
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit the job and return without waiting for it (Dataflow, Flink; the Flex "
+        "Template launcher): no run report",
+    )
 
     rep = sub.add_parser(
         "replay",
@@ -255,6 +261,10 @@ def cmd_run(args, beam_args: list[str]) -> int:
         outputs = job.build(p, cfg, inputs)
         job.write_outputs(outputs, cfg, output_dir, activate=activate)
         result = p.run()
+        if getattr(args, "detach", False):
+            job_id = getattr(result, "job_id", lambda: None)()
+            print(f"cdi run: submitted{f' job {job_id}' if job_id else ''} (detached: no report)")
+            return EXIT_OK
         result.wait_until_finish()
     except Exception as e:  # the pipeline itself failed: exit 1 with the cause
         print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -316,12 +316,20 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class AudienceConfig:
+    # A slug: the audience trait and `audience_key` of its records.
     name: str
-    # A trait or computed trait, an operator and a value: the person is in while it holds.
-    trait: str
-    op: Literal["eq", "ne", "gt", "gte", "lt", "lte", "exists"] = "exists"
-    value: Any = None
+    # When a person is in: a predicate over the profile (transforms/audiences.py), e.g.
+    # {computed: orders_lifetime, gte: 3} or {all: [..]}, {any: [..]}, {not: ..}.
+    when: Any
+    # Where entries and exits go; each destination's consent purposes join the predicate.
     destinations: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        from transforms.audiences import SLUG, compile_predicate
+
+        if not SLUG.match(self.name):
+            raise ValueError(f"name: {self.name!r} is not a slug (a-z, 0-9, _; a letter first)")
+        compile_predicate(self.when, "when")
 
 
 StoreType = Literal["sqlite", "postgres", "redis", "bigquery"]

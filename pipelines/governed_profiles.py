@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.config import PipelineConfig, parse_instant
+from transforms.audiences import ActivateAudiences, Audience
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
@@ -213,6 +214,24 @@ def build(
         redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
     )
     profiles = unified[ROWS]
+    activation_failed = None
+    if config.audiences:
+        # Audience entries and exits from the profile rows (transforms/audiences.py), to each
+        # audience's destinations with the destination's consent and PII policy.
+        audiences = [Audience.from_config(a) for a in config.audiences]
+        used = sorted({d for a in audiences for d in a.destinations})
+        activated = profiles | "ActivateAudiences" >> ActivateAudiences(
+            audiences,
+            {n: tuple(d.purposes) for n, d in config.consent.destinations.items()},
+            {d: identifier_redactor(config, rules, *policies[d], salt) for d in used},
+            bounded=bounded,
+        )
+        for d in used:
+            destinations[d] = (
+                destinations[d],
+                activated[d],
+            ) | f"Activations[{d}]" >> beam.Flatten()
+        activation_failed = activated[FAILED]
 
     # Every dead letter becomes a quarantine record (transforms/dead_letter.py): events before
     # dedup are counted at once, events after it once each however many steps failed on them,
@@ -233,6 +252,14 @@ def build(
         stitched[FAILED]
         | "DeadLetters[identifier groups]" >> ElementDeadLetters("stitching", "identifier group"),
         unified[FAILED] | "DeadLetters[unify]" >> ElementDeadLetters("unify", "person"),
+        *(
+            [
+                activation_failed
+                | "DeadLetters[activation]" >> ElementDeadLetters("activation", "person")
+            ]
+            if activation_failed is not None
+            else []
+        ),
     ) | "MergeQuarantine" >> beam.Flatten()
     return {
         VALID: unique,

@@ -36,6 +36,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow
+from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms import exact_sum
@@ -438,6 +439,12 @@ class ComputeTraits(beam.PTransform):
         self._lateness = allowed_lateness_ms
 
     def expand(self, keyed_envelopes):
-        return keyed_envelopes | "Windows" >> beam.ParDo(
+        # Keys typed as text, so the state's key coder is the standard, deterministic UTF-8
+        # one on every runner (a tagged output upstream is untyped: Beam would fall back to a
+        # pickled Python coder). tests/test_portability.py checks every stateful step.
+        typed = keyed_envelopes | "KeyedByText" >> beam.Map(lambda kv: kv).with_output_types(
+            KV[str, Any]
+        )
+        return typed | "Windows" >> beam.ParDo(
             _ComputeTraitsFn(self._specs, self._lateness, self._clock)
         ).with_outputs(LATE, FAILED, main=COMPUTED)

@@ -143,6 +143,9 @@ def fold_event(
         ekey = "event:" + str(event.get("event"))
         counts[ekey] = counts.get(ekey, 0) + 1
     acc["events"] += 1
+    newest = [event_time_ms, str(mid)]
+    if acc.get("newest") is None or newest > acc["newest"]:
+        acc["newest"] = newest  # the event an activation cites as the cause of a change
     return acc
 
 
@@ -189,6 +192,8 @@ def merge_profiles(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, n in b["counts"].items():
         a["counts"][k] = a["counts"].get(k, 0) + n
     a["events"] += b["events"]
+    if b.get("newest") is not None and (a.get("newest") is None or b["newest"] > a["newest"]):
+        a["newest"] = b["newest"]
     if b.get("deleted"):
         a["deleted"] = True
     return a

@@ -39,6 +39,7 @@ from transforms.pii import apply_policy
 from transforms.profile import empty_profile, merge_profiles, next_version, profile_row
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS = "f", "r", "a", "m"
+RAW_MEMBERS, CAUSE = "_members", "_cause"  # row keys that are not columns
 ROWS = "rows"
 
 
@@ -94,11 +95,15 @@ def unify_profile(
     if merged.get("deleted"):
         return profile_row(person, merged)  # a tombstone, versioned by the events it removes
     merged["computed"] = {name: c["pane"] for name, c in computed.items()}
-    keys = set(members) | set(fragments)
-    if redact is not None:
-        keys = {r for r in map(redact, keys) if r is not None}
+    raw = set(members) | set(fragments)
+    keys = raw if redact is None else {r for r in map(redact, raw) if r is not None}
     ids = {split_key(k) for k in keys}
-    return profile_row(person, merged, sorted(ids), consent)
+    row = profile_row(person, merged, sorted(ids), consent)
+    # Not columns (stores never write them): what activation needs downstream. The raw
+    # identifiers, to redact per destination as events are, and the newest event folded in.
+    row[RAW_MEMBERS] = sorted(raw)
+    row[CAUSE] = merged.get("newest")
+    return row
 
 
 class IdentifierRedactor:

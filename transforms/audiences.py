@@ -1,0 +1,375 @@
+"""Audiences: who is in, when they enter and exit, and the records destinations receive.
+
+**Predicates** (config ``audiences[].when``), a small structured form, never ``eval``::
+
+    {all: [P, ...]}  {any: [P, ...]}  {not: P}
+    {<subject>: <name>, <operator>: <value>}
+
+subjects: ``trait`` (a profile trait), ``computed`` (a computed trait's current value), ``count``
+(an ``event_counts`` key: ``event:Order Completed``, ``type:page``), ``consent`` (a purpose:
+granted ``true``/``false``); operators: ``eq``, ``ne``, ``gt``, ``gte``, ``lt``, ``lte``, ``in``
+(a list), ``exists`` (``true``/``false``). A comparison with a missing or incomparable value is
+false (``ne`` and ``exists: false`` are true for a missing value). A missing count is 0.
+
+**Membership** is per audience *and destination*: the predicate holds on the person's profile and
+the person has granted every consent purpose the destination needs (the profile's consent: most
+restrictive across identifiers). So a consent withdrawal exits the person from that destination's
+copy of the audience at once, and no entry ever reaches a destination without consent.
+
+**Transitions** compare a person's membership before and after a profile change
+(:func:`transitions`); a tombstone (merged away, deleted) exits every membership. Each transition
+becomes two records in Segment's conventions: an ``Audience Entered``/``Audience Exited`` track
+and an identify setting the audience trait to ``true``/``false`` (:func:`activation_records`),
+identified by the profile's identifiers as the destination's PII policy allows. The activation
+key, used as ``messageId``, is deterministic: person, audience, destination, transition and the
+membership's *epoch* (how many times the person entered it before), so a re-run, a retried
+bundle or a replay produces the same keys for the same transitions, and a consumer or the
+delivery ledger can drop the ones already delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import orjson
+from apache_beam.coders import FastPrimitivesCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from apache_beam.typehints import KV
+
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
+from transforms.identity_graph import split_key
+
+SLUG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+SUBJECTS = ("trait", "computed", "count", "consent")
+OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
+ENTERED, EXITED = "entered", "exited"
+
+Predicate = Callable[[dict], bool]
+
+
+# --- predicates ----------------------------------------------------------------------------------
+
+
+def compile_predicate(node: Any, path: str = "when") -> Predicate:
+    """A function of a profile view (:func:`profile_view`); raises ValueError naming the path of
+    the first problem."""
+    if not isinstance(node, dict) or not node:
+        raise ValueError(f"{path}: a predicate is a mapping: all, any, not, or a comparison")
+    if set(node) == {"all"} or set(node) == {"any"}:
+        (op, items), = node.items()  # fmt: skip
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{path}.{op}: a non-empty list of predicates")
+        parts = [compile_predicate(x, f"{path}.{op}[{i}]") for i, x in enumerate(items)]
+        if op == "all":
+            return lambda v: all(p(v) for p in parts)
+        return lambda v: any(p(v) for p in parts)
+    if set(node) == {"not"}:
+        inner = compile_predicate(node["not"], f"{path}.not")
+        return lambda v: not inner(v)
+    subjects = [k for k in node if k in SUBJECTS]
+    operators = [k for k in node if k in OPERATORS]
+    unknown = [k for k in node if k not in SUBJECTS and k not in OPERATORS]
+    if unknown:
+        raise ValueError(
+            f"{path}.{unknown[0]}: unknown key; subjects: {', '.join(SUBJECTS)}; "
+            f"operators: {', '.join(OPERATORS)}; or all, any, not"
+        )
+    if len(subjects) != 1 or len(operators) != 1:
+        raise ValueError(f"{path}: a comparison names one subject and one operator")
+    subject, op = subjects[0], operators[0]
+    name, value = node[subject], node[op]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}.{subject}: a name")
+    if op == "in" and not isinstance(value, list):
+        raise ValueError(f"{path}.in: a list of values")
+    if op == "exists" and not isinstance(value, bool):
+        raise ValueError(f"{path}.exists: true or false")
+    if op in ("gt", "gte", "lt", "lte") and not _orderable(value):
+        raise ValueError(f"{path}.{op}: a number or a string")
+    return _comparison(subject, name, op, value)
+
+
+def _orderable(value: Any) -> bool:
+    return isinstance(value, (int, float, str)) and not isinstance(value, bool)
+
+
+_MISSING = object()
+
+
+def _comparison(subject: str, name: str, op: str, expected: Any) -> Predicate:
+    def actual(view: dict) -> Any:
+        if subject == "count":
+            return view["counts"].get(name, 0)
+        return view[subject].get(name, _MISSING)
+
+    def test(view: dict) -> bool:
+        got = actual(view)
+        if op == "exists":
+            return (got is not _MISSING and got is not None) == expected
+        if got is _MISSING or got is None:
+            return op == "ne"
+        if op == "eq":
+            return _same(got, expected)
+        if op == "ne":
+            return not _same(got, expected)
+        if op == "in":
+            return any(_same(got, x) for x in expected)
+        if not _orderable(got) or isinstance(got, str) != isinstance(expected, str):
+            return False
+        return {"gt": got > expected, "gte": got >= expected, "lt": got < expected}.get(
+            op, got <= expected
+        )
+
+    return test
+
+
+def _same(a: Any, b: Any) -> bool:
+    # true == 1 in Python; a trait `true` must not match `eq: 1`
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+# --- profiles and membership ---------------------------------------------------------------------
+
+
+def profile_view(row: dict) -> dict:
+    """The parts of a profile row predicates read (JSON columns decoded once)."""
+    computed = orjson.loads(row["computed_traits"])
+    return {
+        "trait": orjson.loads(row["traits"]),
+        "computed": {k: v.get("value") for k, v in computed.items()},
+        "counts": orjson.loads(row["event_counts"]),
+        "consent": orjson.loads(row["consent"]),
+    }
+
+
+@dataclass(frozen=True)
+class Audience:
+    name: str
+    predicate: Predicate
+    destinations: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg) -> Audience:
+        return cls(cfg.name, compile_predicate(cfg.when), tuple(cfg.destinations))
+
+
+def memberships(
+    row: dict, audiences: Iterable[Audience], purposes: dict[str, tuple[str, ...]]
+) -> frozenset[tuple[str, str]]:
+    """``(audience, destination)`` pairs the profile row is in; none for a tombstone.
+    ``purposes``: destination -> the consent purposes it needs."""
+    if row.get("deleted"):
+        return frozenset()
+    view = profile_view(row)
+    granted = view["consent"]
+    out = set()
+    for aud in audiences:
+        if not aud.predicate(view):
+            continue
+        for dest in aud.destinations:
+            if all(granted.get(p) is True for p in purposes.get(dest, ())):
+                out.add((aud.name, dest))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Transition:
+    audience: str
+    destination: str
+    kind: str  # entered | exited
+    epoch: int  # how many times the person entered this membership before this entry
+
+
+def transitions(
+    before: frozenset, after: frozenset, epochs: dict[tuple[str, str], int]
+) -> list[Transition]:
+    """What changed, in a stable order. ``epochs`` (membership -> entries so far) is updated."""
+    out = []
+    for aud, dest in sorted(before - after):
+        out.append(Transition(aud, dest, EXITED, epochs.get((aud, dest), 1) - 1))
+    for aud, dest in sorted(after - before):
+        n = epochs.get((aud, dest), 0)
+        out.append(Transition(aud, dest, ENTERED, n))
+        epochs[(aud, dest)] = n + 1
+    return out
+
+
+# --- records -------------------------------------------------------------------------------------
+
+
+def activation_key(person: str, t: Transition) -> str:
+    text = "\x1f".join((person, t.audience, t.destination, t.kind, str(t.epoch)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def activation_records(
+    person: str,
+    t: Transition,
+    row: dict,
+    identifiers: list[tuple[str, str]],
+) -> list[dict]:
+    """The two Segment-convention records of one transition: an ``Audience Entered``/``Audience
+    Exited`` track and an identify with the audience trait. ``identifiers``: the person's
+    ``(type, value)`` as the destination's PII policy leaves them; ``row``: the profile after the
+    change (for a tombstone, only its version)."""
+    key = activation_key(person, t)
+    ids = dict(sorted(identifiers))
+    by_type: dict[str, list[str]] = {}
+    for typ, value in sorted(identifiers):
+        by_type.setdefault(typ, []).append(value)
+    cause = row.get("_cause")
+    when = row.get("updated_at") or None
+    context = {
+        "traits": {k: v[0] if len(v) == 1 else v for k, v in by_type.items()},
+        "personas": {"computation_key": t.audience, "computation_class": "audience"},
+        "cdi": {
+            "activation_key": key,
+            "person": person,
+            "destination": t.destination,
+            "transition": t.kind,
+            "epoch": t.epoch,
+            "profile_version": row.get("version"),
+            "cause": {"event_time_ms": cause[0], "message_id": cause[1]} if cause else None,
+        },
+    }
+    who = {}
+    if "user_id" in ids:
+        who["userId"] = ids["user_id"]
+    if "anonymous_id" in ids:
+        who["anonymousId"] = ids["anonymous_id"]
+    track = {
+        "type": "track",
+        "event": "Audience Entered" if t.kind == ENTERED else "Audience Exited",
+        "messageId": f"{key}-t",
+        **who,
+        "timestamp": when,
+        "properties": {"audience_key": t.audience, t.audience: t.kind == ENTERED},
+        "context": context,
+    }
+    identify = {
+        "type": "identify",
+        "messageId": f"{key}-i",
+        **who,
+        "timestamp": when,
+        "traits": {t.audience: t.kind == ENTERED},
+        "context": context,
+    }
+    return [track, identify]
+
+
+def delivery_records(
+    person: str, t: Transition, row: dict, identifiers: list[tuple[str, str]]
+) -> list[dict]:
+    """The transition's records as a destination receives them (the same envelope as event
+    deliveries: ``destination``, ``profile_key``, ``event_time``, ``event``) plus
+    ``activation``."""
+    out = []
+    for record in activation_records(person, t, row, identifiers):
+        out.append(
+            {
+                "destination": t.destination,
+                "profile_key": person,
+                "event_time": record["timestamp"],
+                "event": record,
+                "activation": {
+                    "key": record["context"]["cdi"]["activation_key"],
+                    "audience": t.audience,
+                    "transition": t.kind,
+                },
+            }
+        )
+    return out
+
+
+# --- Beam shells ---------------------------------------------------------------------------------
+
+
+class _Activator:
+    """What both stage kinds share: memberships of a row and the records of transitions."""
+
+    def __init__(self, audiences, purposes, redactors):
+        self._audiences = tuple(audiences)
+        self._purposes = dict(purposes)
+        self._redactors = dict(redactors)  # destination -> identifier key -> redacted | None
+
+    def members_of(self, row):
+        return memberships(row, self._audiences, self._purposes)
+
+    def records(self, person, changes, row, raw_members):
+        for t in changes:
+            redact = self._redactors[t.destination]
+            ids = [split_key(r) for r in map(redact, raw_members) if r is not None]
+            yield beam.pvalue.TaggedOutput(t.destination, delivery_records(person, t, row, ids))
+
+
+class _ActivateFn(beam.DoFn):
+    """Streaming: per person, the memberships in force, their entry counts (epochs), the last
+    row version seen and the raw identifiers (for exits after a deletion). A row older than the
+    last one seen is ignored (rows of a person may be reordered by a shuffle)."""
+
+    # (last version, memberships, epochs, raw identifiers)
+    MEMBERSHIP_STATE = ReadModifyWriteStateSpec("membership", FastPrimitivesCoder())
+
+    def __init__(self, activator: _Activator):
+        self._a = activator
+
+    @dead_letter_on_raise
+    def process(self, element, state=beam.DoFn.StateParam(MEMBERSHIP_STATE)):
+        person, row = element
+        version, members, epochs, raw = state.read() or (-1, [], {}, [])
+        if row["version"] <= version:
+            return
+        before = frozenset(tuple(m) for m in members)
+        after = self._a.members_of(row)
+        epochs = {tuple(k): n for k, n in epochs}
+        changes = transitions(before, after, epochs)
+        if not row.get("deleted"):
+            raw = row.get("_members") or raw
+        out = list(self._a.records(person, changes, row, raw))
+        if row.get("deleted"):
+            raw = []  # a deleted or merged-away person: keep no identifiers
+        state.write((row["version"], sorted(after), sorted(epochs.items()), raw))
+        yield from out
+
+
+class _ActivateBoundedFn(beam.DoFn):
+    """Bounded: a person's one (final) row; every membership is an entry (first epoch)."""
+
+    def __init__(self, activator: _Activator):
+        self._a = activator
+
+    def process(self, element):
+        person, row = element
+        changes = transitions(frozenset(), self._a.members_of(row), {})
+        yield from self._a.records(person, changes, row, row.get("_members") or [])
+
+
+class ActivateAudiences(beam.PTransform):
+    """Profile rows in; ``{destination: lists of activation records}`` and ``failed`` out."""
+
+    def __init__(self, audiences, purposes, redactors, bounded: bool):
+        super().__init__()
+        self._activator = _Activator(audiences, purposes, redactors)
+        self._destinations = sorted({d for a in audiences for d in a.destinations})
+        self._bounded = bounded
+
+    def expand(self, rows):
+        keyed = rows | "ByPerson" >> beam.Map(lambda r: (r["profile_id"], r)).with_output_types(
+            KV[str, Any]
+        )
+        if self._bounded:
+            out = keyed | "Memberships" >> guarded(
+                beam.ParDo(_ActivateBoundedFn(self._activator)), *self._destinations, main="none"
+            )
+        else:
+            out = keyed | "Memberships" >> beam.ParDo(_ActivateFn(self._activator)).with_outputs(
+                FAILED, *self._destinations, main="none"
+            )
+        result = {d: out[d] for d in self._destinations}
+        result[FAILED] = out[FAILED]
+        return result
