@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
-from transforms.io.kafka import KafkaSourceConfig
+from transforms.io.kafka import KafkaDeliveryConfig, KafkaSourceConfig
+from transforms.io.pubsub import PubSubDeliveryConfig
+from transforms.io.webhook import WebhookConfig
 from transforms.pii import PiiRule
 
 
@@ -275,6 +277,24 @@ PiiAction = Literal["keep", "hash", "drop"]
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """How a destination's records leave the job (adapters in transforms/io/)."""
+
+    type: Literal["files", "kafka", "webhook", "pubsub"] = "files"
+    kafka: KafkaDeliveryConfig | None = None
+    webhook: WebhookConfig | None = None
+    pubsub: PubSubDeliveryConfig | None = None
+
+    def __post_init__(self):
+        for kind in ("kafka", "webhook", "pubsub"):
+            given = getattr(self, kind) is not None
+            if kind == self.type and not given:
+                raise ValueError(f"{kind}: a delivery of type {kind} needs its `{kind}` section")
+            if kind != self.type and given:
+                raise ValueError(f"{kind}: only for deliveries of type {kind}, not {self.type}")
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     # Consent purposes the person must have granted for an event to reach this destination.
     purposes: tuple[str, ...] = ()
@@ -282,6 +302,8 @@ class DestinationConfig:
     pii: dict[str, PiiAction] = field(default_factory=dict)
     # What happens to a PII class the `pii` map does not name: safe by default.
     pii_default: PiiAction = "drop"
+    # files (destinations/<name>/ in the output directory) | kafka | webhook | pubsub
+    delivery: DeliveryConfig = DeliveryConfig()
 
 
 @dataclass(frozen=True)

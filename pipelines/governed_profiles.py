@@ -378,6 +378,22 @@ def profile_stores(config: PipelineConfig, output_dir: str | Path) -> list[Store
     ]
 
 
+def deliver(delivery) -> beam.PTransform:
+    """The adapter of a destination's delivery (``files`` is written by write_outputs); each
+    returns its dead letters (records it could not deliver after its retries)."""
+    if delivery.type == "kafka":
+        from transforms.io.kafka import DeliverToKafka
+
+        return DeliverToKafka(delivery.kafka)
+    if delivery.type == "webhook":
+        from transforms.io.webhook import DeliverToWebhook
+
+        return DeliverToWebhook(delivery.webhook)
+    from transforms.io.pubsub import DeliverToPubSub
+
+    return DeliverToPubSub(delivery.pubsub)
+
+
 def write_outputs(
     outputs: dict, config: PipelineConfig, output_dir: str | Path, activate: bool = True
 ) -> None:
@@ -404,10 +420,24 @@ def write_outputs(
         failed.append(
             outputs[name] | label >> WriteRecordsAsJson(str(paths[name]), batched=batched)
         )
+    delivery_failed = []
     for name, records in outputs[DESTINATIONS].items() if activate else ():
-        failed.append(
-            records
-            | f"Write[{name}]" >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True)
+        delivery = config.consent.destinations[name].delivery
+        if delivery.type == "files":
+            failed.append(
+                records
+                | f"Write[{name}]"
+                >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True)
+            )
+        else:
+            delivery_failed.append(records | f"Deliver[{name}]" >> deliver(delivery))
+    if delivery_failed:
+        (
+            tuple(delivery_failed)
+            | "MergeDeliveryDeadLetters" >> beam.Flatten()
+            | "DeadLetters[delivery]" >> ElementDeadLetters("delivery", "record")
+            | "WriteDeliveryDeadLetters"
+            >> WriteRecordsAsJson(str(paths[QUARANTINE]), lenient=True, prefix="part-delivery")
         )
     (
         tuple(failed)

@@ -42,6 +42,7 @@ def test_reference_config_documents_every_key():
         c.PipelineConfig, c.SourceConfig, c.TrackingPlanRef, c.ValidationConfig, c.EventTimeConfig,
         c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
         c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig, c.ProfileStoreConfig,
+        c.DeliveryConfig, c.KafkaDeliveryConfig, c.WebhookConfig, c.PubSubDeliveryConfig,
         c.KafkaSourceConfig,
     ]  # fmt: skip
     for cls in classes:
@@ -123,7 +124,11 @@ def _base(extra: str) -> str:
             "sinks: {profiles: {also: [{type: redis, url: 'redis://h', batch_size: 0}]}}",
             "test.yaml: sinks.profiles.also[0]: batch_size: must be at least 1",
         ),
-        ("audiences: [{name: a}]", "test.yaml: audiences[0].trait: required key is missing"),
+        ("audiences: [{name: a}]", "test.yaml: audiences[0].when: required key is missing"),
+        (
+            "consent: {destinations: {crm: {delivery: {type: kafka}}}}",
+            "test.yaml: consent.destinations.crm.delivery: kafka: a delivery of type kafka needs its `kafka` section",
+        ),
     ],
 )
 def test_each_config_error_is_one_precise_line(extra, expected):

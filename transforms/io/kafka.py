@@ -301,3 +301,146 @@ class ReadKafkaRange(beam.PTransform):
             | "SpreadRanges" >> beam.Reshuffle()
             | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self._name, self._config))
         )
+
+
+# --- Kafka as a destination: activation and event deliveries --------------------------------------
+
+_RESERVED_PRODUCER_KEYS = frozenset({"bootstrap.servers", "enable.idempotence", "acks"})
+
+
+@dataclass(frozen=True)
+class KafkaDeliveryConfig:
+    """``consent.destinations.<name>.delivery`` with ``type: kafka``."""
+
+    bootstrap_servers: str
+    topic: str
+    # Passed to the producer as is (SASL/SSL, compression.type, linger.ms...); `${VAR}` values
+    # from the environment. Idempotence and acks=all are set by the sink and cannot be turned
+    # off here.
+    producer: dict[str, Any] = field(default_factory=dict)
+    # How long librdkafka retries one record before it is a dead letter.
+    delivery_timeout_ms: int = 120_000
+
+    def __post_init__(self):
+        if not self.bootstrap_servers or not self.topic:
+            raise ValueError("bootstrap_servers and topic: required")
+        bad = sorted(_RESERVED_PRODUCER_KEYS & set(self.producer))
+        if bad:
+            raise ValueError(f"producer: {bad[0]!r} is set by the sink itself")
+        if self.delivery_timeout_ms < 1000:
+            raise ValueError("delivery_timeout_ms: at least 1000")
+
+
+def producer_settings(config: KafkaDeliveryConfig, environ) -> dict[str, Any]:
+    out = {}
+    for key, value in config.producer.items():
+        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
+            value = environ.get(value[2:-1], "")
+        out[key] = value
+    out.update(
+        {
+            "bootstrap.servers": config.bootstrap_servers,
+            # Exactly one copy per send in the log, in order per partition, however often
+            # librdkafka retries; a retried *bundle* may send again: consumers drop repeats by
+            # the messageId (deterministic for activations).
+            "enable.idempotence": True,
+            "acks": "all",
+            "delivery.timeout.ms": config.delivery_timeout_ms,
+        }
+    )
+    return out
+
+
+def delivery_message(record: dict) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """``(key, value, headers)`` of one delivery record: keyed by the person (one partition
+    per person: a person's records stay in order), the value is the Segment event as the
+    destination's PII policy left it."""
+    import orjson
+
+    event = record["event"]
+    headers = [("cdi-destination", record["destination"].encode())]
+    if "activation" in record:
+        headers.append(("cdi-activation-key", record["activation"]["key"].encode()))
+    if isinstance(event, dict) and event.get("messageId"):
+        headers.append(("cdi-message-id", str(event["messageId"]).encode()))
+    return record["profile_key"].encode(), orjson.dumps(event), headers
+
+
+class _ProduceFn(beam.DoFn):
+    """Produces every record of a bundle, then waits for all acknowledgements at the end of the
+    bundle (the bundle is the retry unit). A record librdkafka could not deliver within
+    ``delivery_timeout_ms`` is a dead letter, never dropped silently."""
+
+    def __init__(self, config: KafkaDeliveryConfig):
+        self._config = config
+        self._delivered = Metrics.counter("cdi", "kafka.delivered")
+        self._failed = Metrics.counter("cdi", "kafka.delivery_failed")
+
+    def setup(self):
+        import os
+
+        from confluent_kafka import Producer
+
+        self._producer = Producer(producer_settings(self._config, os.environ))
+
+    def start_bundle(self):
+        self._errors: list[tuple[dict, str]] = []
+
+    def process(self, records):
+        for record in records if isinstance(records, list) else [records]:
+            key, value, headers = delivery_message(record)
+
+            def done(err, _msg, record=record):
+                if err is not None:
+                    self._errors.append((record, str(err)))
+
+            while True:
+                try:
+                    self._producer.produce(
+                        self._config.topic, value=value, key=key, headers=headers, on_delivery=done
+                    )
+                    break
+                except BufferError:  # local queue full: let it drain, then go on
+                    self._producer.poll(0.5)
+            self._producer.poll(0)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        from transforms.dead_letter import FAILED
+
+        remaining = self._producer.flush(self._config.delivery_timeout_ms / 1000 + 30)
+        if remaining:
+            raise RuntimeError(f"kafka: {remaining} records still unacknowledged after flush")
+        self._failed.inc(len(self._errors))
+        for record, err in self._errors:
+            failure = ValueError(f"kafka delivery failed: {err}")
+            yield beam.pvalue.TaggedOutput(
+                FAILED,
+                WindowedValue(
+                    (record, (type(failure).__name__, str(failure), "")), 0, [GlobalWindow()]
+                ),
+            )
+        self._errors = []
+
+    def teardown(self):
+        producer = getattr(self, "_producer", None)
+        if producer is not None:
+            producer.flush(10)
+
+
+class DeliverToKafka(beam.PTransform):
+    """Delivery record lists in; dead letters (records not acknowledged) out."""
+
+    def __init__(self, config: KafkaDeliveryConfig):
+        super().__init__()
+        self._config = config
+
+    def expand(self, records):
+        from transforms.dead_letter import FAILED
+
+        out = records | "Produce" >> beam.ParDo(_ProduceFn(self._config)).with_outputs(
+            FAILED, main="none"
+        )
+        return out[FAILED]
