@@ -24,7 +24,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.config import PipelineConfig, parse_instant
-from transforms.audiences import ActivateAudiences, Audience
+from transforms.audiences import ActivateAudiences, Audience, SkipDelivered
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
@@ -378,6 +378,18 @@ def profile_stores(config: PipelineConfig, output_dir: str | Path) -> list[Store
     ]
 
 
+def activation_ledger(config: PipelineConfig, output_dir: str | Path) -> StoreSpec | None:
+    """Where activation keys are claimed (transforms/audiences.py): the first profile store
+    that is a database (PostgreSQL, Redis, SQLite). Runs and replays writing the same store share
+    it; a run's own SQLite file lives in its output directory (per run)."""
+    if not config.audiences:
+        return None
+    for spec in profile_stores(config, output_dir):
+        if spec.type in ("postgres", "redis", "sqlite"):
+            return spec
+    return None
+
+
 def deliver(delivery) -> beam.PTransform:
     """The adapter of a destination's delivery (``files`` is written by write_outputs); each
     returns its dead letters (records it could not deliver after its retries)."""
@@ -421,8 +433,11 @@ def write_outputs(
             outputs[name] | label >> WriteRecordsAsJson(str(paths[name]), batched=batched)
         )
     delivery_failed = []
+    ledger = activation_ledger(config, output_dir)
     for name, records in outputs[DESTINATIONS].items() if activate else ():
         delivery = config.consent.destinations[name].delivery
+        if ledger is not None and any(name in a.destinations for a in config.audiences):
+            records = records | f"SkipDelivered[{name}]" >> SkipDelivered(ledger)
         if delivery.type == "files":
             failed.append(
                 records

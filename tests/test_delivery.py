@@ -258,3 +258,23 @@ def test_the_job_delivers_governed_activations_to_a_webhook(tmp_path, hook_facto
     )
     p.run().wait_until_finish()
     assert quiet.requests == []
+
+
+def test_a_rerun_sharing_the_ledger_delivers_no_activation_again(
+    tmp_path, hook_factory, postgres_url
+):
+    from pipelines.generate import generate
+    from tests.conftest import config_from, run_job
+
+    lines, _ = generate(500, 50, seed=9)
+    counts = []
+    for attempt in range(2):
+        hook = hook_factory()
+        text = (
+            JOB.format(url=hook.url)
+            + f'sinks: {{profiles: {{type: postgres, url: "{postgres_url}"}}}}\n'
+        )
+        run = run_job(tmp_path / str(attempt), [x.encode() for x in lines], config_from(text))
+        assert run["report"]["accounted"]
+        counts.append(sum(e.get("event") == "Audience Entered" for e in hook.accepted))
+    assert counts[0] > 0 and counts[1] == 0, counts

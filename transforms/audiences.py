@@ -38,6 +38,7 @@ from typing import Any
 import apache_beam as beam
 import orjson
 from apache_beam.coders import FastPrimitivesCoder
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.typehints import KV
 
@@ -373,3 +374,51 @@ class ActivateAudiences(beam.PTransform):
         result = {d: out[d] for d in self._destinations}
         result[FAILED] = out[FAILED]
         return result
+
+
+class _ClaimFn(beam.DoFn):
+    """Passes a destination's record lists on, without the activation records whose key the
+    ledger already holds (an earlier run, a replay, a retried bundle delivered them)."""
+
+    def __init__(self, spec):
+        self._spec = spec
+        self._skipped = Metrics.counter("cdi", "activation.already_delivered")
+
+    def setup(self):
+        from transforms.profile_store import adapter
+
+        self._ledger = adapter(self._spec).Ledger(self._spec)
+
+    def process(self, records):
+        keys = [
+            r["activation"]["key"] + r["event"]["type"][0] for r in records if "activation" in r
+        ]
+        if not keys:
+            yield records
+            return
+        new = self._ledger.claim(keys)
+        kept = [
+            r
+            for r in records
+            if "activation" not in r or r["activation"]["key"] + r["event"]["type"][0] in new
+        ]
+        self._skipped.inc(len(records) - len(kept))
+        if kept:
+            yield kept
+
+    def teardown(self):
+        ledger = getattr(self, "_ledger", None)
+        if ledger is not None:
+            ledger.close()
+
+
+class SkipDelivered(beam.PTransform):
+    """The activation ledger in front of a destination (module doc): each activation record is
+    delivered at most once across runs that share the ledger's store."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, record_lists):
+        return record_lists | "Claim" >> beam.ParDo(_ClaimFn(self._spec))

@@ -96,3 +96,31 @@ class Reader:
     async def aclose(self) -> None:
         if self._opened:
             await self._pool.close()
+
+
+class Ledger:
+    """The activation ledger (transforms/audiences.py): a key is claimed once, ever."""
+
+    def __init__(self, spec: StoreSpec):
+        import psycopg
+
+        self._conn = psycopg.connect(spec.resolved_url(), autocommit=True)
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS activation_ledger (key TEXT PRIMARY KEY, "
+                "claimed_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+
+    def claim(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        rows = self._conn.execute(
+            "INSERT INTO activation_ledger (key) SELECT unnest(%s::text[]) "
+            "ON CONFLICT DO NOTHING RETURNING key",
+            (keys,),
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def close(self) -> None:
+        self._conn.close()

@@ -132,3 +132,24 @@ class Reader:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class Ledger:
+    """The activation ledger (transforms/audiences.py): a key is claimed once (``SET NX``),
+    kept ``LEDGER_TTL_DAYS`` so the set does not grow forever."""
+
+    LEDGER_TTL_DAYS = 400
+
+    def __init__(self, spec: StoreSpec):
+        import redis
+
+        self._client = redis.Redis.from_url(spec.resolved_url())
+
+    def claim(self, keys: list[str]) -> set[str]:
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.set(f"{PREFIX}a:{key}", 1, nx=True, ex=self.LEDGER_TTL_DAYS * 86400)
+        return {k for k, ok in zip(keys, pipe.execute(), strict=True) if ok}
+
+    def close(self) -> None:
+        self._client.close()

@@ -99,3 +99,28 @@ class Reader:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+
+
+class Ledger:
+    """The activation ledger (transforms/audiences.py): a key is claimed once, ever."""
+
+    def __init__(self, spec: StoreSpec):
+        self._conn = open_profile_db(spec.path)
+        with self._conn:
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS activation_ledger (key TEXT PRIMARY KEY)"
+            )
+
+    def claim(self, keys: list[str]) -> set[str]:
+        new = set()
+        with self._conn:
+            for key in keys:
+                cur = self._conn.execute(
+                    "INSERT INTO activation_ledger (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
+                )
+                if cur.rowcount:
+                    new.add(key)
+        return new
+
+    def close(self) -> None:
+        self._conn.close()
