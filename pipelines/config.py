@@ -354,6 +354,34 @@ class AudienceConfig:
         compile_predicate(self.when, "when")
 
 
+@dataclass(frozen=True)
+class TriggerConfig:
+    # A slug: the trigger's name in its records.
+    name: str
+    destinations: tuple[str, ...] = ()
+    # An event trigger: a track event name, and optionally a predicate over its properties
+    # ({property: amount, gt: 100}; the audiences' operators and all/any/not).
+    event: str | None = None
+    where: Any = None
+    # A threshold trigger: a predicate over the profile (as an audience's `when`); fires each
+    # time it becomes true.
+    when: Any = None
+
+    def __post_init__(self):
+        from transforms.audiences import SLUG, compile_predicate
+
+        if not SLUG.match(self.name):
+            raise ValueError(f"name: {self.name!r} is not a slug (a-z, 0-9, _; a letter first)")
+        if (self.event is None) == (self.when is None):
+            raise ValueError("a trigger has either `event` (and `where`) or `when`")
+        if self.where is not None:
+            if self.event is None:
+                raise ValueError("where: only with `event`")
+            compile_predicate(self.where, "where")
+        if self.when is not None:
+            compile_predicate(self.when, "when")
+
+
 StoreType = Literal["sqlite", "postgres", "redis", "bigquery"]
 
 
@@ -424,6 +452,7 @@ class PipelineConfig:
     pii: PiiConfig = PiiConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     audiences: tuple[AudienceConfig, ...] = ()
+    triggers: tuple[TriggerConfig, ...] = ()
     sinks: SinksConfig = SinksConfig()
     # Directory the config file lives in: relative paths resolve against it. Not a YAML key.
     base_dir: str = field(default=".", metadata={"internal": True})
@@ -610,10 +639,14 @@ def _check_references(cfg: PipelineConfig, loader: _Loader) -> None:
                 f"privacy.deleted_identifiers[{j}]",
                 f"unknown identifier type {item.split(':', 1)[0]!r}; types: {', '.join(sorted(id_types))}",
             )
-    for i, aud in enumerate(cfg.audiences):
-        for j, d in enumerate(aud.destinations):
-            if d not in cfg.consent.destinations:
-                loader.problem(f"audiences[{i}].destinations[{j}]", f"unknown destination {d!r}")
+    for kind, items in (("audiences", cfg.audiences), ("triggers", cfg.triggers)):
+        for i, item in enumerate(items):
+            for j, d in enumerate(item.destinations):
+                if d not in cfg.consent.destinations:
+                    loader.problem(f"{kind}[{i}].destinations[{j}]", f"unknown destination {d!r}")
+    names = [a.name for a in cfg.audiences] + [t.name for t in cfg.triggers]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        loader.problem("audiences", f"the name {name!r} is used twice (audiences and triggers)")
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -24,7 +24,15 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import StandardOptions
 
 from pipelines.config import PipelineConfig, parse_instant
-from transforms.audiences import ActivateAudiences, Audience, SkipDelivered
+from transforms.audiences import (
+    ActivateAudiences,
+    Audience,
+    DestinationRedactor,
+    EventTrigger,
+    FireEventTriggers,
+    SkipDelivered,
+    TriggerEvents,
+)
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
 from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
 from transforms.consent import DENIED as CONSENT_DENIED
@@ -48,7 +56,7 @@ from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteRecordsAsJson
 from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan
-from transforms.unify import ROWS, IdentifierRedactor, UnifyProfiles
+from transforms.unify import ROWS, TRIGGERED, IdentifierRedactor, UnifyProfiles
 from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
@@ -204,34 +212,65 @@ def build(
             keyed, config, (rules, policies, salt), specs, trait_rules
         )
         failed_events += failed
-    unified = {
+    event_triggers = [EventTrigger.from_config(t) for t in config.triggers if t.event]
+    unify_in = {
         "fragments": profile_fragments,
         "assignments": stitched["assignments"],
         "identities": stitched["identities"],
-    } | "UnifyProfiles" >> UnifyProfiles(
+    }
+    if event_triggers:
+        # Event triggers fire on events as delivered to their destinations (consent and PII
+        # applied), then meet the person's current profile in UnifyProfiles.
+        fired_on = sorted({d for t in event_triggers for d in t.destinations})
+        unify_in["triggers"] = (
+            tuple(
+                destinations[d] | f"TriggerEvents[{d}]" >> TriggerEvents(event_triggers)
+                for d in fired_on
+            )
+            | "MergeTriggerEvents" >> beam.Flatten()
+        )
+    unified = unify_in | "UnifyProfiles" >> UnifyProfiles(
         {c.name: c.aggregate for c in config.computed_traits},
         bounded=bounded,
         redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
     )
     profiles = unified[ROWS]
-    activation_failed = None
-    if config.audiences:
-        # Audience entries and exits from the profile rows (transforms/audiences.py), to each
-        # audience's destinations with the destination's consent and PII policy.
-        audiences = [Audience.from_config(a) for a in config.audiences]
-        used = sorted({d for a in audiences for d in a.destinations})
+    activation_failed = []
+    # Audiences and threshold triggers: entries and exits from the profile rows
+    # (transforms/audiences.py), to their destinations under each one's consent and PII policy.
+    audiences = [Audience.from_config(a) for a in config.audiences] + [
+        Audience.from_trigger(t) for t in config.triggers if t.when is not None
+    ]
+    used = sorted(
+        {d for a in audiences for d in a.destinations}
+        | {d for t in event_triggers for d in t.destinations}
+    )
+    redactor = DestinationRedactor(
+        rules,
+        {d: policies[d] for d in used},
+        salt,
+        {d: identifier_redactor(config, rules, *policies[d], salt) for d in used},
+    )
+    activation_outputs = []
+    if audiences:
         activated = profiles | "ActivateAudiences" >> ActivateAudiences(
             audiences,
             {n: tuple(d.purposes) for n, d in config.consent.destinations.items()},
-            {d: identifier_redactor(config, rules, *policies[d], salt) for d in used},
+            redactor,
             bounded=bounded,
         )
-        for d in used:
-            destinations[d] = (
-                destinations[d],
-                activated[d],
-            ) | f"Activations[{d}]" >> beam.Flatten()
-        activation_failed = activated[FAILED]
+        activation_outputs.append(activated)
+        activation_failed.append(activated[FAILED])
+    if event_triggers:
+        fired = unified[TRIGGERED] | "FireEventTriggers" >> FireEventTriggers(
+            redactor, {d for t in event_triggers for d in t.destinations}
+        )
+        activation_outputs.append(fired)
+        activation_failed.append(fired[FAILED])
+    for d in used:
+        extra = [out[d] for out in activation_outputs if d in out]
+        if extra:
+            destinations[d] = (destinations[d], *extra) | f"Activations[{d}]" >> beam.Flatten()
 
     # Every dead letter becomes a quarantine record (transforms/dead_letter.py): events before
     # dedup are counted at once, events after it once each however many steps failed on them,
@@ -254,10 +293,11 @@ def build(
         unified[FAILED] | "DeadLetters[unify]" >> ElementDeadLetters("unify", "person"),
         *(
             [
-                activation_failed
+                tuple(activation_failed)
+                | "MergeActivationFailed" >> beam.Flatten()
                 | "DeadLetters[activation]" >> ElementDeadLetters("activation", "person")
             ]
-            if activation_failed is not None
+            if activation_failed
             else []
         ),
     ) | "MergeQuarantine" >> beam.Flatten()
@@ -382,7 +422,7 @@ def activation_ledger(config: PipelineConfig, output_dir: str | Path) -> StoreSp
     """Where activation keys are claimed (transforms/audiences.py): the first profile store
     that is a database (PostgreSQL, Redis, SQLite). Runs and replays writing the same store share
     it; a run's own SQLite file lives in its output directory (per run)."""
-    if not config.audiences:
+    if not config.audiences and not config.triggers:
         return None
     for spec in profile_stores(config, output_dir):
         if spec.type in ("postgres", "redis", "sqlite"):
@@ -436,7 +476,9 @@ def write_outputs(
     ledger = activation_ledger(config, output_dir)
     for name, records in outputs[DESTINATIONS].items() if activate else ():
         delivery = config.consent.destinations[name].delivery
-        if ledger is not None and any(name in a.destinations for a in config.audiences):
+        if ledger is not None and any(
+            name in a.destinations for a in (*config.audiences, *config.triggers)
+        ):
             records = records | f"SkipDelivered[{name}]" >> SkipDelivered(ledger)
         if delivery.type == "files":
             failed.append(

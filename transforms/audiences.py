@@ -7,7 +7,8 @@
 
 subjects: ``trait`` (a profile trait), ``computed`` (a computed trait's current value), ``count``
 (an ``event_counts`` key: ``event:Order Completed``, ``type:page``), ``consent`` (a purpose:
-granted ``true``/``false``); operators: ``eq``, ``ne``, ``gt``, ``gte``, ``lt``, ``lte``, ``in``
+granted ``true``/``false``), and for event triggers ``property`` (a dotted path under the event's
+``properties``); operators: ``eq``, ``ne``, ``gt``, ``gte``, ``lt``, ``lte``, ``in``
 (a list), ``exists`` (``true``/``false``). A comparison with a missing or incomparable value is
 false (``ne`` and ``exists: false`` are true for a missing value). A missing count is 0.
 
@@ -46,7 +47,7 @@ from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity_graph import split_key
 
 SLUG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-SUBJECTS = ("trait", "computed", "count", "consent")
+SUBJECTS = ("trait", "computed", "count", "consent", "property")
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "exists")
 ENTERED, EXITED = "entered", "exited"
 
@@ -106,6 +107,13 @@ def _comparison(subject: str, name: str, op: str, expected: Any) -> Predicate:
     def actual(view: dict) -> Any:
         if subject == "count":
             return view["counts"].get(name, 0)
+        if subject == "property":  # an event's properties, by dotted path (event triggers)
+            node = view.get("property", {})
+            for part in name.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return _MISSING
+                node = node[part]
+            return node
         return view[subject].get(name, _MISSING)
 
     def test(view: dict) -> bool:
@@ -153,10 +161,16 @@ class Audience:
     name: str
     predicate: Predicate
     destinations: tuple[str, ...]
+    # A threshold trigger: fires on each entry (the predicate becoming true), silent on exits.
+    trigger: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> Audience:
         return cls(cfg.name, compile_predicate(cfg.when), tuple(cfg.destinations))
+
+    @classmethod
+    def from_trigger(cls, cfg) -> Audience:
+        return cls(cfg.name, compile_predicate(cfg.when), tuple(cfg.destinations), trigger=True)
 
 
 def memberships(
@@ -287,6 +301,120 @@ def delivery_records(
     return out
 
 
+# --- triggers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventTrigger:
+    """Fires on one track event named ``event`` whose ``where`` predicate holds (over its
+    ``properties``), for each of ``destinations`` the event was delivered to (so consent and the
+    destination's PII policy already apply to it)."""
+
+    name: str
+    event: str
+    where: Predicate | None
+    destinations: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg) -> EventTrigger:
+        where = compile_predicate(cfg.where, "where") if cfg.where is not None else None
+        return cls(cfg.name, cfg.event, where, tuple(cfg.destinations))
+
+    def matches(self, event: dict) -> bool:
+        if event.get("type") != "track" or event.get("event") != self.event:
+            return False
+        props = event.get("properties")
+        view = {"property": props if isinstance(props, dict) else {}}
+        return self.where is None or self.where(view)
+
+
+def matching_triggers(record: dict, triggers: Iterable[EventTrigger]) -> list[str]:
+    """Names of the event triggers a delivery record fires (for its destination)."""
+    event = record.get("event")
+    if not isinstance(event, dict):
+        return []
+    return [
+        t.name for t in triggers if record["destination"] in t.destinations and t.matches(event)
+    ]
+
+
+def trigger_record(
+    trigger: str,
+    destination: str,
+    person: str,
+    row: dict | None,
+    profile: dict,
+    identifiers: list[tuple[str, str]],
+    event: dict | None = None,
+) -> dict:
+    """A ``Trigger Fired`` track for ``destination``: the trigger, the event that fired it (as
+    delivered to the destination) or the profile change that did, and the person's current
+    profile (``profile``: traits, computed traits and counts as the destination's PII policy
+    leaves them). Its ``messageId`` is deterministic (trigger, destination, person, and the
+    firing event's id or the profile version)."""
+    cause = str(event.get("messageId")) if event else "profile"
+    key = hashlib.sha256("\x1f".join((trigger, destination, person, cause)).encode()).hexdigest()
+    key = key[:32]
+    ids = dict(sorted(identifiers))
+    who = {
+        k: ids[t] for k, t in (("userId", "user_id"), ("anonymousId", "anonymous_id")) if t in ids
+    }
+    when = (event or {}).get("timestamp") or (row or {}).get("updated_at")
+    return {
+        "destination": destination,
+        "profile_key": person,
+        "event_time": when,
+        "event": {
+            "type": "track",
+            "event": "Trigger Fired",
+            "messageId": key,
+            **who,
+            "timestamp": when,
+            "properties": {"trigger": trigger, **({"event": event} if event else {})},
+            "context": {
+                "traits": profile.get("traits", {}),
+                "cdi": {
+                    "trigger": trigger,
+                    "person": person,
+                    "destination": destination,
+                    "profile_version": (row or {}).get("version"),
+                    "computed_traits": profile.get("computed_traits", {}),
+                    "event_counts": profile.get("event_counts", {}),
+                },
+            },
+        },
+        "trigger": {"key": key, "name": trigger},
+    }
+
+
+class DestinationRedactor:
+    """A profile's traits and identifiers as each destination's PII policy allows: the traits go
+    through :func:`transforms.pii.apply_policy` as an identify's traits would; identifiers through
+    each destination's identifier redactor (raw key -> key, or None: dropped)."""
+
+    def __init__(self, rules, policies: dict, salt: str, identifier_redactors: dict):
+        self._rules, self._policies, self._salt = rules, policies, salt
+        self._ids = identifier_redactors
+
+    def identifiers(self, destination: str, raw_members) -> list[tuple[str, str]]:
+        redact = self._ids[destination]
+        return [split_key(r) for r in map(redact, raw_members or ()) if r is not None]
+
+    def profile(self, destination: str, row: dict | None) -> dict:
+        from transforms.pii import apply_policy
+
+        if not row or row.get("deleted"):
+            return {}
+        policy, default = self._policies[destination]
+        traits = orjson.loads(row["traits"])
+        redacted = apply_policy({"traits": traits}, self._rules, policy, self._salt, default)[0]
+        return {
+            "traits": redacted.get("traits", {}),
+            "computed_traits": orjson.loads(row["computed_traits"]),
+            "event_counts": orjson.loads(row["event_counts"]),
+        }
+
+
 # --- Beam shells ---------------------------------------------------------------------------------
 
 
@@ -296,16 +424,28 @@ class _Activator:
     def __init__(self, audiences, purposes, redactors):
         self._audiences = tuple(audiences)
         self._purposes = dict(purposes)
-        self._redactors = dict(redactors)  # destination -> identifier key -> redacted | None
+        if isinstance(redactors, dict):  # identifier redactors only (no trigger profiles)
+            redactors = DestinationRedactor((), {}, "", redactors)
+        self._redactors = redactors
 
     def members_of(self, row):
         return memberships(row, self._audiences, self._purposes)
 
     def records(self, person, changes, row, raw_members):
+        triggers = {a.name for a in self._audiences if a.trigger}
         for t in changes:
-            redact = self._redactors[t.destination]
-            ids = [split_key(r) for r in map(redact, raw_members) if r is not None]
-            yield beam.pvalue.TaggedOutput(t.destination, delivery_records(person, t, row, ids))
+            ids = self._redactors.identifiers(t.destination, raw_members)
+            if t.audience not in triggers:
+                out = delivery_records(person, t, row, ids)
+            elif t.kind == ENTERED:  # a threshold trigger fires on crossing, not on leaving
+                profile = self._redactors.profile(t.destination, row)
+                out = [trigger_record(t.audience, t.destination, person, row, profile, ids)]
+                out[0]["event"]["messageId"] += f"-{t.epoch}"
+                out[0]["event"]["context"]["cdi"]["epoch"] = t.epoch
+                out[0]["trigger"]["key"] = out[0]["event"]["messageId"]
+            else:
+                continue
+            yield beam.pvalue.TaggedOutput(t.destination, out)
 
 
 class _ActivateFn(beam.DoFn):
@@ -389,19 +529,21 @@ class _ClaimFn(beam.DoFn):
 
         self._ledger = adapter(self._spec).Ledger(self._spec)
 
+    @staticmethod
+    def _key(record):
+        if "activation" in record:
+            return record["activation"]["key"] + record["event"]["type"][0]
+        if "trigger" in record:
+            return "trigger:" + record["trigger"]["key"]
+        return None
+
     def process(self, records):
-        keys = [
-            r["activation"]["key"] + r["event"]["type"][0] for r in records if "activation" in r
-        ]
+        keys = [k for k in map(self._key, records) if k is not None]
         if not keys:
             yield records
             return
         new = self._ledger.claim(keys)
-        kept = [
-            r
-            for r in records
-            if "activation" not in r or r["activation"]["key"] + r["event"]["type"][0] in new
-        ]
+        kept = [r for r in records if self._key(r) is None or self._key(r) in new]
         self._skipped.inc(len(records) - len(kept))
         if kept:
             yield kept
@@ -422,3 +564,65 @@ class SkipDelivered(beam.PTransform):
 
     def expand(self, record_lists):
         return record_lists | "Claim" >> beam.ParDo(_ClaimFn(self._spec))
+
+
+def _trigger_inputs(records, triggers):
+    """A destination's delivery records -> ``(profile key, payload)`` per trigger fired."""
+    for record in records:
+        for name in matching_triggers(record, triggers):
+            yield record["profile_key"], {"trigger": name, "record": record}
+
+
+class TriggerEvents(beam.PTransform):
+    """A destination's delivery record lists in; ``(profile key, payload)`` for each event
+    trigger they fire, to route to the person (``UnifyProfiles``' ``triggers`` input)."""
+
+    def __init__(self, triggers):
+        super().__init__()
+        self._triggers = tuple(triggers)
+
+    def expand(self, record_lists):
+        triggers = self._triggers
+        return record_lists | "Match" >> beam.FlatMap(_trigger_inputs, triggers).with_output_types(
+            KV[str, Any]
+        )
+
+
+class _FireFn(beam.DoFn):
+    def __init__(self, redactor: DestinationRedactor):
+        self._redactor = redactor
+
+    def process(self, element):
+        row, payload = element
+        record = payload["record"]
+        dest = record["destination"]
+        person = row["profile_id"] if row else record["profile_key"]
+        members = (row or {}).get("_members") or [record["profile_key"]]
+        fired = trigger_record(
+            payload["trigger"],
+            dest,
+            person,
+            row,
+            self._redactor.profile(dest, row),
+            self._redactor.identifiers(dest, members),
+            event=record["event"],
+        )
+        yield beam.pvalue.TaggedOutput(dest, [fired])
+
+
+class FireEventTriggers(beam.PTransform):
+    """``(current profile row, payload)`` in; ``{destination: lists of Trigger Fired records}``
+    and ``failed`` out."""
+
+    def __init__(self, redactor: DestinationRedactor, destinations):
+        super().__init__()
+        self._redactor = redactor
+        self._destinations = sorted(set(destinations))
+
+    def expand(self, triggered):
+        out = triggered | "Fire" >> guarded(
+            beam.ParDo(_FireFn(self._redactor)), *self._destinations, main="none"
+        )
+        result = {d: out[d] for d in self._destinations}
+        result[FAILED] = out[FAILED]
+        return result

@@ -38,7 +38,8 @@ from transforms.identity_graph import id_key, split_key
 from transforms.pii import apply_policy
 from transforms.profile import empty_profile, merge_profiles, next_version, profile_row
 
-FRAGMENT, RETRACT, ASSIGN, MEMBERS = "f", "r", "a", "m"
+FRAGMENT, RETRACT, ASSIGN, MEMBERS, TRIGGER = "f", "r", "a", "m", "t"
+TRIGGERED = "triggered"  # (current profile row, trigger record) pairs
 RAW_MEMBERS, CAUSE = "_members", "_cause"  # row keys that are not columns
 ROWS = "rows"
 
@@ -155,6 +156,9 @@ class _RouteFragmentsFn(beam.DoFn):
     def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
         groups, frag, routed = route_state.read() or ({}, None, None)
+        if msg[0] == TRIGGER:  # an event trigger: to the identifier's person, as it is now
+            yield (person_of(x, groups), msg)
+            return
         frag = _apply_route_message(msg, groups, frag)
         if frag is None:
             route_state.write((groups, frag, routed))
@@ -193,10 +197,17 @@ class _RouteGroupedFn(beam.DoFn):
         x, messages = element
         groups: dict = {}
         frag = None
+        triggers = []
         for msg in messages:
-            frag = _apply_route_message(msg, groups, frag)
+            if msg[0] == TRIGGER:
+                triggers.append(msg)
+            else:
+                frag = _apply_route_message(msg, groups, frag)
+        person = person_of(x, groups)
         if frag is not None:
-            yield (person_of(x, groups), (FRAGMENT, x, frag))
+            yield (person, (FRAGMENT, x, frag))
+        for msg in triggers:
+            yield (person, msg)
 
 
 def _apply_person_message(msg, frags: dict, by_group: dict) -> None:
@@ -228,11 +239,17 @@ class _UnifyGroupedFn(beam.DoFn):
         person, messages = element
         frags: dict = {}
         by_group: dict = {}
+        triggers = []
         for msg in messages:
-            _apply_person_message(msg, frags, by_group)
+            if msg[0] == TRIGGER:
+                triggers.append(msg[1])
+            else:
+                _apply_person_message(msg, frags, by_group)
         row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
         if row is not None:  # None: never had a row, nothing to write or delete
             yield row
+        for record in triggers:  # a bounded run's current profile is its final one
+            yield beam.pvalue.TaggedOutput(TRIGGERED, (row, record))
 
 
 class _UnifyProfilesFn(beam.DoFn):
@@ -248,6 +265,10 @@ class _UnifyProfilesFn(beam.DoFn):
         """Streaming: a new row version at every change of the person."""
         person, msg = element
         frags, by_group, version = person_state.read() or ({}, {}, 0)
+        if msg[0] == TRIGGER:  # enrich with the profile as it is now; nothing changes
+            row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
+            yield beam.pvalue.TaggedOutput(TRIGGERED, (row, msg[1]))
+            return
         _apply_person_message(msg, frags, by_group)
         yield from self._emit(person, frags, by_group, version, person_state)
 
@@ -266,8 +287,9 @@ class _UnifyProfilesFn(beam.DoFn):
 
 class UnifyProfiles(beam.PTransform):
     """``{"fragments": (primary id, accumulator), "assignments": (identifier, (group, person)),
-    "identities": (person, (group, members))}`` in; ``{"rows": profile rows (and tombstones),
-    "failed": dead letters}`` out (an identifier's or a person's messages the step raised on:
+    "identities": (person, (group, members))}`` and optionally ``"triggers": (profile key,
+    record)`` in; ``{"rows": profile rows (and tombstones), "triggered": (the person's current
+    row, record), "failed": dead letters}`` out (an identifier's or a person's messages the step raised on:
     not events, see transforms/dead_letter.py)."""
 
     def __init__(
@@ -282,22 +304,31 @@ class UnifyProfiles(beam.PTransform):
         self._redact = redact
 
     def expand(self, inputs):
-        routed_in = (
+        parts = [
             inputs["fragments"]
             | "AsFragment"
             >> beam.MapTuple(lambda k, f: (k, (FRAGMENT, f))).with_output_types(KV[str, Any]),
             inputs["assignments"]
             | "AsAssign"
             >> beam.MapTuple(lambda k, a: (k, (ASSIGN, a))).with_output_types(KV[str, Any]),
-        ) | "ToRouter" >> beam.Flatten()
+        ]
+        if inputs.get("triggers") is not None:
+            # Event triggers (profile key, record): routed to the key's person like its
+            # fragment, then enriched with the person's profile (TRIGGERED).
+            parts.append(
+                inputs["triggers"]
+                | "AsTrigger"
+                >> beam.MapTuple(lambda k, r: (k, (TRIGGER, r))).with_output_types(KV[str, Any])
+            )
+        routed_in = tuple(parts) | "ToRouter" >> beam.Flatten()
         bounded = self._bounded
 
-        def dead_lettered(pardo, main):
+        def dead_lettered(pardo, main, *tags):
             """Beam's dead-letter wrapper where the step keeps no state; the stateful DoFns
             route their own (``dead_letter_on_raise``)."""
             if bounded:
-                return guarded(pardo, main=main)
-            return pardo.with_outputs(FAILED, main=main)
+                return guarded(pardo, *tags, main=main)
+            return pardo.with_outputs(FAILED, *tags, main=main)
 
         if bounded:
             # Each keyed step a GroupByKey and one call per key (no state, no timers).
@@ -317,7 +348,7 @@ class UnifyProfiles(beam.PTransform):
         if bounded:
             to_unify = to_unify | "Fragments+Members" >> beam.GroupByKey()
         rows = to_unify | "UnifyProfiles" >> dead_lettered(
-            beam.ParDo(unifier).with_input_types(KV[str, Any]), main="rows"
+            beam.ParDo(unifier).with_input_types(KV[str, Any]), "rows", TRIGGERED
         )
         failed = (routed[FAILED], rows[FAILED]) | "MergeFailed" >> beam.Flatten()
-        return {ROWS: rows.rows, FAILED: failed}
+        return {ROWS: rows.rows, FAILED: failed, TRIGGERED: rows[TRIGGERED]}
