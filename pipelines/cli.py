@@ -57,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         "activation outputs (destinations) are suppressed unless --activate",
     )
     rep.add_argument("--config", required=True, help="pipeline config YAML")
-    rep.add_argument("--source", required=True, help="the name of a kafka source in the config")
+    rep.add_argument("--source", help="the name of a kafka source in the config")
+    rep.add_argument(
+        "--from-archive",
+        dest="archive",
+        help="read the raw-input archive at this path (sinks.archive) instead of a topic: every "
+        "source's whole hours overlapping [--from, --to)",
+    )
     rep.add_argument(
         "--from", dest="start", required=True, help="ISO instant: first record time read"
     )
@@ -239,11 +245,13 @@ def cmd_run(args, beam_args: list[str]) -> int:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines import governed_profiles as job
+    from pipelines.config import ConfigError
     from pipelines.report import build_report, counters, format_summary, write_report
     from runners.local import runner_args
 
     cfg = getattr(args, "replay_config", None) or _load(args.config)
-    inputs = job.source_inputs(cfg, getattr(args, "input", None))
+    globs = getattr(args, "archive_globs", None)
+    inputs = {} if globs is not None else job.source_inputs(cfg, getattr(args, "input", None))
     _check_inputs(inputs)
     output_dir = Path(args.output or cfg.sinks.output_dir)
     paths = job.output_paths(cfg, output_dir)
@@ -258,7 +266,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     started = time.perf_counter()
     try:
         p = beam.Pipeline(options=options)
-        outputs = job.build(p, cfg, inputs)
+        outputs = job.build(p, cfg, inputs, archive_globs=globs)
         job.write_outputs(outputs, cfg, output_dir, activate=activate)
         result = p.run()
         if getattr(args, "detach", False):
@@ -266,6 +274,8 @@ def cmd_run(args, beam_args: list[str]) -> int:
             print(f"cdi run: submitted{f' job {job_id}' if job_id else ''} (detached: no report)")
             return EXIT_OK
         result.wait_until_finish()
+    except ConfigError:
+        raise
     except Exception as e:  # the pipeline itself failed: exit 1 with the cause
         print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
@@ -306,7 +316,37 @@ def replay_config(cfg, source: str, start: str, stop: str):
 
 
 def cmd_replay(args, beam_args: list[str]) -> int:
-    args.replay_config = replay_config(_load(args.config), args.source, args.start, args.stop)
+    import dataclasses
+
+    from pipelines.config import ConfigError
+
+    cfg = _load(args.config)
+    if (args.source is None) == (args.archive is None):
+        raise UsageError("cdi replay: give --source (a kafka source) or --from-archive PATH")
+    if args.archive is None:
+        args.replay_config = replay_config(cfg, args.source, args.start, args.stop)
+        return cmd_run(args, beam_args)
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.envelope import parse_iso_ms
+    from transforms.io.files import archive_globs
+
+    start, stop = parse_iso_ms(args.start), parse_iso_ms(args.stop)
+    for flag, value, ms in (("--from", args.start, start), ("--to", args.stop, stop)):
+        if ms is None:
+            raise ConfigError([f"{flag}: not an ISO 8601 instant: {value!r}"])
+    if start >= stop:
+        raise ConfigError(["--from must be before --to"])
+    if not FileSystems.exists(args.archive):
+        raise ConfigError([f"--from-archive {args.archive}: no such archive"])
+    globs = archive_globs(args.archive, [s.name for s in cfg.sources], start, stop)
+    found = [g for g in globs if FileSystems.match([g])[0].metadata_list]
+    # Replays never archive again; an empty range is a run with no input, not an error.
+    sinks = dataclasses.replace(
+        cfg.sinks, archive=dataclasses.replace(cfg.sinks.archive, path=None)
+    )
+    args.replay_config = dataclasses.replace(cfg, sinks=sinks)
+    args.archive_globs = found
     return cmd_run(args, beam_args)
 
 

@@ -432,9 +432,18 @@ class ProfileSinkConfig:
 
 
 @dataclass(frozen=True)
+class ArchiveConfig:
+    # Where the raw input is archived (Avro, <path>/<source>.<YYYY-MM-DDTHH>-*.avro by event hour),
+    # relative to the current directory or any Beam filesystem (gs://...); none: no archive.
+    # `cdi replay --from-archive PATH` reads it back through the same job.
+    path: str | None = None
+
+
+@dataclass(frozen=True)
 class SinksConfig:
     output_dir: str = "cdi-output"
     profiles: ProfileSinkConfig = ProfileSinkConfig()
+    archive: ArchiveConfig = ArchiveConfig()
 
 
 @dataclass(frozen=True)

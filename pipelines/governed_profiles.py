@@ -45,7 +45,7 @@ from transforms.dead_letter import (
 )
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
-from transforms.io.files import ReadFileSource
+from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource
 from transforms.io.kafka import ReadKafkaRange
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
@@ -141,6 +141,7 @@ def build(
     config: PipelineConfig,
     inputs: dict[str, list[str]],
     bounded: bool | None = None,
+    archive_globs: list[str] | None = None,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
@@ -150,25 +151,37 @@ def build(
     ``bounded``: use the bounded-input stages (each keyed stage a GroupByKey and one call per
     key) instead of the streaming ones (keyed state and timers). Default: bounded exactly when
     the pipeline is not streaming. Tests pass ``False`` to run the streaming stages over a
-    finite input and compare both."""
+    finite input and compare both. ``archive_globs``: read these raw-input archive files
+    instead of the configured sources (a replay; nothing is archived again)."""
     plans = {
         name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
     }
     salt = pii_salt(config)
     rules = pii_rules(config)
     policies = pii_policies(config)
-    reads = []
-    for src in config.sources:
-        if src.type == "kafka":
-            read = ReadKafkaRange(src.name, src.kafka)
-        else:
-            read = ReadFileSource(src.name, src.format, inputs[src.name])
-        reads.append(p | f"Read[{src.name}]" >> read)
-    raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
-
-    validated = raw | "ValidateEvents" >> _validate(config, plans)
     if bounded is None:
         bounded = not p.options.view_as(StandardOptions).streaming
+    if archive_globs is not None:  # a replay of the raw-input archive (cdi replay)
+        raw = p | "ReadArchive" >> ReadArchive(archive_globs)
+    else:
+        reads = []
+        for src in config.sources:
+            if src.type == "kafka":
+                read = ReadKafkaRange(src.name, src.kafka)
+            else:
+                read = ReadFileSource(src.name, src.format, inputs[src.name])
+            reads.append(p | f"Read[{src.name}]" >> read)
+        raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
+        if config.sinks.archive.path:
+            if not bounded:
+                from pipelines.config import ConfigError
+
+                raise ConfigError(
+                    ["sinks.archive.path: archives bounded runs only in this release"]
+                )
+            raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path)
+
+    validated = raw | "ValidateEvents" >> _validate(config, plans)
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
         config.dedup.key, config.dedup.ttl, bounded=bounded
     )
