@@ -329,7 +329,7 @@ def cmd_replay(args, beam_args: list[str]) -> int:
     from apache_beam.io.filesystems import FileSystems
 
     from transforms.envelope import parse_iso_ms
-    from transforms.io.files import archive_globs
+    from transforms.io.files import archive_files
 
     start, stop = parse_iso_ms(args.start), parse_iso_ms(args.stop)
     for flag, value, ms in (("--from", args.start, start), ("--to", args.stop, stop)):
@@ -339,8 +339,7 @@ def cmd_replay(args, beam_args: list[str]) -> int:
         raise ConfigError(["--from must be before --to"])
     if not FileSystems.exists(args.archive):
         raise ConfigError([f"--from-archive {args.archive}: no such archive"])
-    globs = archive_globs(args.archive, [s.name for s in cfg.sources], start, stop)
-    found = [g for g in globs if FileSystems.match([g])[0].metadata_list]
+    found = archive_files(args.archive, [s.name for s in cfg.sources], start, stop)
     # Replays never archive again; an empty range is a run with no input, not an error.
     sinks = dataclasses.replace(
         cfg.sinks, archive=dataclasses.replace(cfg.sinks.archive, path=None)

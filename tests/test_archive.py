@@ -9,7 +9,7 @@ import fastavro
 import orjson
 
 from pipelines.cli import main
-from transforms.io.files import UNDATED, archive_globs, event_hour
+from transforms.io.files import UNDATED, archive_files, event_hour
 
 
 def test_event_hour_reads_the_events_own_time():
@@ -25,16 +25,21 @@ def test_event_hour_reads_the_events_own_time():
         assert event_hour(junk) == UNDATED
 
 
-def test_archive_globs_cover_whole_hours_of_the_range():
-    h = 3_600_000
+def test_archive_files_are_the_whole_hours_overlapping_the_range(tmp_path):
     from transforms.envelope import parse_iso_ms
 
+    for name in (
+        "web.2026-11-01T07-00000-of-00001.avro",
+        "web.2026-11-01T08-00000-of-00001.avro",
+        "ios.2026-11-01T09-00000-of-00002.avro",
+        "web.2026-11-01T10-00000-of-00001.avro",
+        "web.undated-00000-of-00001.avro",
+        "other.2026-11-01T08-00000-of-00001.avro",
+    ):
+        (tmp_path / name).write_bytes(b"")
     t0 = parse_iso_ms("2026-11-01T08:00:00Z")
-    globs = archive_globs("/a", ["web", "ios"], t0 + 30 * 60_000, t0 + 2 * h)
-    assert globs == [
-        "/a/web.2026-11-01T08-*", "/a/ios.2026-11-01T08-*",
-        "/a/web.2026-11-01T09-*", "/a/ios.2026-11-01T09-*",
-    ]  # fmt: skip
+    got = archive_files(str(tmp_path), ["web", "ios"], t0 + 30 * 60_000, t0 + 2 * 3_600_000)
+    assert [p.rsplit("/", 1)[1][:17] for p in got] == ["ios.2026-11-01T09", "web.2026-11-01T08"]
 
 
 CONFIG = """

@@ -163,14 +163,32 @@ class ReadArchive(beam.PTransform):
         )
 
 
-def archive_globs(path: str, sources, start_ms: int, stop_ms: int) -> list[str]:
-    """Globs of every archived hour of ``sources`` that overlaps ``[start, stop)``: whole hours
-    (an hour's file holds events of that hour only)."""
+def archive_hour_ms(name: str, sources) -> int | None:
+    """The event hour (epoch ms) of an archive file name ``<source>.<YYYY-MM-DDTHH>-...avro``
+    of one of ``sources``; ``None`` for other files and ``undated``."""
     import datetime as dt
 
+    source, _, rest = name.partition(".")
+    if source not in sources or len(rest) < 13:
+        return None
+    try:
+        t = dt.datetime.strptime(rest[:13], "%Y-%m-%dT%H").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+    return int(t.timestamp() * 1000)
+
+
+def archive_files(path: str, sources, start_ms: int, stop_ms: int) -> list[str]:
+    """Every archive file of ``sources`` whose event hour overlaps ``[start, stop)`` (whole
+    hours: an hour's file holds events of that hour only). One listing of the archive."""
+    from apache_beam.io.filesystems import FileSystems
+
     hour = 3_600_000
-    first, out = start_ms - start_ms % hour, []
-    for t in range(first, stop_ms, hour):
-        stamp = dt.datetime.fromtimestamp(t / 1000, dt.timezone.utc).strftime("%Y-%m-%dT%H")
-        out += [f"{path}/{s}.{stamp}-*" for s in sources]
-    return out
+    sources = set(sources)
+    found = FileSystems.match([FileSystems.join(path, "*.avro")])[0].metadata_list
+    out = []
+    for meta in found:
+        t = archive_hour_ms(meta.path.rsplit("/", 1)[-1], sources)
+        if t is not None and t + hour > start_ms and t < stop_ms:
+            out.append(meta.path)
+    return sorted(out)
