@@ -43,6 +43,7 @@ def test_reference_config_documents_every_key():
         c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
         c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig, c.ProfileStoreConfig,
         c.DeliveryConfig, c.KafkaDeliveryConfig, c.WebhookConfig, c.PubSubDeliveryConfig,
+        c.TriggerConfig, c.ArchiveConfig,
         c.KafkaSourceConfig,
     ]  # fmt: skip
     for cls in classes:
