@@ -61,3 +61,26 @@ def test_url_names_project_dataset_and_table():
     )  # fmt: skip
     with pytest.raises(ValueError):
         table_of(StoreSpec("bigquery", url="bigquery://proj/cdi"))
+
+
+def test_the_job_with_a_bigquery_store_builds_a_dataflow_job_offline():
+    """The whole write (Beam's WriteToBigQuery into the change table) built into a Dataflow job
+    without a network: the graph names the change table's load steps."""
+    pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient")
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import governed_profiles as job
+    from tests.conftest import config_from
+    from tests.test_dataflow import DATAFLOW
+
+    cfg = config_from(
+        "sources: [{name: web}]\n"
+        "sinks: {profiles: {type: bigquery, url: 'bigquery://demo-project/cdi.profiles'}}\n"
+    )
+    p = beam.Pipeline(options=PipelineOptions(DATAFLOW))
+    job.write_outputs(job.build(p, cfg, {"web": ["gs://b/in/*.ndjson"]}), cfg, "gs://b/out")
+    p.run()
+    names = [t.unique_name for t in p.runner.proto_pipeline.components.transforms.values()]
+    assert any("WriteProfiles[bigquery:0]/Write/Append" in n for n in names)
+    assert any("ToBigQueryRow" in n for n in names)

@@ -12,7 +12,8 @@ newest live version straight from the change table, for readers that cannot wait
 ``TIMESTAMP``, partitioned by ``updated_at`` day and clustered by ``profile_id``.
 
 Not verifiable here: no BigQuery can be reached from this machine and there is no emulator. The
-schema, the row conversion and the MERGE text are tested; the write itself is Beam's. Reads
+schema, the row conversion and the MERGE text are tested, and the job with this store is built
+into a Dataflow job offline; the write itself is Beam's. Reads
 (``cdi profile get``/``serve``) are not offered for BigQuery: serve from PostgreSQL or Redis.
 """
 
