@@ -367,7 +367,8 @@ def cmd_validate_config(args) -> int:
     cfg = _load(args.file)
     print(
         f"{args.file}: ok ({len(cfg.sources)} source(s), {len(cfg.tracking_plans)} tracking plan(s), "
-        f"{len(cfg.consent.destinations)} destination(s), {len(cfg.audiences)} audience(s))"
+        f"{len(cfg.consent.destinations)} destination(s), {len(cfg.audiences)} audience(s), "
+        f"{len(cfg.triggers)} trigger(s))"
     )
     for src in cfg.sources:
         if src.tracking_plan is None:
