@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from transforms.io.kafka import KafkaDeliveryConfig, KafkaSourceConfig
-from transforms.io.pubsub import PubSubDeliveryConfig
+from transforms.io.pubsub import PubSubDeliveryConfig, PubSubSourceConfig
 from transforms.io.webhook import WebhookConfig
 from transforms.pii import PiiRule
 
@@ -76,7 +76,7 @@ class SourceConfig:
     name: str
     # files: NDJSON or Avro, local or any Beam filesystem; kafka: a bounded range of topics
     # (transforms/io/kafka.py; the `kafka` section). Pub/Sub is planned.
-    type: Literal["files", "kafka"] = "files"
+    type: Literal["files", "kafka", "pubsub"] = "files"
     format: Literal["ndjson", "avro"] = "ndjson"
     # Globs, relative to the config file; `cdi run --input` replaces them.
     paths: tuple[str, ...] = ()
@@ -88,6 +88,8 @@ class SourceConfig:
     violations: dict[str, Literal["block", "omit", "allow"]] = field(default_factory=dict)
     # For type: kafka (see transforms/io/kafka.py and the reference config).
     kafka: KafkaSourceConfig | None = None
+    # For type: pubsub (Dataflow streaming; transforms/io/pubsub.py).
+    pubsub: PubSubSourceConfig | None = None
 
     def __post_init__(self):
         from transforms.tracking_plan import CONFIGURABLE_RULES
@@ -96,6 +98,8 @@ class SourceConfig:
             raise ValueError("kafka: a source of type kafka needs its `kafka` section")
         if self.type != "kafka" and self.kafka is not None:
             raise ValueError(f"kafka: only for sources of type kafka, not {self.type}")
+        if (self.type == "pubsub") != (self.pubsub is not None):
+            raise ValueError("pubsub: a source of type pubsub needs its `pubsub` section (only it)")
 
         for rule in self.violations:
             if rule != "default" and rule not in CONFIGURABLE_RULES:

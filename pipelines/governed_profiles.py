@@ -74,6 +74,19 @@ OUTPUTS = (
 )
 
 
+def pubsub_read(p: beam.Pipeline, src) -> beam.PTransform:
+    """Beam's ReadFromPubSub: Dataflow in streaming mode only (transforms/io/pubsub.py)."""
+    from pipelines.config import ConfigError
+    from transforms.io.pubsub import ReadPubSubSource
+
+    options = p.options.view_as(StandardOptions)
+    if "Dataflow" not in str(options.runner or "") or not options.streaming:
+        raise ConfigError(
+            [f"sources.{src.name}: a pubsub source runs on Dataflow with --streaming only"]
+        )
+    return ReadPubSubSource(src.name, src.pubsub)
+
+
 def source_inputs(
     config: PipelineConfig, override: list[str] | None = None
 ) -> dict[str, list[str]]:
@@ -168,6 +181,8 @@ def build(
         for src in config.sources:
             if src.type == "kafka":
                 read = ReadKafkaRange(src.name, src.kafka)
+            elif src.type == "pubsub":
+                read = pubsub_read(p, src)
             else:
                 read = ReadFileSource(src.name, src.format, inputs[src.name])
             reads.append(p | f"Read[{src.name}]" >> read)

@@ -12,6 +12,10 @@ import orjson
 
 from transforms.dead_letter import FAILED, guarded, json_text
 
+# Unbounded runs (a topic read continuously) write each record output as files cut every minute
+# of processing time (Beam requires a frequency for global-window unbounded writes).
+FLUSH_EVERY_SECONDS = 60
+
 
 def _lines(batch: list[dict], encode) -> list[str]:
     # One text element for the whole batch: the text sink appends the newline after it.
@@ -39,9 +43,11 @@ class WriteRecordsAsJson(beam.PTransform):
         else:
             to_json = beam.Map(encode)
         encoded = records | "ToJson" >> guarded(to_json)
+        unbounded = {} if records.is_bounded else {"triggering_frequency": FLUSH_EVERY_SECONDS}
         encoded.good | "Write" >> beam.io.WriteToText(
             str(Path(self._directory) / self._prefix),
             file_name_suffix=".ndjson",
-            shard_name_template="-SSSSS-of-NNNNN",
+            shard_name_template="-SSSSS-of-NNNNN" if records.is_bounded else "-W-SSSSS-of-NNNNN",
+            **unbounded,
         )
         return encoded[FAILED]
