@@ -62,6 +62,14 @@ def build_report(
         "consent_denied": metrics.get("consent.denied", 0),
         "deleted": metrics.get("privacy.deleted", 0),
         "deliveries": metrics.get("delivered", 0),
+        # Audience transitions (each a track + an identify per destination) and triggers fired;
+        # activation records a ledger had already seen are not delivered again.
+        "activations": {
+            "entered": metrics.get("activation.entered", 0),
+            "exited": metrics.get("activation.exited", 0),
+            "triggers_fired": metrics.get("trigger.fired", 0),
+            "already_delivered": metrics.get("activation.already_delivered", 0),
+        },
         "computed_trait_panes": metrics.get("computed_trait_panes", 0),
         "profiles": count_profiles(paths["profiles"]),
         # Row versions and tombstones written, per store type (a store refuses the stale ones).
@@ -106,6 +114,10 @@ def format_summary(report: dict[str, Any]) -> str:
         f"late (too late)   {report['late']:>10,}",
         f"deliveries        {report['deliveries']:>10,}  (event x destination, profile store included)",
         f"consent denied    {report['consent_denied']:>10,}  (event x destination)",
+        f"audience entries  {report['activations']['entered']:>10,}"
+        f"  (exits {report['activations']['exited']:,}, triggers fired"
+        f" {report['activations']['triggers_fired']:,}, already delivered"
+        f" {report['activations']['already_delivered']:,})",
         f"deleted (privacy) {report['deleted']:>10,}",
         f"internal errors   {sum(report['internal_errors'].values()):>10,}"
         + "".join(f"  {k} {v:,}" for k, v in report["internal_errors"].items()),

@@ -316,3 +316,12 @@ def test_streaming_membership_enters_exits_reenters_and_exits_on_deletion():
                 ],
             }[dest]
             assert_that(got, equal_to(want), label=f"Check{dest}")
+
+
+def test_the_run_report_counts_transitions(job_runs):
+    _, _, runs = job_runs
+    for run in runs.values():
+        tracks = [r for r in activations(run["outputs"]) if r["event"]["type"] == "track"]
+        counted = run["report"]["activations"]
+        assert counted["entered"] == sum(r["activation"]["transition"] == ENTERED for r in tracks)
+        assert counted["exited"] == sum(r["activation"]["transition"] == EXITED for r in tracks)

@@ -436,8 +436,10 @@ class _Activator:
         for t in changes:
             ids = self._redactors.identifiers(t.destination, raw_members)
             if t.audience not in triggers:
+                Metrics.counter("cdi", f"activation.{t.kind}").inc()
                 out = delivery_records(person, t, row, ids)
             elif t.kind == ENTERED:  # a threshold trigger fires on crossing, not on leaving
+                Metrics.counter("cdi", "trigger.fired").inc()
                 profile = self._redactors.profile(t.destination, row)
                 out = [trigger_record(t.audience, t.destination, person, row, profile, ids)]
                 out[0]["event"]["messageId"] += f"-{t.epoch}"
@@ -598,6 +600,7 @@ class _FireFn(beam.DoFn):
         dest = record["destination"]
         person = row["profile_id"] if row else record["profile_key"]
         members = (row or {}).get("_members") or [record["profile_key"]]
+        Metrics.counter("cdi", "trigger.fired").inc()
         fired = trigger_record(
             payload["trigger"],
             dest,
