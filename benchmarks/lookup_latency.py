@@ -104,11 +104,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(sink: str) -> tuple[subprocess.Popen, int]:
+def start_server(sink: str, workers: int = 1) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "serve", "--sink", sink, "--port", str(port),
-         "--pool", "16"],
+         "--pool", "16", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
     )  # fmt: skip
     for _ in range(600):
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--out", default=str(RESULTS / "lookup_latency.json"))
+    ap.add_argument("--workers", type=int, default=1, help="cdi serve --workers")
     a = ap.parse_args(argv)
 
     import tempfile
@@ -248,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cdi-lookup-"))
     keys_file = tmp / "keys.txt"
     keys_file.write_text("\n".join(keys))
-    results = {"profiles": a.profiles, "identifiers": len(keys), "stores": {}}
+    results = {
+        "profiles": a.profiles,
+        "identifiers": len(keys),
+        "server_workers": a.workers,
+        "stores": {},
+    }
     for store in a.stores.split(","):
         if store == "redis":
             url = service_address("CDI_REDIS_URL").rsplit("/", 1)[0] + "/2"
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{store}: writing {a.profiles:,} profiles ...", flush=True)
         written = load(spec, rows)
         rewritten = load(spec, rows)  # the same rows again: every write refused by version
-        server, port = start_server(url)
+        server, port = start_server(url, a.workers)
         try:
             client = subprocess.run(
                 [sys.executable, "-m", "benchmarks.lookup_latency", "client", "--port", str(port),

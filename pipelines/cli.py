@@ -127,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     _store_arguments(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)
-    srv.add_argument("--pool", type=int, default=8, help="store connections (default 8)")
+    srv.add_argument("--pool", type=int, default=8, help="store connections per worker (default 8)")
+    srv.add_argument(
+        "--workers", type=int, default=1, help="server processes on the port (default 1)"
+    )
     return p
 
 
@@ -185,7 +188,9 @@ def cmd_serve(args) -> int:
         raise UsageError("cdi serve: BigQuery is not a lookup store; serve PostgreSQL or Redis")
     if spec.type == "sqlite" and not Path(spec.path).exists():
         raise UsageError(f"cdi serve: no profile store at {spec.path}")
-    serve(spec, cfg, args.host, args.port, args.pool)
+    if args.workers < 1 or args.pool < 1:
+        raise UsageError("cdi serve: --workers and --pool must be at least 1")
+    serve(spec, cfg, args.host, args.port, args.pool, args.workers, args.config)
     return EXIT_OK
 
 

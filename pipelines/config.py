@@ -372,7 +372,7 @@ class TriggerConfig:
     when: Any = None
 
     def __post_init__(self):
-        from transforms.audiences import SLUG, compile_predicate
+        from transforms.audiences import EVENT_SUBJECTS, SLUG, compile_predicate
 
         if not SLUG.match(self.name):
             raise ValueError(f"name: {self.name!r} is not a slug (a-z, 0-9, _; a letter first)")
@@ -381,7 +381,7 @@ class TriggerConfig:
         if self.where is not None:
             if self.event is None:
                 raise ValueError("where: only with `event`")
-            compile_predicate(self.where, "where")
+            compile_predicate(self.where, "where", EVENT_SUBJECTS)
         if self.when is not None:
             compile_predicate(self.when, "when")
 

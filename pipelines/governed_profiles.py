@@ -194,7 +194,7 @@ def build(
                 raise ConfigError(
                     ["sinks.archive.path: archives bounded runs only in this release"]
                 )
-            raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path)
+            raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path, run_id())
 
     validated = raw | "ValidateEvents" >> _validate(config, plans)
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
@@ -323,6 +323,7 @@ def build(
             [
                 tuple(activation_failed)
                 | "MergeActivationFailed" >> beam.Flatten()
+                | "WithoutRawIdentifiers" >> beam.Map(without_raw_identifiers)
                 | "DeadLetters[activation]" >> ElementDeadLetters("activation", "person")
             ]
             if activation_failed
@@ -446,6 +447,27 @@ def profile_stores(config: PipelineConfig, output_dir: str | Path) -> list[Store
     ]
 
 
+def without_raw_identifiers(dead_letter):
+    """An activation dead letter without the row's raw identifiers (quarantine records keep
+    what the profile store keeps)."""
+    element, error = dead_letter
+
+    def clean(x):
+        return {k: v for k, v in x.items() if not k.startswith("_")} if isinstance(x, dict) else x
+
+    if isinstance(element, tuple):
+        element = tuple(clean(x) for x in element)
+    return element, error
+
+
+def run_id() -> str:
+    """Unique per pipeline construction (a run): UTC time and randomness, sortable."""
+    import datetime as dt
+    import secrets
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + secrets.token_hex(4)
+
+
 def activation_ledger(config: PipelineConfig, output_dir: str | Path) -> StoreSpec | None:
     """Where activation keys are claimed (transforms/audiences.py): the first profile store
     that is a database (PostgreSQL, Redis, SQLite). Runs and replays writing the same store share
@@ -502,12 +524,13 @@ def write_outputs(
         )
     delivery_failed = []
     ledger = activation_ledger(config, output_dir)
+    run = run_id()
     for name, records in outputs[DESTINATIONS].items() if activate else ():
         delivery = config.consent.destinations[name].delivery
         if ledger is not None and any(
             name in a.destinations for a in (*config.audiences, *config.triggers)
         ):
-            records = records | f"SkipDelivered[{name}]" >> SkipDelivered(ledger)
+            records = records | f"SkipDelivered[{name}]" >> SkipDelivered(ledger, run)
         if delivery.type == "files":
             failed.append(
                 records

@@ -13,6 +13,7 @@ the store's pooled async reader. No access log per request (identifiers are PII)
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -98,14 +99,44 @@ def create_app(spec: StoreSpec, config: PipelineConfig, pool_size: int = 8):
     )
 
 
-def serve(spec: StoreSpec, config: PipelineConfig, host: str, port: int, pool_size: int) -> None:
+_ENV = "CDI_SERVE"
+
+
+def app_from_env():
+    """The app of one worker process (``--workers N``): uvicorn imports this factory in each
+    worker, which reads what to serve from the environment the parent set."""
+    from pipelines.config import load_config, load_default_config
+
+    settings = orjson.loads(os.environ[_ENV])
+    config = load_config(settings["config"]) if settings["config"] else load_default_config()
+    return create_app(StoreSpec(**settings["spec"]), config, settings["pool"])
+
+
+def serve(
+    spec: StoreSpec,
+    config: PipelineConfig,
+    host: str,
+    port: int,
+    pool_size: int,
+    workers: int = 1,
+    config_path: str | None = None,
+) -> None:
+    """One process, or ``workers`` processes on one socket (uvicorn's supervisor); each worker
+    has its own connection pool of ``pool_size``."""
+    import dataclasses
+
     import uvicorn
 
-    print(f"cdi serve: {spec.type} store {spec.describe()} on http://{host}:{port}", flush=True)
-    uvicorn.run(
-        create_app(spec, config, pool_size),
-        host=host,
-        port=port,
-        access_log=False,
-        log_level="warning",
+    print(
+        f"cdi serve: {spec.type} store {spec.describe()} on http://{host}:{port}"
+        f" ({workers} worker{'s' if workers > 1 else ''})",
+        flush=True,
     )
+    common = {"host": host, "port": port, "access_log": False, "log_level": "warning"}
+    if workers <= 1:
+        uvicorn.run(create_app(spec, config, pool_size), **common)
+        return
+    os.environ[_ENV] = orjson.dumps(
+        {"spec": dataclasses.asdict(spec), "config": config_path, "pool": pool_size}
+    ).decode()
+    uvicorn.run("pipelines.serve:app_from_env", factory=True, workers=workers, **common)

@@ -34,12 +34,15 @@ def test_archive_files_are_the_whole_hours_overlapping_the_range(tmp_path):
         "ios.2026-11-01T09-00000-of-00002.avro",
         "web.2026-11-01T10-00000-of-00001.avro",
         "web.undated-00000-of-00001.avro",
+        "web.eu.2026-11-01T08-r1-00000-of-00001.avro",  # a source named web.eu
         "other.2026-11-01T08-00000-of-00001.avro",
     ):
         (tmp_path / name).write_bytes(b"")
     t0 = parse_iso_ms("2026-11-01T08:00:00Z")
     got = archive_files(str(tmp_path), ["web", "ios"], t0 + 30 * 60_000, t0 + 2 * 3_600_000)
     assert [p.rsplit("/", 1)[1][:17] for p in got] == ["ios.2026-11-01T09", "web.2026-11-01T08"]
+    eu = archive_files(str(tmp_path), ["web.eu"], t0, t0 + 3_600_000)
+    assert [p.rsplit("/", 1)[1] for p in eu] == ["web.eu.2026-11-01T08-r1-00000-of-00001.avro"]
 
 
 CONFIG = """
@@ -96,6 +99,12 @@ def test_archive_then_replay_from_it_gives_the_same_profiles(tmp_path, capsys):
     assert rows(tmp_path / "re" / "profiles.sqlite") == rows(tmp_path / "live" / "profiles.sqlite")
     assert not (tmp_path / "re" / "archive").exists()
     assert len(sorted(archive.glob("web.*.avro"))) == len(files)  # a replay archives nothing
+
+    # A second run of an overlapping input adds its own files: no hour of the first is lost.
+    assert main(["run", "--config", str(cfg), "--output", str(tmp_path / "again")]) == 0
+    again = sorted(archive.glob("web.*.avro"))
+    assert len(again) == 2 * len(files)
+    assert sum(1 for f in again for _ in fastavro.reader(f.open("rb"))) == 2 * len(archived)
 
 
 def test_archiving_a_streaming_run_is_refused_with_a_config_error(tmp_path, capsys):

@@ -278,3 +278,50 @@ def test_a_rerun_sharing_the_ledger_delivers_no_activation_again(
         assert run["report"]["accounted"]
         counts.append(sum(e.get("event") == "Audience Entered" for e in hook.accepted))
     assert counts[0] > 0 and counts[1] == 0, counts
+
+
+def test_webhook_redirects_are_failures_not_deliveries(hook_factory):
+    moved = hook_factory(fail_first=10**6, status=302)
+    with make_pipeline() as p:
+        failed = (
+            p
+            | beam.Create([[record(1)]])
+            | DeliverToWebhook(WebhookConfig(moved.url, max_attempts=3, backoff_seconds=0.01))
+        )
+        assert_that(
+            failed | beam.Map(lambda d: (d[0]["event"]["messageId"], "HTTP 302" in d[1][1])),
+            equal_to([("m1", True)]),
+        )
+    assert len(moved.requests) == 1 and moved.accepted == []
+
+
+def test_webhook_with_a_missing_secret_refuses_to_send_unsigned(hook_factory, monkeypatch):
+    monkeypatch.delenv("CDI_TEST_NO_SUCH_SECRET", raising=False)
+    hook = hook_factory()
+    with pytest.raises(Exception, match="CDI_TEST_NO_SUCH_SECRET"):
+        with make_pipeline() as p:
+            _ = (
+                p
+                | beam.Create([[record(1)]])
+                | DeliverToWebhook(WebhookConfig(hook.url, secret_env="CDI_TEST_NO_SUCH_SECRET"))
+            )
+    assert hook.requests == []
+    assert not verify(
+        b"k", {"X-CDI-Timestamp": str(int(time.time())), "X-CDI-Signature": "é"}, b"", time.time()
+    )
+
+
+def test_a_record_kafka_refuses_to_produce_is_a_dead_letter():
+    from transforms.io.kafka import DeliverToKafka, KafkaDeliveryConfig
+
+    config = KafkaDeliveryConfig(
+        "127.0.0.1:1", "nowhere", producer={"message.max.bytes": 1000}, delivery_timeout_ms=1000
+    )
+    big = record(1)
+    big["event"]["properties"] = {"blob": "x" * 5000}
+    with make_pipeline() as p:
+        failed = p | beam.Create([[big]]) | DeliverToKafka(config)
+        assert_that(
+            failed | beam.Map(lambda d: (d[0]["event"]["messageId"], "refused" in d[1][1])),
+            equal_to([("m1", True)]),
+        )

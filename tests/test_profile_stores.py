@@ -54,7 +54,10 @@ def snapshot(spec: StoreSpec) -> tuple[dict, dict]:
             if got is not None:
                 profiles[got["profile_id"]] = got
         for k in client.scan_iter("cdi:i:*"):
-            pointers[k.decode()[len("cdi:i:") :]] = client.hget(k, "p").decode()
+            claims = {p.decode(): int(v) for p, v in client.hgetall(k).items()}
+            if claims:
+                best = min(claims, key=lambda p: (-claims[p], p))
+                pointers[k.decode()[len("cdi:i:") :]] = best
         client.close()
         return profiles, pointers
     if spec.type == "postgres":
@@ -69,10 +72,12 @@ def snapshot(spec: StoreSpec) -> tuple[dict, dict]:
         r[0]: decoded(dict(zip(PROFILE_COLUMNS, r, strict=True)))
         for r in conn.execute(f"SELECT {', '.join(PROFILE_COLUMNS)} FROM profiles").fetchall()
     }
-    pointers = {
-        id_key(t, v): p
-        for t, v, p in conn.execute("SELECT type, value, profile_id FROM identifiers").fetchall()
-    }
+    pointers = {}  # the claim a lookup takes: the newest, then the smallest profile id
+    for t, v, p, _ in conn.execute(
+        "SELECT type, value, profile_id, version FROM identifiers "
+        "ORDER BY version ASC, profile_id DESC"
+    ).fetchall():
+        pointers[id_key(t, v)] = p
     conn.close()
     return profiles, pointers
 
@@ -164,6 +169,24 @@ def test_identifiers_follow_merges_and_splits_in_every_order(store_spec, history
         assert snapshot(store_spec) == want, order
 
 
+SPLIT_OFF_OLDER = [  # a person split off another is older than it: its claim must still win
+    row("user:u1", 5, "user_id:u1", "anonymous_id:a1"),
+    row("user:u1", 8, "user_id:u1"),
+    row("anon:a1", 4, "anonymous_id:a1"),
+]
+
+
+def test_an_identifier_split_off_to_an_older_profile_is_found_in_every_order(store_spec):
+    want = expected_state(SPLIT_OFF_OLDER)
+    assert want[1]["anon:a1"] == "anon:a1"
+    for order in itertools.permutations(SPLIT_OFF_OLDER):
+        for batches in ([[r] for r in order], [list(order)]):
+            reset(store_spec)
+            write(store_spec, *batches)
+            assert snapshot(store_spec) == want, order
+            assert get(store_spec, "anon:a1")["profile_id"] == "anon:a1"
+
+
 def reset(spec: StoreSpec) -> None:
     if spec.type == "redis":
         import redis
@@ -193,11 +216,13 @@ IDS = [f"device_id:d{i}" for i in range(6)]
 @st.composite
 def histories(draw):
     """A stream of profile rows as a streaming run emits them: identifiers move between persons
-    (each owned by one person at a time), persons are deleted; versions rise with time."""
+    (each owned by one person at a time), persons are deleted; each person's versions rise."""
     owner: dict[str, str | None] = {}
-    rows, version = [], 0
+    rows = []
+    # Each person's versions rise on their own (as-of stamps of different persons do not
+    # compare: a person split off another is usually older than it).
+    versions = {p: draw(st.integers(0, 50)) for p in PERSONS}
     for _ in range(draw(st.integers(1, 12))):
-        version += 1
         if draw(st.booleans()) or not owner:
             x, to = draw(st.sampled_from(IDS)), draw(st.sampled_from(PERSONS))
             before = owner.get(x)
@@ -210,8 +235,9 @@ def histories(draw):
                 if p == gone:
                     owner[x] = None
         for p in sorted(changed):
+            versions[p] += draw(st.integers(1, 30))
             mine = sorted(x for x, o in owner.items() if o == p)
-            rows.append(row(p, version, *mine) if mine else tomb(p, version))
+            rows.append(row(p, versions[p], *mine) if mine else tomb(p, versions[p]))
     return rows
 
 
@@ -316,3 +342,15 @@ def test_an_unreachable_store_fails_the_write_not_silently(tmp_path):
     spec = StoreSpec("redis", url="redis://127.0.0.1:1/0")
     with pytest.raises(Exception, match="(?i)connect"):
         write(spec, [row("p", 1)])
+
+
+def test_the_activation_ledger_lets_a_run_reclaim_and_no_other_run(store_spec):
+    from transforms.profile_store import adapter
+
+    ledger = adapter(store_spec).Ledger(store_spec)
+    try:
+        assert ledger.claim(["k1", "k2"], "run-a") == {"k1", "k2"}
+        assert ledger.claim(["k1", "k3"], "run-a") == {"k1", "k3"}  # a retried bundle
+        assert ledger.claim(["k1", "k2", "k3", "k4"], "run-b") == {"k4"}  # a later run
+    finally:
+        ledger.close()

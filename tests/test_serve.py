@@ -109,7 +109,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_cdi_serve_and_profile_get_as_processes(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cdi_serve_and_profile_get_as_processes(tmp_path, workers):
     from transforms.profile_store import StoreSpec
 
     db = tmp_path / "profiles.sqlite"
@@ -130,7 +131,18 @@ def test_cdi_serve_and_profile_get_as_processes(tmp_path):
 
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "serve", "--sink", str(db), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "serve",
+            "--sink",
+            str(db),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -143,6 +155,11 @@ def test_cdi_serve_and_profile_get_as_processes(tmp_path):
             except OSError:
                 assert server.poll() is None, server.stdout.read().decode()
                 time.sleep(0.1)
+        if workers > 1:  # the supervisor runs its workers as child processes
+            children = subprocess.run(
+                ["pgrep", "-P", str(server.pid)], capture_output=True, text=True
+            ).stdout.split()
+            assert len(children) >= workers
         with urllib.request.urlopen(f"{base}/v1/profiles/user%3Au1") as r:
             assert orjson.loads(r.read())["version"] == 7 and r.headers["ETag"] == '"7"'
         with pytest.raises(urllib.error.HTTPError) as e:

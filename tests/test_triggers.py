@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import config_from, run_job
-from transforms.audiences import EventTrigger, compile_predicate, matching_triggers
+from transforms.audiences import EVENT_SUBJECTS, EventTrigger, compile_predicate, matching_triggers
 
 
 def test_event_trigger_matches_name_and_property_predicate():
     t = EventTrigger(
         "big_order",
         "Order Completed",
-        compile_predicate({"property": "revenue", "gt": 50}),
+        compile_predicate({"property": "revenue", "gt": 50}, "where", EVENT_SUBJECTS),
         ("crm",),
     )
     assert t.matches({"type": "track", "event": "Order Completed", "properties": {"revenue": 51}})
@@ -24,7 +24,7 @@ def test_event_trigger_matches_name_and_property_predicate():
     assert not t.matches(
         {"type": "page", "event": "Order Completed", "properties": {"revenue": 99}}
     )
-    nested = compile_predicate({"property": "cart.total", "gte": 10})
+    nested = compile_predicate({"property": "cart.total", "gte": 10}, "where", EVENT_SUBJECTS)
     assert nested({"property": {"cart": {"total": 10}}})
     record = {"destination": "crm", "event": {"type": "track", "event": "Order Completed",
                                               "properties": {"revenue": 70}}}  # fmt: skip
@@ -136,3 +136,23 @@ def test_threshold_trigger_fires_when_the_profile_crosses(runs):
     ids = [r["event"]["messageId"] for r in streaming]
     assert len(ids) == len(set(ids))
     assert crossed <= {r["profile_key"] for r in streaming}
+
+
+@pytest.mark.parametrize(
+    "trigger, message",
+    [
+        (
+            "{name: t, event: X, where: {trait: plan, eq: pro}}",
+            "where.trait: not here; use property",
+        ),
+        ("{name: t, when: {property: amount, gt: 1}}", "when.property: not here"),
+    ],
+)
+def test_each_predicate_reads_only_what_it_is_evaluated_on(trigger, message):
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config_from(
+            f"sources: [{{name: web}}]\nconsent: {{destinations: {{crm: {{}}}}}}\ntriggers: [{trigger}]\n"
+        )
+    assert message in e.value.problems[0]

@@ -57,22 +57,30 @@ Predicate = Callable[[dict], bool]
 # --- predicates ----------------------------------------------------------------------------------
 
 
-def compile_predicate(node: Any, path: str = "when") -> Predicate:
-    """A function of a profile view (:func:`profile_view`); raises ValueError naming the path of
-    the first problem."""
+PROFILE_SUBJECTS = ("trait", "computed", "count", "consent")
+EVENT_SUBJECTS = ("property",)
+
+
+def compile_predicate(
+    node: Any, path: str = "when", subjects: tuple[str, ...] = PROFILE_SUBJECTS
+) -> Predicate:
+    """A function of a profile view (:func:`profile_view`), or with ``subjects`` =
+    :data:`EVENT_SUBJECTS` of an event's properties (an event trigger's ``where``); raises
+    ValueError naming the path of the first problem."""
     if not isinstance(node, dict) or not node:
         raise ValueError(f"{path}: a predicate is a mapping: all, any, not, or a comparison")
     if set(node) == {"all"} or set(node) == {"any"}:
         (op, items), = node.items()  # fmt: skip
         if not isinstance(items, list) or not items:
             raise ValueError(f"{path}.{op}: a non-empty list of predicates")
-        parts = [compile_predicate(x, f"{path}.{op}[{i}]") for i, x in enumerate(items)]
+        parts = [compile_predicate(x, f"{path}.{op}[{i}]", subjects) for i, x in enumerate(items)]
         if op == "all":
             return lambda v: all(p(v) for p in parts)
         return lambda v: any(p(v) for p in parts)
     if set(node) == {"not"}:
-        inner = compile_predicate(node["not"], f"{path}.not")
+        inner = compile_predicate(node["not"], f"{path}.not", subjects)
         return lambda v: not inner(v)
+    allowed = subjects
     subjects = [k for k in node if k in SUBJECTS]
     operators = [k for k in node if k in OPERATORS]
     unknown = [k for k in node if k not in SUBJECTS and k not in OPERATORS]
@@ -84,6 +92,8 @@ def compile_predicate(node: Any, path: str = "when") -> Predicate:
     if len(subjects) != 1 or len(operators) != 1:
         raise ValueError(f"{path}: a comparison names one subject and one operator")
     subject, op = subjects[0], operators[0]
+    if subject not in allowed:
+        raise ValueError(f"{path}.{subject}: not here; use {', '.join(allowed)}")
     name, value = node[subject], node[op]
     if not isinstance(name, str) or not name:
         raise ValueError(f"{path}.{subject}: a name")
@@ -317,7 +327,9 @@ class EventTrigger:
 
     @classmethod
     def from_config(cls, cfg) -> EventTrigger:
-        where = compile_predicate(cfg.where, "where") if cfg.where is not None else None
+        where = (
+            compile_predicate(cfg.where, "where", EVENT_SUBJECTS) if cfg.where is not None else None
+        )
         return cls(cfg.name, cfg.event, where, tuple(cfg.destinations))
 
     def matches(self, event: dict) -> bool:
@@ -522,8 +534,8 @@ class _ClaimFn(beam.DoFn):
     """Passes a destination's record lists on, without the activation records whose key the
     ledger already holds (an earlier run, a replay, a retried bundle delivered them)."""
 
-    def __init__(self, spec):
-        self._spec = spec
+    def __init__(self, spec, run_id: str):
+        self._spec, self._run_id = spec, run_id
         self._skipped = Metrics.counter("cdi", "activation.already_delivered")
 
     def setup(self):
@@ -544,7 +556,7 @@ class _ClaimFn(beam.DoFn):
         if not keys:
             yield records
             return
-        new = self._ledger.claim(keys)
+        new = self._ledger.claim(keys, self._run_id)
         kept = [r for r in records if self._key(r) is None or self._key(r) in new]
         self._skipped.inc(len(records) - len(kept))
         if kept:
@@ -557,15 +569,17 @@ class _ClaimFn(beam.DoFn):
 
 
 class SkipDelivered(beam.PTransform):
-    """The activation ledger in front of a destination (module doc): each activation record is
-    delivered at most once across runs that share the ledger's store."""
+    """The activation ledger in front of a destination (module doc): a key is claimed by the
+    first run that produces it; a retried bundle of that run claims it again (so a bundle that
+    failed after its claim is delivered on the retry), any later run (a re-run, a replay with
+    ``--activate``) finds it taken and skips the record. ``run_id``: unique per run."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, run_id: str):
         super().__init__()
-        self._spec = spec
+        self._spec, self._run_id = spec, run_id
 
     def expand(self, record_lists):
-        return record_lists | "Claim" >> beam.ParDo(_ClaimFn(self._spec))
+        return record_lists | "Claim" >> beam.ParDo(_ClaimFn(self._spec, self._run_id))
 
 
 def _trigger_inputs(records, triggers):

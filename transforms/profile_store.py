@@ -9,15 +9,16 @@ adapter keeps the same contract, tested on each against its real server:
   so a retried bundle, a duplicated or reordered write, a re-run of the same input and a replay of
   older history never move a profile backwards, and a re-run changes nothing.
 - **Tombstones.** ``{"profile_id", "deleted": True, "version"}`` (a merged-away or deleted person)
-  removes the profile and its identifier pointers and leaves a version marker, so an older live
+  removes the profile and its identifier claims and leaves a version marker, so an older live
   row of that person arriving later is not written back. Reads never return a tombstone.
-- **Identifier pointers.** Each ``(type, value)`` in a written row's identity list points at that
-  profile (key :func:`transforms.identity.id_key`, e.g. ``email:jane@example.com``). A pointer
-  moves only when a row is actually written (its version won) and carries at least the
-  pointer's version; a row that no longer lists an identifier (a split) removes the pointer only
-  if it still points at that row's profile, so whichever of the two rows lands first, the
-  identifier ends where the newest row says. Pointers hold the identity values as stored: what
-  the profile sink's PII policy made of them (a hashed email is looked up by its hash).
+- **Identifier claims.** Each ``(type, value)`` in a stored row's identity list is claimed by
+  that profile (key :func:`transforms.identity.id_key`, e.g. ``email:jane@example.com``); a
+  profile's claims are replaced only when one of its rows is actually written (its version
+  won), and removed with its tombstone. So the claims are a function of each profile's newest
+  row alone, in any arrival order of rows of different profiles (a merge, a split: whichever
+  row lands first). A lookup by identifier takes the newest claim (in a settled state there is
+  one). Claims hold the identity values as stored: what the profile sink's PII policy made of
+  them (a hashed email is looked up by its hash).
 - **Batches.** Rows are checked one by one (a row that is not one is a dead letter), buffered
   and written per bundle in one transaction or pipeline; a batch keeps only each profile's
   highest version (:func:`latest_rows`).
@@ -238,18 +239,16 @@ class _WriteProfilesFn(beam.DoFn):
         if self._check is not None:
             self._check(row)
         self._rows.append(row)
-        if len(self._rows) >= self._spec.batch_size:
-            self._flush()
         return ()  # no output; Beam's dead-letter wrapper iterates what process returns
 
-    def _flush(self):
-        if self._rows:
-            self._store.write(latest_rows(self._rows))
-            self._written.inc(len(self._rows))
-            self._rows = []
-
     def finish_bundle(self):
-        self._flush()
+        # Written here, outside the per-row dead-letter wrapper: a store failure fails the
+        # bundle (the runner retries it), never one row's dead letter. Chunks of batch_size.
+        rows = latest_rows(self._rows)
+        for i in range(0, len(rows), self._spec.batch_size):
+            self._store.write(rows[i : i + self._spec.batch_size])
+        self._written.inc(len(self._rows))
+        self._rows = []
 
     def teardown(self):
         store = getattr(self, "_store", None)
@@ -267,6 +266,11 @@ class WriteProfiles(beam.PTransform):
         self._spec = spec
 
     def expand(self, rows):
+        # The raw identifiers and the cause travel with a row for activation only: no store
+        # (and no dead-letter record of a store) ever sees them.
+        rows = rows | "Columns" >> beam.Map(
+            lambda r: {k: v for k, v in r.items() if not k.startswith("_")}
+        )
         custom = getattr(adapter(self._spec), "write_transform", None)
         if custom is not None:
             return rows | "Write" >> custom(self._spec)

@@ -9,6 +9,8 @@ Files use Beam's own IOs, so globs may name local paths or any Beam filesystem (
 
 from __future__ import annotations
 
+import re
+
 import apache_beam as beam
 from apache_beam.coders import BytesCoder
 from apache_beam.io import fileio
@@ -119,20 +121,21 @@ class _AvroSink(fileio.FileSink):
 
 
 class ArchiveRawInput(beam.PTransform):
-    """Raw events to ``<path>/<source>.<YYYY-MM-DDTHH>-*.avro`` by event hour (``undated``
+    """Raw events to ``<path>/<source>.<YYYY-MM-DDTHH>-<run>-*.avro`` by event hour (``undated``
     for what has no readable time): one flat directory, partitioned by file name, which object
     stores list by prefix as fast as by folder. Bounded runs (backfills, file and bounded Kafka
     reads); the continuous run's archive comes with the unbounded sources."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, run_id: str):
         super().__init__()
-        self._path = str(path)
+        self._path, self._run = str(path), run_id
 
     def expand(self, raw):
         from apache_beam.io import fileio
 
+        run = self._run  # every run writes its own files: a later run never replaces an hour
         records = raw | "ToRecord" >> beam.Map(
-            lambda r: (f"{r[0]}.{event_hour(r[2])}", archive_record(r))
+            lambda r: (f"{r[0]}.{event_hour(r[2])}-{run}", archive_record(r))
         )
         return records | "Write" >> fileio.WriteToFiles(
             path=self._path,
@@ -163,16 +166,20 @@ class ReadArchive(beam.PTransform):
         )
 
 
+_ARCHIVE_NAME = re.compile(r"^(?P<source>.+)\.(?P<hour>\d{4}-\d{2}-\d{2}T\d{2})-")
+
+
 def archive_hour_ms(name: str, sources) -> int | None:
     """The event hour (epoch ms) of an archive file name ``<source>.<YYYY-MM-DDTHH>-...avro``
-    of one of ``sources``; ``None`` for other files and ``undated``."""
+    of one of ``sources`` (a source name may hold dots); ``None`` for other files and
+    ``undated``."""
     import datetime as dt
 
-    source, _, rest = name.partition(".")
-    if source not in sources or len(rest) < 13:
+    m = _ARCHIVE_NAME.match(name)
+    if m is None or m["source"] not in sources:
         return None
     try:
-        t = dt.datetime.strptime(rest[:13], "%Y-%m-%dT%H").replace(tzinfo=dt.timezone.utc)
+        t = dt.datetime.strptime(m["hour"], "%Y-%m-%dT%H").replace(tzinfo=dt.timezone.utc)
     except ValueError:
         return None
     return int(t.timestamp() * 1000)

@@ -387,12 +387,17 @@ class _ProduceFn(beam.DoFn):
         self._errors: list[tuple[dict, str]] = []
 
     def process(self, records):
+        from confluent_kafka import KafkaException
+
+        from transforms.dead_letter import FAILED
+
+        errors = self._errors  # this bundle's list: late callbacks cannot land in the next one
         for record in records if isinstance(records, list) else [records]:
             key, value, headers = delivery_message(record)
 
-            def done(err, _msg, record=record):
+            def done(err, _msg, record=record, errors=errors):
                 if err is not None:
-                    self._errors.append((record, str(err)))
+                    errors.append((record, str(err)))
 
             while True:
                 try:
@@ -402,6 +407,13 @@ class _ProduceFn(beam.DoFn):
                     break
                 except BufferError:  # local queue full: let it drain, then go on
                     self._producer.poll(0.5)
+                except KafkaException as e:  # this record (e.g. too large): its dead letter
+                    self._failed.inc()
+                    failure = ValueError(f"kafka produce refused: {e}")
+                    yield beam.pvalue.TaggedOutput(
+                        FAILED, (record, (type(failure).__name__, str(failure), ""))
+                    )
+                    break
             self._producer.poll(0)
 
     def finish_bundle(self):

@@ -99,7 +99,8 @@ class Reader:
 
 
 class Ledger:
-    """The activation ledger (transforms/audiences.py): a key is claimed once, ever."""
+    """The activation ledger (transforms/audiences.py): a key is claimed by one run; the same
+    run may claim it again (a retried bundle), another run may not."""
 
     def __init__(self, spec: StoreSpec):
         import psycopg
@@ -109,16 +110,17 @@ class Ledger:
             self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS activation_ledger (key TEXT PRIMARY KEY, "
-                "claimed_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                "run_id TEXT NOT NULL, claimed_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
 
-    def claim(self, keys: list[str]) -> set[str]:
+    def claim(self, keys: list[str], run_id: str) -> set[str]:
         if not keys:
             return set()
         rows = self._conn.execute(
-            "INSERT INTO activation_ledger (key) SELECT unnest(%s::text[]) "
-            "ON CONFLICT DO NOTHING RETURNING key",
-            (keys,),
+            "INSERT INTO activation_ledger (key, run_id) SELECT unnest(%s::text[]), %s "
+            "ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id "
+            "WHERE activation_ledger.run_id = excluded.run_id RETURNING key",
+            (keys, run_id),
         ).fetchall()
         return {r[0] for r in rows}
 

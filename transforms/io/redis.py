@@ -4,14 +4,15 @@ Keys (prefix ``cdi:``):
 
 - ``cdi:p:<profile_id>``: a hash of the profile's columns (JSON columns as JSON text, absent
   for ``null``) and ``version``; a tombstone keeps only ``version`` and ``deleted``;
-- ``cdi:i:<identifier key>`` (e.g. ``cdi:i:email:jane@example.com``): ``p`` (profile id) and
-  ``v`` (the version of the row that set it);
+- ``cdi:i:<identifier key>`` (e.g. ``cdi:i:email:jane@example.com``): a hash of claims,
+  profile id -> version of its stored row that lists the identifier (a lookup takes the newest);
 - ``cdi:s:<profile_id>``: the set of identifier keys the profile's row claimed (to release them).
 
 Each row is written by one Lua script, atomic in Redis, that applies the store contract of
 :mod:`transforms.profile_store`: it writes only if the row's version is higher than the stored
-one, releases the profile's old pointers that still point at it, and claims the listed ones
-unless a newer row holds them. Versions are compared as decimal strings in the script (Lua's
+one, drops the profile's old identifier claims and claims the listed ones
+(claims are per profile: the identifier's claims are always those of the profiles whose stored
+rows list it). Versions are compared as decimal strings in the script (Lua's
 numbers are doubles: 63-bit versions would lose their low bits). A batch is one pipeline in a
 ``MULTI``/``EXEC`` transaction: one round trip per batch.
 
@@ -26,7 +27,7 @@ from transforms.profile_store import PROFILE_COLUMNS, StoreSpec, decoded, row_id
 
 PREFIX = "cdi:"
 
-# Hand-written because the version check, the pointer release and the claim must be one atomic
+# Hand-written because the version check, releasing and re-claiming identifiers must be one atomic
 # step in the server (WATCH/MULTI would retry whole batches under contention); no library
 # implements this contract.
 _WRITE = """
@@ -39,7 +40,7 @@ local v, deleted, pid, nf = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local cur = redis.call('HGET', pkey, 'version')
 if cur and not newer(v, cur) then return 0 end
 for _, ik in ipairs(redis.call('SMEMBERS', skey)) do
-  if redis.call('HGET', ik, 'p') == pid then redis.call('DEL', ik) end
+  redis.call('HDEL', ik, pid)
 end
 redis.call('DEL', pkey, skey)
 local fields = {'version', v}
@@ -48,8 +49,7 @@ for i = 5, 4 + 2 * nf do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', pkey, unpack(fields))
 for i = 5 + 2 * nf, #ARGV do
   local ik = ARGV[i]
-  local held = redis.call('HGET', ik, 'v')
-  if (not held) or (not newer(held, v)) then redis.call('HSET', ik, 'p', pid, 'v', v) end
+  redis.call('HSET', ik, pid, v)
   redis.call('SADD', skey, ik)
 end
 return 1
@@ -57,9 +57,18 @@ return 1
 
 # One round trip per lookup: the identifier's profile, else the key as a profile id.
 _READ = """
-local p = redis.call('HGET', KEYS[1], 'p')
-if p then
-  local h = redis.call('HGETALL', ARGV[1] .. p)
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local claims = redis.call('HGETALL', KEYS[1])
+local best, bv = nil, nil
+for i = 1, #claims, 2 do
+  local p, v = claims[i], claims[i + 1]
+  if (not bv) or newer(v, bv) or (v == bv and p < best) then best, bv = p, v end
+end
+if best then
+  local h = redis.call('HGETALL', ARGV[1] .. best)
   if #h > 0 then return h end
 end
 return redis.call('HGETALL', KEYS[2])
@@ -134,9 +143,21 @@ class Reader:
         await self._client.aclose()
 
 
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+  return 1
+end
+if cur == ARGV[1] then return 1 end
+return 0
+"""
+
+
 class Ledger:
-    """The activation ledger (transforms/audiences.py): a key is claimed once (``SET NX``),
-    kept ``LEDGER_TTL_DAYS`` so the set does not grow forever."""
+    """The activation ledger (transforms/audiences.py): a key is claimed by one run (the value
+    is the run id; the same run may claim it again, a retried bundle), kept
+    ``LEDGER_TTL_DAYS`` so the set does not grow forever."""
 
     LEDGER_TTL_DAYS = 400
 
@@ -144,11 +165,13 @@ class Ledger:
         import redis
 
         self._client = redis.Redis.from_url(spec.resolved_url())
+        self._claim = self._client.register_script(_CLAIM)
 
-    def claim(self, keys: list[str]) -> set[str]:
+    def claim(self, keys: list[str], run_id: str) -> set[str]:
         pipe = self._client.pipeline(transaction=False)
+        ttl = self.LEDGER_TTL_DAYS * 86400
         for key in keys:
-            pipe.set(f"{PREFIX}a:{key}", 1, nx=True, ex=self.LEDGER_TTL_DAYS * 86400)
+            self._claim(keys=[f"{PREFIX}a:{key}"], args=[run_id, ttl], client=pipe)
         return {k for k, ok in zip(keys, pipe.execute(), strict=True) if ok}
 
     def close(self) -> None:

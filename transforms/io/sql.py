@@ -1,10 +1,13 @@
 """The statements both SQL profile stores run (``sqlite``, ``postgres``): one schema, one write
 plan, so the two keep the store contract of :mod:`transforms.profile_store` identically.
 
-Tables: ``profiles`` (one live row per person), ``identifiers (type, value) -> profile_id`` (with
-the version of the row that set it) and ``profile_tombstones (profile_id, version)``.
+Tables: ``profiles`` (one live row per person), ``identifiers (type, value, profile_id,
+version)``: one claim per identifier and live profile whose stored row lists it (a lookup takes
+the newest claim), and ``profile_tombstones (profile_id, version)``. Claims are replaced with
+the profile's stored row, so they are a function of each profile's newest row alone, whatever
+order rows of different profiles arrive in.
 
-Every statement of a batch is conditional in SQL on versions alone (a pointer is set only if the
+Every statement of a batch is conditional in SQL on versions alone (claims change only if the
 profile row now stored carries exactly this row's version, i.e. this write or an identical
 earlier one won), so a batch never waits for a statement's result: PostgreSQL runs it in one
 pipelined transaction, one round trip per batch rather than per row.
@@ -49,8 +52,10 @@ def schema(d: Dialect) -> list[str]:
     )
     return [
         f"CREATE TABLE IF NOT EXISTS profiles (\n  {cols}\n)",
+        # One claim per (identifier, live profile listing it); a lookup takes the newest claim.
         "CREATE TABLE IF NOT EXISTS identifiers (type TEXT NOT NULL, value TEXT NOT NULL, "
-        f"profile_id TEXT NOT NULL, version {d.int_type} NOT NULL, PRIMARY KEY (type, value))",
+        f"profile_id TEXT NOT NULL, version {d.int_type} NOT NULL, "
+        "PRIMARY KEY (type, value, profile_id))",
         "CREATE INDEX IF NOT EXISTS identifiers_by_profile ON identifiers (profile_id)",
         "CREATE TABLE IF NOT EXISTS profile_tombstones (profile_id TEXT PRIMARY KEY, "
         f"version {d.int_type} NOT NULL)",
@@ -83,8 +88,7 @@ def statements(d: Dialect) -> dict[str, str]:
         "claim": "INSERT INTO identifiers (type, value, profile_id, version) "
         f"SELECT {d.p()}, {d.p()}, {d.p()}, {d.p('bigint')} WHERE EXISTS "
         f"(SELECT 1 FROM profiles WHERE profile_id = {p} AND version = {p}) "
-        "ON CONFLICT (type, value) DO UPDATE SET profile_id = excluded.profile_id, "
-        "version = excluded.version WHERE excluded.version >= identifiers.version",
+        "ON CONFLICT (type, value, profile_id) DO UPDATE SET version = excluded.version",
         # A tombstone: recorded unless a live row or a tombstone is at least as new.
         "bury": f"INSERT INTO profile_tombstones (profile_id, version) "
         f"SELECT {d.p()}, {d.p('bigint')} WHERE NOT EXISTS "
@@ -97,7 +101,7 @@ def statements(d: Dialect) -> dict[str, str]:
         f"(SELECT 1 FROM profile_tombstones WHERE profile_id = {p} AND version = {p})",
         "by_identifier": f"SELECT {', '.join('p.' + c for c in PROFILE_COLUMNS)} "
         "FROM identifiers i JOIN profiles p ON p.profile_id = i.profile_id "
-        f"WHERE i.type = {p} AND i.value = {p}",
+        f"WHERE i.type = {p} AND i.value = {p} ORDER BY i.version DESC, i.profile_id LIMIT 1",
         "by_id": f"SELECT {', '.join(PROFILE_COLUMNS)} FROM profiles WHERE profile_id = {p}",
     }
 

@@ -102,23 +102,28 @@ class Reader:
 
 
 class Ledger:
-    """The activation ledger (transforms/audiences.py): a key is claimed once, ever."""
+    """The activation ledger (transforms/audiences.py): a key is claimed by one run; the same
+    run may claim it again (a retried bundle), another run may not."""
 
     def __init__(self, spec: StoreSpec):
         self._conn = open_profile_db(spec.path)
         with self._conn:
             self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS activation_ledger (key TEXT PRIMARY KEY)"
+                "CREATE TABLE IF NOT EXISTS activation_ledger "
+                "(key TEXT PRIMARY KEY, run_id TEXT NOT NULL)"
             )
 
-    def claim(self, keys: list[str]) -> set[str]:
+    def claim(self, keys: list[str], run_id: str) -> set[str]:
         new = set()
         with self._conn:
             for key in keys:
-                cur = self._conn.execute(
-                    "INSERT INTO activation_ledger (key) VALUES (?) ON CONFLICT DO NOTHING", (key,)
-                )
-                if cur.rowcount:
+                got = self._conn.execute(
+                    "INSERT INTO activation_ledger (key, run_id) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id "
+                    "WHERE activation_ledger.run_id = excluded.run_id RETURNING key",
+                    (key, run_id),
+                ).fetchone()
+                if got:
                     new.add(key)
         return new
 

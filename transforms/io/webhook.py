@@ -10,7 +10,8 @@ policy already applied), plus:
   :func:`verify` is the reference);
 - ``Idempotency-Key``: a hash of the batch's message ids, the same on every retry of the batch.
 
-Retries: 429 and 5xx answers and connection errors are retried with exponential backoff
+Redirects are not followed (a 3xx is a failure: requests would re-send the POST as a GET
+without its body). Retries: 429 and 5xx answers and connection errors are retried with exponential backoff
 (``backoff_seconds`` x 2^n, honouring ``Retry-After``) up to ``max_attempts`` tries in all
 (urllib3's ``Retry``: no retry loop of our own); a 4xx other than 429, or the last failed try,
 makes every record of the batch a dead letter (``quarantine/part-sink-*``, stage ``delivery``),
@@ -63,7 +64,7 @@ def verify(secret: bytes, headers: dict, body: bytes, now: float, tolerance: flo
     given = headers.get(SIGNATURE, "")
     if not ts.isdigit() or abs(now - int(ts)) > tolerance:
         return False
-    return hmac.compare_digest(given, sign(secret, ts, body))
+    return hmac.compare_digest(given.encode("utf-8"), sign(secret, ts, body).encode())
 
 
 def batch_body(records: list[dict]) -> tuple[bytes, str]:
@@ -100,6 +101,8 @@ class _PostFn(beam.DoFn):
         self._session.mount("http://", HTTPAdapter(max_retries=retry))
         self._session.mount("https://", HTTPAdapter(max_retries=retry))
         secret = os.environ.get(c.secret_env) if c.secret_env else None
+        if c.secret_env and not secret:  # never send unsigned what the receiver expects signed
+            raise RuntimeError(f"webhook: the secret variable {c.secret_env} is not set")
         self._secret = secret.encode() if secret else None
 
     def start_bundle(self):
@@ -134,8 +137,14 @@ class _PostFn(beam.DoFn):
             headers[SIGNATURE] = sign(self._secret, ts, body)
         error = None
         try:
+            # No redirects: requests would re-send a 301/302/303 as a GET without the body,
+            # and a 200 on that GET would count the batch as delivered.
             r = self._session.post(
-                self._config.url, data=body, headers=headers, timeout=self._config.timeout_seconds
+                self._config.url,
+                data=body,
+                headers=headers,
+                timeout=self._config.timeout_seconds,
+                allow_redirects=False,
             )
             if not 200 <= r.status_code < 300:
                 error = f"HTTP {r.status_code} after retries"
