@@ -56,7 +56,13 @@ from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteRecordsAsJson
 from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
 from transforms.tracking_plan import load_plan
-from transforms.unify import ROWS, TRIGGERED, IdentifierRedactor, UnifyProfiles
+from transforms.unify import (
+    ROWS,
+    TRIGGERED,
+    IdentifierRedactor,
+    UnifyProfiles,
+    without_activation_fields,
+)
 from transforms.validate import ValidateEvents
 
 # Output names: the keys of build()'s result and the directories of the output contract.
@@ -451,12 +457,8 @@ def without_raw_identifiers(dead_letter):
     """An activation dead letter without the row's raw identifiers (quarantine records keep
     what the profile store keeps)."""
     element, error = dead_letter
-
-    def clean(x):
-        return {k: v for k, v in x.items() if not k.startswith("_")} if isinstance(x, dict) else x
-
     if isinstance(element, tuple):
-        element = tuple(clean(x) for x in element)
+        element = tuple(map(without_activation_fields, element))
     return element, error
 
 
@@ -504,8 +506,11 @@ def write_outputs(
     ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run. ``activate``:
     write the destinations (a replay suppresses them unless asked)."""
     paths = output_paths(config, output_dir)
+    # Once for every store: no store, and no dead-letter record of one, sees a row's raw
+    # identifiers (they travel with it for activation only).
+    rows = outputs[PROFILES] | "ProfileColumns" >> beam.Map(without_activation_fields)
     failed = [
-        outputs[PROFILES] | f"WriteProfiles[{spec.type}:{i}]" >> WriteProfiles(spec)
+        rows | f"WriteProfiles[{spec.type}:{i}]" >> WriteProfiles(spec)
         for i, spec in enumerate(profile_stores(config, output_dir))
     ]
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(

@@ -45,6 +45,7 @@ from apache_beam.typehints import KV
 
 from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity_graph import split_key
+from transforms.unify import CAUSE, RAW_MEMBERS
 
 SLUG = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SUBJECTS = ("trait", "computed", "count", "consent", "property")
@@ -247,7 +248,7 @@ def activation_records(
     by_type: dict[str, list[str]] = {}
     for typ, value in sorted(identifiers):
         by_type.setdefault(typ, []).append(value)
-    cause = row.get("_cause")
+    cause = row.get(CAUSE)
     when = row.get("updated_at") or None
     context = {
         "traits": {k: v[0] if len(v) == 1 else v for k, v in by_type.items()},
@@ -434,6 +435,14 @@ class _Activator:
     """What both stage kinds share: memberships of a row and the records of transitions."""
 
     def __init__(self, audiences, purposes, redactors):
+        self._counters = {
+            kind: Metrics.counter("cdi", name)
+            for kind, name in (
+                (ENTERED, "activation.entered"),
+                (EXITED, "activation.exited"),
+                ("trigger", "trigger.fired"),
+            )
+        }
         self._audiences = tuple(audiences)
         self._purposes = dict(purposes)
         if isinstance(redactors, dict):  # identifier redactors only (no trigger profiles)
@@ -448,10 +457,10 @@ class _Activator:
         for t in changes:
             ids = self._redactors.identifiers(t.destination, raw_members)
             if t.audience not in triggers:
-                Metrics.counter("cdi", f"activation.{t.kind}").inc()
+                self._counters[t.kind].inc()
                 out = delivery_records(person, t, row, ids)
             elif t.kind == ENTERED:  # a threshold trigger fires on crossing, not on leaving
-                Metrics.counter("cdi", "trigger.fired").inc()
+                self._counters["trigger"].inc()
                 profile = self._redactors.profile(t.destination, row)
                 out = [trigger_record(t.audience, t.destination, person, row, profile, ids)]
                 out[0]["event"]["messageId"] += f"-{t.epoch}"
@@ -484,7 +493,7 @@ class _ActivateFn(beam.DoFn):
         epochs = {tuple(k): n for k, n in epochs}
         changes = transitions(before, after, epochs)
         if not row.get("deleted"):
-            raw = row.get("_members") or raw
+            raw = row.get(RAW_MEMBERS) or raw
         out = list(self._a.records(person, changes, row, raw))
         if row.get("deleted"):
             raw = []  # a deleted or merged-away person: keep no identifiers
@@ -501,7 +510,7 @@ class _ActivateBoundedFn(beam.DoFn):
     def process(self, element):
         person, row = element
         changes = transitions(frozenset(), self._a.members_of(row), {})
-        yield from self._a.records(person, changes, row, row.get("_members") or [])
+        yield from self._a.records(person, changes, row, row.get(RAW_MEMBERS) or [])
 
 
 class ActivateAudiences(beam.PTransform):
@@ -552,12 +561,13 @@ class _ClaimFn(beam.DoFn):
         return None
 
     def process(self, records):
-        keys = [k for k in map(self._key, records) if k is not None]
+        keyed = [(self._key(r), r) for r in records]
+        keys = [k for k, _ in keyed if k is not None]
         if not keys:
             yield records
             return
         new = self._ledger.claim(keys, self._run_id)
-        kept = [r for r in records if self._key(r) is None or self._key(r) in new]
+        kept = [r for k, r in keyed if k is None or k in new]
         self._skipped.inc(len(records) - len(kept))
         if kept:
             yield kept
@@ -607,14 +617,15 @@ class TriggerEvents(beam.PTransform):
 class _FireFn(beam.DoFn):
     def __init__(self, redactor: DestinationRedactor):
         self._redactor = redactor
+        self._fired = Metrics.counter("cdi", "trigger.fired")
 
     def process(self, element):
         row, payload = element
         record = payload["record"]
         dest = record["destination"]
         person = row["profile_id"] if row else record["profile_key"]
-        members = (row or {}).get("_members") or [record["profile_key"]]
-        Metrics.counter("cdi", "trigger.fired").inc()
+        members = (row or {}).get(RAW_MEMBERS) or [record["profile_key"]]
+        self._fired.inc()
         fired = trigger_record(
             payload["trigger"],
             dest,

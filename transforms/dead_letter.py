@@ -108,6 +108,20 @@ def dead_letter(element: Any, e: Exception) -> beam.pvalue.TaggedOutput:
     )
 
 
+def at_bundle_end(output: beam.pvalue.TaggedOutput) -> beam.pvalue.TaggedOutput:
+    """``output`` yielded from ``finish_bundle``, which has no element to take a window from:
+    in the global window (the delivery adapters, whose inputs are global-window records)."""
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    return beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, 0, [GlobalWindow()]))
+
+
+def failures_of(records, label: str, fn: beam.DoFn):
+    """Apply a DoFn that outputs only dead letters (a delivery adapter); return them."""
+    return (records | label >> beam.ParDo(fn).with_outputs(FAILED, main="none"))[FAILED]
+
+
 def _takes_element(signature: inspect.Signature) -> bool:
     """A process method: its first parameter after self has no Beam default (the element)."""
     params = list(signature.parameters.values())[1:]

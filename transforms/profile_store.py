@@ -266,11 +266,6 @@ class WriteProfiles(beam.PTransform):
         self._spec = spec
 
     def expand(self, rows):
-        # The raw identifiers and the cause travel with a row for activation only: no store
-        # (and no dead-letter record of a store) ever sees them.
-        rows = rows | "Columns" >> beam.Map(
-            lambda r: {k: v for k, v in r.items() if not k.startswith("_")}
-        )
         custom = getattr(adapter(self._spec), "write_transform", None)
         if custom is not None:
             return rows | "Write" >> custom(self._spec)

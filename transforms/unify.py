@@ -41,6 +41,16 @@ from transforms.profile import empty_profile, merge_profiles, next_version, prof
 FRAGMENT, RETRACT, ASSIGN, MEMBERS, TRIGGER = "f", "r", "a", "m", "t"
 TRIGGERED = "triggered"  # (current profile row, trigger record) pairs
 RAW_MEMBERS, CAUSE = "_members", "_cause"  # row keys that are not columns
+
+
+def without_activation_fields(row):
+    """A row as stores and dead-letter records may see it: the raw identifiers and the cause
+    travel with a row for activation only. Anything else is returned as it is."""
+    if not isinstance(row, dict) or (RAW_MEMBERS not in row and CAUSE not in row):
+        return row
+    return {k: v for k, v in row.items() if k not in (RAW_MEMBERS, CAUSE)}
+
+
 ROWS = "rows"
 
 

@@ -158,14 +158,20 @@ def decode_value(value: bytes | None, value_format: str, wire_format: bool, sche
     return record if isinstance(record, dict) else value
 
 
-def consumer_settings(config: KafkaSourceConfig, environ) -> dict[str, Any]:
-    """The consumer's configuration: passthrough keys with ``${VAR}`` expanded from the
-    environment, then what the source needs (no auto commit: a bounded read never commits)."""
+def _passthrough(settings: dict[str, Any], environ) -> dict[str, Any]:
+    """Client settings as given, a ``"${VAR}"`` value read from the environment."""
     out = {}
-    for key, value in config.consumer.items():
+    for key, value in settings.items():
         if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
             value = environ.get(value[2:-1], "")
         out[key] = value
+    return out
+
+
+def consumer_settings(config: KafkaSourceConfig, environ) -> dict[str, Any]:
+    """The consumer's configuration: passthrough keys with ``${VAR}`` expanded from the
+    environment, then what the source needs (no auto commit: a bounded read never commits)."""
+    out = _passthrough(config.consumer, environ)
     out.update(
         {
             "bootstrap.servers": config.bootstrap_servers,
@@ -332,11 +338,7 @@ class KafkaDeliveryConfig:
 
 
 def producer_settings(config: KafkaDeliveryConfig, environ) -> dict[str, Any]:
-    out = {}
-    for key, value in config.producer.items():
-        if isinstance(value, str) and value.startswith("${") and value.endswith("}"):
-            value = environ.get(value[2:-1], "")
-        out[key] = value
+    out = _passthrough(config.producer, environ)
     out.update(
         {
             "bootstrap.servers": config.bootstrap_servers,
@@ -389,7 +391,7 @@ class _ProduceFn(beam.DoFn):
     def process(self, records):
         from confluent_kafka import KafkaException
 
-        from transforms.dead_letter import FAILED
+        from transforms.dead_letter import dead_letter
 
         errors = self._errors  # this bundle's list: late callbacks cannot land in the next one
         for record in records if isinstance(records, list) else [records]:
@@ -409,31 +411,19 @@ class _ProduceFn(beam.DoFn):
                     self._producer.poll(0.5)
                 except KafkaException as e:  # this record (e.g. too large): its dead letter
                     self._failed.inc()
-                    failure = ValueError(f"kafka produce refused: {e}")
-                    yield beam.pvalue.TaggedOutput(
-                        FAILED, (record, (type(failure).__name__, str(failure), ""))
-                    )
+                    yield dead_letter(record, ValueError(f"kafka produce refused: {e}"))
                     break
             self._producer.poll(0)
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
-
-        from transforms.dead_letter import FAILED
+        from transforms.dead_letter import at_bundle_end, dead_letter
 
         remaining = self._producer.flush(self._config.delivery_timeout_ms / 1000 + 30)
         if remaining:
             raise RuntimeError(f"kafka: {remaining} records still unacknowledged after flush")
         self._failed.inc(len(self._errors))
         for record, err in self._errors:
-            failure = ValueError(f"kafka delivery failed: {err}")
-            yield beam.pvalue.TaggedOutput(
-                FAILED,
-                WindowedValue(
-                    (record, (type(failure).__name__, str(failure), "")), 0, [GlobalWindow()]
-                ),
-            )
+            yield at_bundle_end(dead_letter(record, ValueError(f"kafka delivery failed: {err}")))
         self._errors = []
 
     def teardown(self):
@@ -450,9 +440,6 @@ class DeliverToKafka(beam.PTransform):
         self._config = config
 
     def expand(self, records):
-        from transforms.dead_letter import FAILED
+        from transforms.dead_letter import failures_of
 
-        out = records | "Produce" >> beam.ParDo(_ProduceFn(self._config)).with_outputs(
-            FAILED, main="none"
-        )
-        return out[FAILED]
+        return failures_of(records, "Produce", _ProduceFn(self._config))

@@ -42,10 +42,14 @@ def open_profile_db(path: str | Path) -> sqlite3.Connection:
 
 
 def upsert_profiles(conn: sqlite3.Connection, rows: list[dict]) -> None:
-    """Rows and tombstones, one transaction (the store contract, transforms/profile_store.py)."""
-    ops = write_plan(latest_rows(check_row(r) for r in rows), _SQL)
+    """Rows and tombstones, checked, one transaction (the store contract,
+    transforms/profile_store.py): for tools and tests; the job's writer checks rows first."""
+    _write(conn, latest_rows(check_row(r) for r in rows))
+
+
+def _write(conn: sqlite3.Connection, rows: list[dict]) -> None:
     with conn:
-        for sql, params in ops:
+        for sql, params in write_plan(rows, _SQL):
             conn.execute(sql, params)
 
 
@@ -64,7 +68,8 @@ class Store:
         self._conn = open_profile_db(spec.path)
 
     def write(self, rows: list[dict]) -> None:
-        upsert_profiles(self._conn, rows)
+        """Rows the writer checked and reduced to each profile's newest (profile_store)."""
+        _write(self._conn, rows)
 
     def close(self) -> None:
         self._conn.close()

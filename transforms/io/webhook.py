@@ -116,18 +116,14 @@ class _PostFn(beam.DoFn):
             yield from self._post(batch)
 
     def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindow
-        from apache_beam.utils.windowed_value import WindowedValue
+        from transforms.dead_letter import at_bundle_end
 
         if self._batch:
-            for out in self._post(self._batch):
-                yield beam.pvalue.TaggedOutput(
-                    out.tag, WindowedValue(out.value, 0, [GlobalWindow()])
-                )
+            yield from map(at_bundle_end, self._post(self._batch))
             self._batch = []
 
     def _post(self, batch: list[dict]):
-        from transforms.dead_letter import FAILED
+        from transforms.dead_letter import dead_letter
 
         body, key = batch_body(batch)
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
@@ -155,10 +151,7 @@ class _PostFn(beam.DoFn):
             return
         self._failed.inc(len(batch))
         for record in batch:
-            failure = ValueError(f"webhook delivery failed: {error}")
-            yield beam.pvalue.TaggedOutput(
-                FAILED, (record, (type(failure).__name__, str(failure), ""))
-            )
+            yield dead_letter(record, ValueError(f"webhook delivery failed: {error}"))
 
     def teardown(self):
         session = getattr(self, "_session", None)
@@ -174,9 +167,6 @@ class DeliverToWebhook(beam.PTransform):
         self._config = config
 
     def expand(self, records):
-        from transforms.dead_letter import FAILED
+        from transforms.dead_letter import failures_of
 
-        out = records | "Post" >> beam.ParDo(_PostFn(self._config)).with_outputs(
-            FAILED, main="none"
-        )
-        return out[FAILED]
+        return failures_of(records, "Post", _PostFn(self._config))
