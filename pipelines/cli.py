@@ -8,6 +8,7 @@ Errors go to stderr, one line each, ``file: path: reason``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         "--runner",
         help="local (default), local-streaming, prism (`make prism`), or a Beam runner name "
         "(DataflowRunner, FlinkRunner...)",
+    )
+    run.add_argument(
+        "--status-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --streaming: seconds between status lines (default 10)",
     )
     run.add_argument(
         "--detach",
@@ -247,12 +255,12 @@ def _clear_outputs(paths: dict[str, Path]) -> None:
 
 def cmd_run(args, beam_args: list[str]) -> int:
     import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     from pipelines import governed_profiles as job
     from pipelines.config import ConfigError
     from pipelines.report import build_report, counters, format_summary, write_report
-    from runners.local import runner_args
+    from runners.local import PrismJobServer, runner_args, serialize_loopback_bundles
 
     cfg = getattr(args, "replay_config", None) or _load(args.config)
     globs = getattr(args, "archive_globs", None)
@@ -263,28 +271,53 @@ def cmd_run(args, beam_args: list[str]) -> int:
     _clear_outputs(paths)
     activate = getattr(args, "activate", True)
 
+    options = PipelineOptions(beam_args)
+    streaming = options.view_as(StandardOptions).streaming
     try:
-        runner = runner_args(args.runner)
+        runner = runner_args(args.runner, streaming=streaming)
     except FileNotFoundError as e:
-        raise UsageError(f"cdi run: --runner {args.runner}: {e}") from None
-    options = PipelineOptions(runner + beam_args)
+        raise UsageError(f"cdi run: --runner {args.runner or 'prism'}: {e}") from None
+    detach = getattr(args, "detach", False)
+    continuous = streaming and not detach
+    drain_file = output_dir / ".cdi-drain"
     started = time.perf_counter()
-    try:
-        p = beam.Pipeline(options=options)
-        outputs = job.build(p, cfg, inputs, archive_globs=globs)
-        job.write_outputs(outputs, cfg, output_dir, activate=activate)
-        result = p.run()
-        if getattr(args, "detach", False):
-            job_id = getattr(result, "job_id", lambda: None)()
-            print(f"cdi run: submitted{f' job {job_id}' if job_id else ''} (detached: no report)")
-            return EXIT_OK
-        result.wait_until_finish()
-    except ConfigError:
-        raise
-    except Exception as e:  # the pipeline itself failed: exit 1 with the cause
-        print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    report = build_report(counters(result), paths, time.perf_counter() - started)
+    with contextlib.ExitStack() as stack:
+        if continuous and "--runner=PrismRunner" in runner:
+            # Prism in a session of its own: a Ctrl-C to the terminal drains the job instead
+            # of killing the runner under it.
+            server = stack.enter_context(PrismJobServer())
+            runner = [a for a in runner if not a.startswith("--prism_location")] + server.args()
+        if streaming and "--runner=PrismRunner" in runner:
+            serialize_loopback_bundles()  # see runners/local.py: results must not race
+        options = PipelineOptions(runner + beam_args)
+        try:
+            p = beam.Pipeline(options=options)
+            outputs = job.build(
+                p, cfg, inputs, archive_globs=globs, drain_file=str(drain_file.resolve())
+            )
+            job.write_outputs(outputs, cfg, output_dir, activate=activate)
+            if continuous:
+                from pipelines.continuous import run_continuously
+
+                result = run_continuously(p, drain_file, getattr(args, "status_every", 10.0))
+            else:
+                result = p.run()
+                if detach:
+                    job_id = getattr(result, "job_id", lambda: None)()
+                    where = f" job {job_id}" if job_id else ""
+                    print(f"cdi run: submitted{where} (detached: no report)")
+                    return EXIT_OK
+                result.wait_until_finish()
+        except ConfigError:
+            raise
+        except KeyboardInterrupt:
+            print("cdi run: cancelled: no report", file=sys.stderr)
+            return EXIT_FAILURE
+        except Exception as e:  # the pipeline itself failed: exit 1 with the cause
+            print(f"cdi run: pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        metrics = counters(result)
+    report = build_report(metrics, paths, time.perf_counter() - started)
     if not activate:
         report["activation"] = "suppressed (replay without --activate): destinations not written"
         del report["outputs"]["destinations"]

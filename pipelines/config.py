@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from transforms.duration import Duration
 from transforms.io.kafka import KafkaDeliveryConfig, KafkaSourceConfig
 from transforms.io.pubsub import PubSubDeliveryConfig, PubSubSourceConfig
 from transforms.io.webhook import WebhookConfig
@@ -40,24 +41,7 @@ class ConfigError(ValueError):
 
 # --- durations ---------------------------------------------------------------------------------
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-class Duration(float):
-    """A duration in seconds, written in config as ``500ms``, ``30s``, ``10m``, ``2h``, ``7d``, ``1h30m``."""
-
-    @classmethod
-    def parse(cls, text: str) -> Duration:
-        s = text.strip().replace(" ", "") if isinstance(text, str) else ""
-        if not s or _DURATION_PART.sub("", s) != "":
-            raise ValueError(
-                f"malformed duration {text!r} (expected a number and a unit, e.g. 500ms, 30s, 10m, 2h, 7d, 1h30m)"
-            )
-        return cls(sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(s)))
-
-    def __repr__(self) -> str:
-        return f"Duration({float(self)}s)"
+# Duration lives in transforms/duration.py (adapter configs declare durations too).
 
 
 def parse_instant(text: str) -> float:

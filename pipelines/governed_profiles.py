@@ -46,7 +46,7 @@ from transforms.dead_letter import (
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
 from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource
-from transforms.io.kafka import ReadKafkaRange
+from transforms.io.kafka import ReadKafka
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
@@ -161,6 +161,7 @@ def build(
     inputs: dict[str, list[str]],
     bounded: bool | None = None,
     archive_globs: list[str] | None = None,
+    drain_file: str | None = None,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
@@ -171,7 +172,9 @@ def build(
     key) instead of the streaming ones (keyed state and timers). Default: bounded exactly when
     the pipeline is not streaming. Tests pass ``False`` to run the streaming stages over a
     finite input and compare both. ``archive_globs``: read these raw-input archive files
-    instead of the configured sources (a replay; nothing is archived again)."""
+    instead of the configured sources (a replay; nothing is archived again). ``drain_file``: a
+    streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
+    creates it on SIGINT/SIGTERM)."""
     plans = {
         name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
     }
@@ -186,7 +189,7 @@ def build(
         reads = []
         for src in config.sources:
             if src.type == "kafka":
-                read = ReadKafkaRange(src.name, src.kafka)
+                read = ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
             elif src.type == "pubsub":
                 read = pubsub_read(p, src)
             else:

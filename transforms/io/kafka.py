@@ -1,27 +1,54 @@
 """Kafka as a source, on confluent-kafka (a native Python reader: it runs on every runner, the
-local ones included; Beam's ``ReadFromKafka`` is a Java cross-language transform).
+local ones included; Beam's ``ReadFromKafka`` is a Java cross-language transform), and as a
+delivery destination.
 
-This release reads a **bounded range** of each partition: ``stop`` is required (``end``: the
-partition's end when the job plans the read; an ISO instant: the first offset at or after it,
-by record timestamp). That is the backfill and replay path: history re-read through the same
-governed core, as a bounded run. The continuous, unbounded read is the next step.
+Two reads share the planning and the record format:
 
-Stream contract:
-- Planning (one step, at run time): the topics' partitions are listed and each gets an offset
-  range ``[start, stop)``: ``start`` from ``earliest`` / ``latest`` / ``committed`` (the group's
-  committed offset, else earliest) / an ISO instant (``offsets_for_times``) / a map
-  ``{partition: offset}`` (others from earliest); ``stop`` as above. Pure rule:
-  :func:`plan_range`.
-- Reading: ranges are spread over workers (a reshuffle) and each is read with its own consumer,
-  assigned to the partition at ``start``; nothing is committed (a bounded re-read must not move
-  the group's position; the continuous read will commit after its outputs are durable).
-- Elements: raw events ``(source, origin, payload)`` with ``origin`` =
-  ``kafka:<topic>/<partition>@<offset>`` and the record's Kafka timestamp
-  (``ts=<ISO instant>``), so quarantine records cite where each event came from; ``payload`` is
-  the value's bytes (``value_format: json``) or the decoded Avro record of the canonical
-  envelope (``avro``, optionally in the Confluent wire format: magic byte 0 + 4-byte schema id).
-  A value that cannot be decoded is passed on as its bytes, and validation quarantines it; a
-  null value (a compaction tombstone) is an empty payload, quarantined the same way.
+- **Bounded** (a batch run, ``cdi replay``, or any ``stop``): each partition's offset range
+  ``[start, stop)``; ``stop`` is ``end`` (the partition's end when the job plans the read) or an
+  ISO instant (the first offset at or after it, by record timestamp). Nothing is committed: a
+  re-read must not move the group's position.
+- **Continuous** (a streaming run, ``--streaming``, with no ``stop``): one splittable DoFn
+  element per partition, restriction ``[start, infinity)``; each call polls up to
+  ``_BATCH`` records, claims their offsets, and checkpoints (the runner resumes it at once
+  after a full batch, after ``_IDLE_RESUME`` when the partition had nothing). Runner-initiated
+  splits are refused: a partition is read by one reader, in offset order.
+
+Planning (one step, at run time): the topics' partitions are listed and each gets its start
+from ``earliest`` / ``latest`` / ``committed`` (the group's committed offset, else earliest) / an
+ISO instant (``offsets_for_times``) / a map ``{partition: offset}`` (others from earliest).
+Pure rule: :func:`plan_range`.
+
+Event-time watermark (continuous): per partition, the newest record timestamp read minus
+``watermark_delay`` (records are stamped by their producer, CreateTime, or by the broker,
+LogAppendTime). Idle-partition rule: a partition that has had nothing to read for ``idle_after``
+moves its watermark to wall-clock now minus ``watermark_delay``, so one quiet partition does not
+hold every window and consent buffer back. A record behind the watermark is still read and
+governed; the event-time steps downstream treat it by ``event_time`` / ``allowed_lateness``
+(late records: see the README). Pure rule: :func:`partition_watermark`; the state rides in the
+splittable DoFn's watermark-estimator state, so it survives checkpoints.
+
+Offsets (continuous, with a ``group_id``): the offset after the last record of a bundle is
+committed in that bundle's finalization, which the runner calls only once the bundle's outputs
+are committed (Flink: after the checkpoint that holds them; Dataflow: after they are durable;
+Prism: after they are in its store). The group's position therefore never passes a record whose
+outputs could be lost by the runner; it is the group's progress for ``start: committed`` and lag
+monitoring. State (dedup, profiles) is the runner's: restart a Flink job from its savepoint,
+a Dataflow job by update; a local runner keeps state in memory, so a restarted local job
+rebuilds it by reading from ``earliest`` (or an instant) again, and its outputs are idempotent
+(profile versions, the activation ledger).
+
+Drain: Dataflow's drain truncates the restriction (nothing more is read). A local continuous run
+(``cdi run --streaming``) drains on SIGINT/SIGTERM through a drain file: every reader stops at
+its next poll, the watermark goes to the end of time, timers fire and every buffer is flushed.
+
+Elements: raw events ``(source, origin, payload)`` with ``origin`` =
+``kafka:<topic>/<partition>@<offset>`` and the record's Kafka timestamp (``ts=<ISO instant>``),
+so quarantine records cite where each event came from; ``payload`` is the value's bytes
+(``value_format: json``) or the decoded Avro record of the canonical envelope (``avro``,
+optionally in the Confluent wire format: magic byte 0 + 4-byte schema id). A value that cannot
+be decoded is passed on as its bytes, and validation quarantines it; a null value (a compaction
+tombstone) is an empty payload, quarantined the same way.
 """
 
 from __future__ import annotations
@@ -31,8 +58,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Duration as BeamDuration
+from apache_beam.utils.timestamp import Timestamp
 
+from transforms.duration import Duration
 from transforms.envelope import format_iso_ms
 from transforms.envelope import parse_iso_ms as parse_instant_ms
 
@@ -48,8 +79,8 @@ class KafkaSourceConfig:
 
     bootstrap_servers: str
     topics: tuple[str, ...]
-    # Used for `start: committed` (and by the continuous read to commit); never committed to by
-    # a bounded read.
+    # Used for `start: committed` and committed to by the continuous read (after its outputs
+    # are committed); never committed to by a bounded read.
     group_id: str | None = None
     # Passed to the consumer as is (SASL/SSL: security.protocol, sasl.mechanism, sasl.username,
     # ssl.ca.location...). Secrets belong in the environment: `${VAR}` values are expanded at
@@ -57,11 +88,17 @@ class KafkaSourceConfig:
     consumer: dict[str, Any] = field(default_factory=dict)
     # earliest | latest | committed | an ISO instant | {partition: offset}
     start: Any = EARLIEST
-    # end | an ISO instant. Required in this release (a bounded read).
-    stop: str | None = END
+    # end | an ISO instant: a bounded read. None (the default): continuous in a streaming run,
+    # `end` in a batch run.
+    stop: str | None = None
     value_format: Literal["json", "avro"] = "json"
     # Avro values framed as the Confluent Schema Registry writes them.
     confluent_wire_format: bool = False
+    # Continuous read: the watermark trails the newest record timestamp by this much (how far
+    # out of order producers stamp records), and a partition with nothing to read for
+    # `idle_after` moves its watermark to now - watermark_delay.
+    watermark_delay: Duration = Duration(0)
+    idle_after: Duration = Duration(30)
 
     def __post_init__(self):
         if not self.bootstrap_servers:
@@ -84,12 +121,9 @@ class KafkaSourceConfig:
             )
         if self.start == COMMITTED and not self.group_id:
             raise ValueError("start: committed needs a group_id")
-        if self.stop is None:
-            raise ValueError(
-                "stop: required in this release (end or an ISO instant): the continuous, "
-                "unbounded read is not built yet"
-            )
-        if self.stop != END and parse_instant_ms(self.stop) is None:
+        if self.watermark_delay < 0 or self.idle_after <= 0:
+            raise ValueError("watermark_delay must be >= 0 and idle_after > 0")
+        if self.stop is not None and self.stop != END and parse_instant_ms(self.stop) is None:
             raise ValueError(f"stop: expected end or an ISO instant, got {self.stop!r}")
 
 
@@ -121,7 +155,7 @@ def plan_range(config: KafkaSourceConfig, partition: int, facts: PartitionFacts)
         start = facts.committed if facts.committed is not None else facts.low
     else:
         start = facts.start_time_offset if facts.start_time_offset is not None else facts.high
-    if config.stop == END:
+    if config.stop in (END, None):
         stop = facts.high
     else:
         stop = facts.stop_time_offset if facts.stop_time_offset is not None else facts.high
@@ -135,6 +169,28 @@ def origin_of(topic: str, partition: int, offset: int, timestamp_ms: int | None)
     if timestamp_ms is None or timestamp_ms <= 0:
         return where
     return f"{where} ts={format_iso_ms(timestamp_ms)}"
+
+
+def partition_watermark(
+    state: tuple[int | None, int | None],
+    newest_ms: int | None,
+    now_ms: int,
+    delay_ms: int,
+    idle_after_ms: int,
+) -> tuple[int | None, int | None]:
+    """One partition's ``(watermark_ms, idle_since_ms)`` after a poll that read records whose
+    newest timestamp is ``newest_ms`` (None: the poll read nothing). The watermark never goes
+    back; it trails the newest record by ``delay_ms``; after ``idle_after_ms`` of reading nothing
+    it moves to ``now_ms - delay_ms`` (the idle-partition rule)."""
+    watermark, idle_since = state
+    if newest_ms is not None:
+        candidate, idle_since = newest_ms - delay_ms, None
+    else:
+        idle_since = now_ms if idle_since is None else idle_since
+        candidate = now_ms - delay_ms if now_ms - idle_since >= idle_after_ms else None
+    if candidate is not None and (watermark is None or candidate > watermark):
+        watermark = candidate
+    return watermark, idle_since
 
 
 def decode_value(value: bytes | None, value_format: str, wire_format: bool, schema) -> Any:
@@ -191,8 +247,12 @@ _EMPTY_POLLS_BEFORE_GIVING_UP = 60  # a range the broker stops serving: fail, do
 
 
 class _PlanRangesFn(beam.DoFn):
-    def __init__(self, config: KafkaSourceConfig):
+    """``(topic, partition, start, stop)`` per partition with records to read; continuous:
+    ``(topic, partition, start)`` per partition."""
+
+    def __init__(self, config: KafkaSourceConfig, continuous: bool = False):
         self._config = config
+        self._continuous = continuous
 
     def process(self, _):
         import os
@@ -218,7 +278,9 @@ class _PlanRangesFn(beam.DoFn):
                     low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
                     facts = PartitionFacts(low, high, committed.get(p), starts.get(p), stops.get(p))
                     start, stop = plan_range(config, p, facts)
-                    if start < stop:
+                    if self._continuous:
+                        yield (topic, p, start)
+                    elif start < stop:
                         yield (topic, p, start, stop)
         finally:
             consumer.close()
@@ -246,15 +308,9 @@ class _ReadRangeFn(beam.DoFn):
 
         from confluent_kafka import Consumer, TopicPartition
 
-        from transforms.envelope import envelope_avro_schema
-
         topic, partition, start, stop = planned
         config = self._config
-        schema = None
-        if config.value_format == "avro":
-            import fastavro
-
-            schema = fastavro.parse_schema(envelope_avro_schema())
+        schema = _avro_schema(config)
         consumer = Consumer(consumer_settings(config, os.environ))
         try:
             consumer.assign([TopicPartition(topic, partition, start)])
@@ -290,23 +346,238 @@ class _ReadRangeFn(beam.DoFn):
             consumer.close()
 
 
-class ReadKafkaRange(beam.PTransform):
-    """Raw events ``(source, origin, payload)`` from a bounded offset range of every partition
-    of the configured topics (see the module doc)."""
+_OPEN_END = 2**63 - 1  # the restriction end of a continuous read: no end
+_BATCH = 500  # records per call: then a checkpoint, so outputs flow and offsets commit
+_IDLE_RESUME = 0.2  # seconds before a partition that had nothing is polled again
+_CONSUME_TIMEOUT = 0.1
 
-    def __init__(self, source_name: str, config: KafkaSourceConfig):
+
+class _PartitionTracker(OffsetRestrictionTracker):
+    """Offsets of one partition. Only self-checkpoints split it: a runner's split of an open
+    range would start a second reader far past the end (and, reset by the broker, from the
+    beginning)."""
+
+    def try_split(self, fraction_of_remainder):
+        if fraction_of_remainder > 0:
+            return None
+        return super().try_split(0)
+
+    def is_bounded(self):
+        return self.current_restriction().stop != _OPEN_END
+
+
+class _PartitionRestrictions(beam.transforms.core.RestrictionProvider):
+    def initial_restriction(self, element):
+        return OffsetRange(element[2], _OPEN_END)
+
+    def create_tracker(self, restriction):
+        return _PartitionTracker(restriction)
+
+    def split(self, element, restriction):
+        yield restriction  # one reader per partition
+
+    def restriction_size(self, element, restriction):
+        return 1  # the backlog is not known without a broker call; partitions weigh the same
+
+    def truncate(self, element, restriction):
+        return None  # a drain stops reading at once
+
+
+class _PartitionWatermarkEstimator(beam.io.iobase.WatermarkEstimator):
+    """Holds ``(watermark_ms, idle_since_ms)`` (:func:`partition_watermark`) as the estimator
+    state, so the rule survives checkpoints."""
+
+    def __init__(self, state):
+        self._state = tuple(state) if state else (None, None)
+
+    def observe_timestamp(self, timestamp):
+        pass
+
+    def current_watermark(self):
+        watermark = self._state[0]
+        return None if watermark is None else Timestamp(micros=watermark * 1000)
+
+    def get_estimator_state(self):
+        return self._state
+
+    def advance(self, state):
+        self._state = state
+
+
+class _PartitionWatermarks(beam.transforms.core.WatermarkEstimatorProvider):
+    def initial_estimator_state(self, element, restriction):
+        return (None, None)
+
+    def create_watermark_estimator(self, estimator_state):
+        return _PartitionWatermarkEstimator(estimator_state)
+
+
+_RESTRICTION = beam.DoFn.RestrictionParam(_PartitionRestrictions())
+_WATERMARK = beam.DoFn.WatermarkEstimatorParam(_PartitionWatermarks())
+
+
+def drain_requested(path: str | None) -> bool:
+    import os
+
+    return bool(path) and os.path.exists(path)
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """The continuous read of one partition (see the module doc). The consumers are connections
+    kept per worker for the partitions it reads, re-positioned to each restriction's start;
+    they hold no data state."""
+
+    def __init__(self, source_name: str, config: KafkaSourceConfig, drain_file: str | None):
+        self._name, self._config, self._drain_file = source_name, config, drain_file
+        self._records = Metrics.counter("cdi", "kafka.records_read")
+        self._commits = Metrics.counter("cdi", "kafka.offsets_committed")
+        self._lag = Metrics.gauge("cdi", "kafka.watermark_lag_ms")
+
+    def setup(self):
+        self._consumers: dict = {}
+        self._schema = _avro_schema(self._config)
+
+    def _consumer_at(self, topic: str, partition: int, offset: int):
+        import os
+
+        from confluent_kafka import Consumer, TopicPartition
+
+        key = (topic, partition)
+        entry = self._consumers.get(key)
+        if entry is None:
+            entry = [Consumer(consumer_settings(self._config, os.environ)), None]
+            self._consumers[key] = entry
+        if entry[1] != offset:
+            entry[0].assign([TopicPartition(topic, partition, offset)])
+            entry[1] = offset
+        return entry
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element,
+        # (before the restriction and watermark parameters: Beam passes those by keyword)
+        finalizer=beam.DoFn.BundleFinalizerParam,
+        tracker=_RESTRICTION,
+        watermark=_WATERMARK,
+    ):
+        import time
+
+        topic, partition, _ = element
+        config = self._config
+        if drain_requested(self._drain_file):
+            tracker.try_claim(_OPEN_END)  # nothing more: the restriction is done
+            return
+        entry = self._consumer_at(topic, partition, tracker.current_restriction().start)
+        messages = entry[0].consume(_BATCH, _CONSUME_TIMEOUT)
+        newest, next_offset = None, None
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise RuntimeError(f"kafka {topic}/{partition}: {err}")
+                continue  # transient (the client retries): the next poll goes on
+            if not tracker.try_claim(msg.offset()):
+                entry[1] = None  # the rest belongs to another restriction: re-position
+                return
+            _, ts = msg.timestamp()
+            if ts is not None and ts > 0:
+                newest = ts if newest is None else max(newest, ts)
+            next_offset = msg.offset() + 1
+            self._records.inc()
+            payload = decode_value(
+                msg.value(), config.value_format, config.confluent_wire_format, self._schema
+            )
+            record = (self._name, origin_of(topic, partition, msg.offset(), ts), payload)
+            yield beam.window.TimestampedValue(record, (ts if ts and ts > 0 else 0) / 1000.0)
+        now_ms = int(time.time() * 1000)
+        state = partition_watermark(
+            watermark.get_estimator_state(),
+            newest,
+            now_ms,
+            int(config.watermark_delay * 1000),
+            int(config.idle_after * 1000),
+        )
+        watermark.advance(state)
+        if state[0] is not None:
+            self._lag.set(now_ms - state[0])
+        if next_offset is not None:
+            entry[1] = next_offset
+        # Registered on every call, even with nothing to commit: Prism asks every bundle of a
+        # stage that can request finalization to finalize, and the SDK refuses a bundle that
+        # registered nothing.
+        commit = next_offset is not None and config.group_id
+        finalizer.register(_Commit(self, topic, partition, next_offset if commit else None))
+        tracker.defer_remainder(None if next_offset is not None else BeamDuration(_IDLE_RESUME))
+
+    def commit(self, topic: str, partition: int, offset: int) -> None:
+        from confluent_kafka import TopicPartition
+
+        entry = self._consumers.get((topic, partition))
+        if entry is None:
+            return  # the reader moved on; a later bundle commits a later offset
+        entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+        self._commits.inc()
+
+    def teardown(self):
+        for consumer, _ in getattr(self, "_consumers", {}).values():
+            consumer.close()
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """A bundle-finalization callback: commits ``offset`` for the partition."""
+
+    reader: _ReadPartitionFn
+    topic: str
+    partition: int
+    offset: int | None
+
+    def __call__(self):
+        if self.offset is not None:
+            self.reader.commit(self.topic, self.partition, self.offset)
+
+
+def _avro_schema(config: KafkaSourceConfig):
+    if config.value_format != "avro":
+        return None
+    import fastavro
+
+    from transforms.envelope import envelope_avro_schema
+
+    return fastavro.parse_schema(envelope_avro_schema())
+
+
+class ReadKafka(beam.PTransform):
+    """Raw events ``(source, origin, payload)`` from every partition of the configured topics:
+    continuous when ``continuous`` and no ``stop`` is configured, else a bounded range (see the
+    module doc). ``drain_file``: a continuous read stops when this path exists."""
+
+    def __init__(
+        self,
+        source_name: str,
+        config: KafkaSourceConfig,
+        continuous: bool = False,
+        drain_file: str | None = None,
+    ):
         super().__init__()
         self._name, self._config = source_name, config
+        self._continuous = continuous and config.stop is None
+        self._drain_file = drain_file
 
     def expand(self, pbegin):
-        return (
+        planned = (
             pbegin
             | "Impulse" >> beam.Impulse()
-            | "PlanRanges" >> beam.ParDo(_PlanRangesFn(self._config))
-            # Each range to any worker: partitions are read in parallel.
+            | "PlanRanges" >> beam.ParDo(_PlanRangesFn(self._config, self._continuous))
+            # Each partition to any worker: partitions are read in parallel.
             | "SpreadRanges" >> beam.Reshuffle()
-            | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self._name, self._config))
         )
+        if self._continuous:
+            return planned | "ReadPartitions" >> beam.ParDo(
+                _ReadPartitionFn(self._name, self._config, self._drain_file)
+            )
+        return planned | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self._name, self._config))
 
 
 # --- Kafka as a destination: activation and event deliveries --------------------------------------
