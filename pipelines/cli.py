@@ -260,7 +260,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     from pipelines import governed_profiles as job
     from pipelines.config import ConfigError
     from pipelines.report import build_report, counters, format_summary, write_report
-    from runners.local import PrismJobServer, runner_args, serialize_loopback_bundles
+    from runners.local import PrismJobServer, runner_args
 
     cfg = getattr(args, "replay_config", None) or _load(args.config)
     globs = getattr(args, "archive_globs", None)
@@ -268,11 +268,14 @@ def cmd_run(args, beam_args: list[str]) -> int:
     _check_inputs(inputs)
     output_dir = Path(args.output or cfg.sinks.output_dir)
     paths = job.output_paths(cfg, output_dir)
-    _clear_outputs(paths)
     activate = getattr(args, "activate", True)
 
     options = PipelineOptions(beam_args)
     streaming = options.view_as(StandardOptions).streaming
+    # A batch run owns its outputs. A continuous run keeps the live profile store (a restart
+    # goes on writing it; versions keep it from going back) and replaces the record outputs:
+    # a restarted local job reads its sources again from `start`.
+    _clear_outputs({k: v for k, v in paths.items() if not (streaming and k == "profiles")})
     try:
         runner = runner_args(args.runner, streaming=streaming)
     except FileNotFoundError as e:
@@ -287,8 +290,6 @@ def cmd_run(args, beam_args: list[str]) -> int:
             # of killing the runner under it.
             server = stack.enter_context(PrismJobServer())
             runner = [a for a in runner if not a.startswith("--prism_location")] + server.args()
-        if streaming and "--runner=PrismRunner" in runner:
-            serialize_loopback_bundles()  # see runners/local.py: results must not race
         options = PipelineOptions(runner + beam_args)
         try:
             p = beam.Pipeline(options=options)

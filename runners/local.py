@@ -59,6 +59,7 @@ def runner_args(name: str | None, streaming: bool = False) -> list[str]:
     resolved = runner_flag(name, streaming)
     args = [f"--runner={resolved}"]
     if resolved == "PrismRunner":
+        serialize_loopback_bundles()
         binary = prism_binary()
         if binary is None:
             raise FileNotFoundError(
@@ -100,13 +101,14 @@ class PrismJobServer:
     runner under it. Use as a context manager; ``args()`` are the pipeline flags that point a
     PrismRunner at it (``--job_endpoint``)."""
 
-    def __init__(self, binary: str | None = None, log_level: str = "error"):
+    def __init__(self, binary: str | None = None, log_level: str | None = None):
         self._binary = binary or prism_binary()
         if self._binary is None:
             raise FileNotFoundError(
                 "no Prism binary: run `make prism` (needs Go), or set CDI_PRISM to one"
             )
-        self._log_level = log_level
+        # $CDI_PRISM_LOG_LEVEL (debug, info, warn, error): Prism's own log, on stderr.
+        self._log_level = log_level or os.environ.get("CDI_PRISM_LOG_LEVEL", "error")
         self._process = None
         self.endpoint = ""
 

@@ -62,7 +62,8 @@ def test_plan_range_edges():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"stop": None}, "stop: required"),
+        ({"stop": "soon"}, "stop: expected end or an ISO instant"),
+        ({"watermark_delay": -1}, "watermark_delay must be >= 0"),
         ({"start": "yesterday"}, "start: expected"),
         ({"start": {0: -1}}, "start: a map"),
         ({"start": "committed"}, "needs a group_id"),

@@ -465,6 +465,11 @@ class _ReadPartitionFn(beam.DoFn):
 
         topic, partition, _ = element
         config = self._config
+        # Registered on every call, even with nothing to commit: Prism asks every bundle of a
+        # stage that can request finalization to finalize, and the SDK fails a bundle that
+        # registered nothing.
+        commit = _Commit(self, topic, partition)
+        finalizer.register(commit)
         if drain_requested(self._drain_file):
             tracker.try_claim(_OPEN_END)  # nothing more: the restriction is done
             return
@@ -484,6 +489,8 @@ class _ReadPartitionFn(beam.DoFn):
             if ts is not None and ts > 0:
                 newest = ts if newest is None else max(newest, ts)
             next_offset = msg.offset() + 1
+            if config.group_id:
+                commit.offset = next_offset
             self._records.inc()
             payload = decode_value(
                 msg.value(), config.value_format, config.confluent_wire_format, self._schema
@@ -503,11 +510,6 @@ class _ReadPartitionFn(beam.DoFn):
             self._lag.set(now_ms - state[0])
         if next_offset is not None:
             entry[1] = next_offset
-        # Registered on every call, even with nothing to commit: Prism asks every bundle of a
-        # stage that can request finalization to finalize, and the SDK refuses a bundle that
-        # registered nothing.
-        commit = next_offset is not None and config.group_id
-        finalizer.register(_Commit(self, topic, partition, next_offset if commit else None))
         tracker.defer_remainder(None if next_offset is not None else BeamDuration(_IDLE_RESUME))
 
     def commit(self, topic: str, partition: int, offset: int) -> None:
@@ -524,14 +526,15 @@ class _ReadPartitionFn(beam.DoFn):
             consumer.close()
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Commit:
-    """A bundle-finalization callback: commits ``offset`` for the partition."""
+    """A bundle-finalization callback: commits ``offset`` (the one after the last record the
+    bundle read) for the partition; nothing when the bundle read nothing."""
 
     reader: _ReadPartitionFn
     topic: str
     partition: int
-    offset: int | None
+    offset: int | None = None
 
     def __call__(self):
         if self.offset is not None:
