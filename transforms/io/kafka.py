@@ -551,6 +551,21 @@ def _avro_schema(config: KafkaSourceConfig):
     return fastavro.parse_schema(envelope_avro_schema())
 
 
+class _AcceptFinalization(beam.DoFn):
+    """Registers a no-op finalization for each bundle of the stage that pairs each partition with
+    its restriction: Prism fuses that step of the reader (which it marks as finalizing, like the
+    reader) into this stage and asks its bundles to finalize, which the SDK refuses (failing
+    the bundle) unless something registered."""
+
+    def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam):
+        finalizer.register(_noop)
+        yield element
+
+
+def _noop() -> None:
+    pass
+
+
 class ReadKafka(beam.PTransform):
     """Raw events ``(source, origin, payload)`` from every partition of the configured topics:
     continuous when ``continuous`` and no ``stop`` is configured, else a bounded range (see the
@@ -577,8 +592,11 @@ class ReadKafka(beam.PTransform):
             | "SpreadRanges" >> beam.Reshuffle()
         )
         if self._continuous:
-            return planned | "ReadPartitions" >> beam.ParDo(
-                _ReadPartitionFn(self._name, self._config, self._drain_file)
+            return (
+                planned
+                | "Finalizable" >> beam.ParDo(_AcceptFinalization())
+                | "ReadPartitions"
+                >> beam.ParDo(_ReadPartitionFn(self._name, self._config, self._drain_file))
             )
         return planned | "ReadRanges" >> beam.ParDo(_ReadRangeFn(self._name, self._config))
 
