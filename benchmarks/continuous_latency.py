@@ -1,5 +1,6 @@
-"""The continuous job (`cdi run --streaming`, Prism) fed from the broker: sustained events/s and
-end-to-end latency from produce to the profile row visible in the store.
+"""The continuous job (`cdi run --streaming`, Prism) fed from the broker: sustained events/s,
+end-to-end latency from produce to the profile row visible in the store, and activation latency
+from produce to the `Audience Entered` record delivered to a Kafka destination.
 
     python -m benchmarks.continuous_latency                    # 5, 10, 20 events/s, 30 s each
     python -m benchmarks.continuous_latency --rates 10 --seconds 60
@@ -10,9 +11,13 @@ then a producer sends identify events of new persons, each stamped with the time
 the offered rate (open loop: on a schedule, never waiting for the job). A watcher polls the
 job's SQLite profile store every 10 ms and notes when each person's row appears: latency = row
 visible - scheduled send time. When the producer stops, the job gets 60 s to catch up, then is
-drained (SIGTERM). Reports per rate: events/s the job kept up with (rows seen / time from the
-first send to the last row), p50/p90/p99/max latency, events whose row never appeared, and the
-peak RSS of the job and the runner. Results go to ``benchmarks/results/continuous_latency.json``.
+drained (SIGTERM). Each person enters the audience `pro_users` (trait `plan` = `pro`, consent
+for `marketing` granted in the same event) delivered to the destination `crm` of type `kafka`: a
+consumer on that topic notes when each person's `Audience Entered` record arrives (activation
+latency = arrival - scheduled send). Reports per rate: events/s the job kept up with (rows seen
+/ time from the first send to the last row), p50/p90/p99/max of both latencies, events whose row
+or activation never appeared, and the peak RSS of the job and the runner. Results go to
+``benchmarks/results/continuous_latency.json``.
 
 Config: `watermark_delay: 0s`, `idle_after: 1s` (consent holds an event until the watermark
 passes its time: the watermark follows the newest record, and a partition idle for a second
@@ -48,6 +53,14 @@ sources:
       start: earliest
       watermark_delay: 0s
       idle_after: 1s
+consent:
+  purposes: [marketing]
+  destinations:
+    crm:
+      purposes: [marketing]
+      delivery: {{type: kafka, kafka: {{bootstrap_servers: "{bootstrap}", topic: {topic}-crm}}}}
+audiences:
+  - {{name: pro_users, when: {{trait: plan, eq: pro}}, destinations: [crm]}}
 """
 
 
@@ -60,6 +73,7 @@ def _event(person: str, sent_ms: int) -> bytes:
             "messageId": uuid.uuid4().hex,
             "userId": person,
             "traits": {"plan": "pro"},
+            "context": {"consent": {"categoryPreferences": {"marketing": True}}},
             "timestamp": format_iso_ms(sent_ms),
         }
     ).encode()
@@ -104,7 +118,10 @@ def run_rate(rate: float, seconds: float, work: Path) -> dict:
 
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(15)
+    for name in (topic, f"{topic}-crm"):
+        admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])[name].result(
+            15
+        )
     out = work / topic
     out.mkdir(parents=True)
     config = out / "config.yaml"
@@ -129,8 +146,29 @@ def run_rate(rate: float, seconds: float, work: Path) -> dict:
                     pass
             time.sleep(0.01)
 
+    activated: dict[str, float] = {}
+
+    def consume():
+        from confluent_kafka import Consumer
+
+        consumer = Consumer(
+            {"bootstrap.servers": BOOTSTRAP, "group.id": f"bench-{topic}-crm",
+             "auto.offset.reset": "earliest"}
+        )  # fmt: skip
+        consumer.subscribe([f"{topic}-crm"])
+        while not stop.is_set():
+            msg = consumer.poll(0.05)
+            if msg is None or msg.error() is not None:
+                continue
+            record = json.loads(msg.value())
+            if record.get("event") == "Audience Entered":
+                activated.setdefault(f"user:{record.get('userId')}", time.time())
+        consumer.close()
+
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    activations = threading.Thread(target=consume, daemon=True)
+    activations.start()
     peak = 0
     # Warm-up: the job is up when one person's row is visible.
     warm = f"warmup-{uuid.uuid4().hex[:6]}"
@@ -158,17 +196,19 @@ def run_rate(rate: float, seconds: float, work: Path) -> dict:
             peak = max(peak, _rss_kb(job.pid))
     producer.flush(10)
     catch_up = time.time() + 60
-    while time.time() < catch_up and not all(k in seen for k in scheduled):
+    while time.time() < catch_up and not all(k in seen and k in activated for k in scheduled):
         peak = max(peak, _rss_kb(job.pid))
         time.sleep(0.2)
     stop.set()
     watcher.join()
+    activations.join()
     job.send_signal(signal.SIGTERM)
     try:
         job.wait(300)
     except subprocess.TimeoutExpired:
         job.kill()
     latencies = [seen[k] - at for k, at in scheduled.items() if k in seen]
+    activation = [activated[k] - at for k, at in scheduled.items() if k in activated]
     last = max((seen[k] for k in scheduled if k in seen), default=start)
     return {
         "offered_events_per_s": rate,
@@ -181,6 +221,12 @@ def run_rate(rate: float, seconds: float, work: Path) -> dict:
             "p90": round(_percentile(latencies, 0.90), 3),
             "p99": round(_percentile(latencies, 0.99), 3),
             "max": round(max(latencies, default=float("nan")), 3),
+        },
+        "activations_seen": len(activation),
+        "activation_latency_s": {
+            "p50": round(_percentile(activation, 0.50), 3),
+            "p99": round(_percentile(activation, 0.99), 3),
+            "max": round(max(activation, default=float("nan")), 3),
         },
         "peak_rss_mib": round(peak / 1024),
         "job_exit": job.returncode,
@@ -202,10 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     for rate in args.rates:
         r = run_rate(rate, args.seconds, work)
         results.append(r)
-        lat = r["latency_s"]
+        lat, act = r["latency_s"], r["activation_latency_s"]
         print(
-            f"{rate:>9.0f} {r['kept_up_events_per_s']:>9.1f} {lat['p50']:>7.2f} {lat['p90']:>7.2f}"
-            f" {lat['p99']:>7.2f} {lat['max']:>7.2f} {r['missing']:>7} {r['peak_rss_mib']:>6} MiB",
+            f"{rate:>9.0f} {r['kept_up_events_per_s']:>9.1f} {lat['p50']:>7.2f} {lat['p90']:>6.2f}"
+            f" {lat['p99']:>6.2f} {lat['max']:>6.2f} {r['missing']:>7} {act['p50']:>7.2f}"
+            f" {act['p99']:>6.2f} {r['events'] - r['activations_seen']:>7}"
+            f" {r['peak_rss_mib']:>6} MiB",
             flush=True,
         )
     RESULTS.mkdir(parents=True, exist_ok=True)

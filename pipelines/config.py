@@ -58,8 +58,8 @@ def parse_instant(text: str) -> float:
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
-    # files: NDJSON or Avro, local or any Beam filesystem; kafka: a bounded range of topics
-    # (transforms/io/kafka.py; the `kafka` section). Pub/Sub is planned.
+    # files: NDJSON or Avro, local or any Beam filesystem; kafka: topics, continuous in a
+    # streaming run (transforms/io/kafka.py; the `kafka` section); pubsub: Dataflow streaming.
     type: Literal["files", "kafka", "pubsub"] = "files"
     format: Literal["ndjson", "avro"] = "ndjson"
     # Globs, relative to the config file; `cdi run --input` replaces them.

@@ -219,6 +219,17 @@ def test_a_continuous_run_killed_restarted_and_drained_equals_the_file_run(broke
     for key in ("events_in", "valid", "quarantined_by_reason", "duplicates"):
         assert report[key] == batch["report"][key], key
     assert report["accounted"] and report["internal_errors"] == {}
+    # The record outputs, written as files per firing while the job ran and at the drain.
+    for name in ("quarantine", "duplicates", "merges"):
+        written = [
+            json.loads(line)
+            for f in sorted((out / name).glob("part-*.ndjson"))
+            for line in f.read_bytes().splitlines()
+        ]
+        expected = batch["outputs"][name]
+        assert len(written) == len(expected) and expected, name
+        if name == "merges":
+            assert sorted(map(repr, written)) == sorted(map(repr, expected))
     import sqlite3
 
     with sqlite3.connect(out / "profiles.sqlite") as conn:

@@ -80,8 +80,9 @@ def test_flex_template_metadata_names_every_cdi_run_parameter():
         1
     ]
     options = {a.dest for a in run._actions if a.dest != "help"}
-    # runner and detach are fixed by the template itself (Dataflow, detached launcher)
-    assert options - {"runner", "detach"} <= params, options - params
+    # runner and detach are fixed by the template itself (Dataflow, detached launcher), and a
+    # detached launcher prints no status lines
+    assert options - {"runner", "detach", "status_every"} <= params, options - params
     assert "streaming" in params
     for p in meta["parameters"]:
         assert p["helpText"] and p["label"]

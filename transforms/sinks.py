@@ -13,8 +13,26 @@ import orjson
 from transforms.dead_letter import FAILED, guarded, json_text
 
 # Unbounded runs (a topic read continuously) write each record output as files cut every minute
-# of processing time (Beam requires a frequency for global-window unbounded writes).
+# of processing time or every FLUSH_EVERY_RECORDS elements, whichever comes first, and once more
+# when the run drains.
 FLUSH_EVERY_SECONDS = 60
+FLUSH_EVERY_RECORDS = 10_000
+
+
+class PaneFileNaming:
+    """``<prefix>-<run>-<pane>-<shard>-of-<shards><suffix>``: one file per firing of an unbounded
+    write (Beam's default naming leaves the pane out in the global window, so every firing would
+    replace the last file)."""
+
+    def __init__(self, prefix: str, run: str, suffix: str):
+        self._prefix, self._run, self._suffix = prefix, run, suffix
+
+    def __call__(self, window, pane, shard_index, total_shards, compression, destination):
+        index = pane.index if pane is not None else 0
+        return (
+            f"{self._prefix}-{self._run}-{index:06d}-{shard_index or 0:05d}"
+            f"-of-{total_shards or 1:05d}{self._suffix}"
+        )
 
 
 def _lines(batch: list[dict], encode) -> list[str]:
@@ -43,11 +61,43 @@ class WriteRecordsAsJson(beam.PTransform):
         else:
             to_json = beam.Map(encode)
         encoded = records | "ToJson" >> guarded(to_json)
-        unbounded = {} if records.is_bounded else {"triggering_frequency": FLUSH_EVERY_SECONDS}
-        encoded.good | "Write" >> beam.io.WriteToText(
-            str(Path(self._directory) / self._prefix),
-            file_name_suffix=".ndjson",
-            shard_name_template="-SSSSS-of-NNNNN" if records.is_bounded else "-W-SSSSS-of-NNNNN",
-            **unbounded,
-        )
+        if records.is_bounded:
+            encoded.good | "Write" >> beam.io.WriteToText(
+                str(Path(self._directory) / self._prefix),
+                file_name_suffix=".ndjson",
+                shard_name_template="-SSSSS-of-NNNNN",
+            )
+        else:
+            # Beam's file writes for streaming (a GroupByKey per firing, no side inputs: the
+            # side-input path of WriteToText failed a drained Prism job with an empty
+            # initialization result).
+            import time
+
+            from apache_beam.io import fileio
+            from apache_beam.options.value_provider import StaticValueProvider
+            from apache_beam.transforms import trigger, window
+
+            run = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            (
+                encoded.good
+                | "Panes"
+                >> beam.WindowInto(
+                    window.GlobalWindows(),
+                    trigger=trigger.Repeatedly(
+                        trigger.AfterAny(
+                            trigger.AfterCount(FLUSH_EVERY_RECORDS),
+                            trigger.AfterProcessingTime(FLUSH_EVERY_SECONDS),
+                        )
+                    ),
+                    accumulation_mode=trigger.AccumulationMode.DISCARDING,
+                )
+                | "Write"
+                >> fileio.WriteToFiles(
+                    self._directory,
+                    file_naming=PaneFileNaming(self._prefix, run, ".ndjson"),
+                    shards=1,
+                    # (read with .get(): a ValueProvider, not a str)
+                    temp_directory=StaticValueProvider(str, str(Path(self._directory) / ".tmp")),
+                )
+            )
         return encoded[FAILED]
