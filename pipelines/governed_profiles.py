@@ -80,17 +80,18 @@ OUTPUTS = (
 )
 
 
-def pubsub_read(p: beam.Pipeline, src) -> beam.PTransform:
-    """Beam's ReadFromPubSub: Dataflow in streaming mode only (transforms/io/pubsub.py)."""
+def pubsub_read(p: beam.Pipeline, src, drain_file: str | None = None) -> beam.PTransform:
+    """Beam's ReadFromPubSub on Dataflow, the native reader on any other runner; streaming runs
+    only (transforms/io/pubsub.py)."""
     from pipelines.config import ConfigError
-    from transforms.io.pubsub import ReadPubSubSource
+    from transforms.io.pubsub import ReadPubSubNative, ReadPubSubSource
 
     options = p.options.view_as(StandardOptions)
-    if "Dataflow" not in str(options.runner or "") or not options.streaming:
-        raise ConfigError(
-            [f"sources.{src.name}: a pubsub source runs on Dataflow with --streaming only"]
-        )
-    return ReadPubSubSource(src.name, src.pubsub)
+    if not options.streaming:
+        raise ConfigError([f"sources.{src.name}: a pubsub source is read with --streaming"])
+    if "Dataflow" in str(options.runner or ""):
+        return ReadPubSubSource(src.name, src.pubsub)
+    return ReadPubSubNative(src.name, src.pubsub, drain_file)
 
 
 def source_inputs(
@@ -191,7 +192,7 @@ def build(
             if src.type == "kafka":
                 read = ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
             elif src.type == "pubsub":
-                read = pubsub_read(p, src)
+                read = pubsub_read(p, src, drain_file)
             else:
                 read = ReadFileSource(src.name, src.format, inputs[src.name])
             reads.append(p | f"Read[{src.name}]" >> read)

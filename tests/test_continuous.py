@@ -21,12 +21,8 @@ from runners.local import prism_binary
 from tests.conftest import REPO, config_from, run_job, service_unavailable
 from tests.test_kafka_source import _topic, broker  # noqa: F401 (the broker fixture)
 from transforms.envelope import parse_iso_ms
-from transforms.io.kafka import (
-    _OPEN_END,
-    KafkaSourceConfig,
-    _PartitionTracker,
-    partition_watermark,
-)
+from transforms.io.kafka import KafkaSourceConfig
+from transforms.io.unbounded import OPEN_END, PositionTracker, partition_watermark
 
 DAY = 86_400_000
 
@@ -52,7 +48,7 @@ def test_an_idle_partition_moves_its_watermark_to_now_after_idle_after():
 
 
 def test_a_partition_is_only_split_by_its_own_checkpoints():
-    tracker = _PartitionTracker(OffsetRange(10, _OPEN_END))
+    tracker = PositionTracker(OffsetRange(10, OPEN_END))
     assert not tracker.is_bounded()
     assert tracker.try_claim(10) and tracker.try_claim(12)
     assert tracker.try_split(0.5) is None  # a runner's split would start a second reader

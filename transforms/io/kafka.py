@@ -58,14 +58,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import apache_beam as beam
-from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Duration as BeamDuration
-from apache_beam.utils.timestamp import Timestamp
 
 from transforms.duration import Duration
 from transforms.envelope import format_iso_ms
 from transforms.envelope import parse_iso_ms as parse_instant_ms
+from transforms.io.unbounded import (
+    OPEN_END,
+    RESTRICTION,
+    WATERMARK,
+    AcceptFinalization,
+    drain_requested,
+    partition_watermark,
+)
 
 EARLIEST, LATEST, COMMITTED, END = "earliest", "latest", "committed", "end"
 _RESERVED_CONSUMER_KEYS = frozenset(
@@ -169,28 +175,6 @@ def origin_of(topic: str, partition: int, offset: int, timestamp_ms: int | None)
     if timestamp_ms is None or timestamp_ms <= 0:
         return where
     return f"{where} ts={format_iso_ms(timestamp_ms)}"
-
-
-def partition_watermark(
-    state: tuple[int | None, int | None],
-    newest_ms: int | None,
-    now_ms: int,
-    delay_ms: int,
-    idle_after_ms: int,
-) -> tuple[int | None, int | None]:
-    """One partition's ``(watermark_ms, idle_since_ms)`` after a poll that read records whose
-    newest timestamp is ``newest_ms`` (None: the poll read nothing). The watermark never goes
-    back; it trails the newest record by ``delay_ms``; after ``idle_after_ms`` of reading nothing
-    it moves to ``now_ms - delay_ms`` (the idle-partition rule)."""
-    watermark, idle_since = state
-    if newest_ms is not None:
-        candidate, idle_since = newest_ms - delay_ms, None
-    else:
-        idle_since = now_ms if idle_since is None else idle_since
-        candidate = now_ms - delay_ms if now_ms - idle_since >= idle_after_ms else None
-    if candidate is not None and (watermark is None or candidate > watermark):
-        watermark = candidate
-    return watermark, idle_since
 
 
 def decode_value(value: bytes | None, value_format: str, wire_format: bool, schema) -> Any:
@@ -346,80 +330,9 @@ class _ReadRangeFn(beam.DoFn):
             consumer.close()
 
 
-_OPEN_END = 2**63 - 1  # the restriction end of a continuous read: no end
 _BATCH = 500  # records per call: then a checkpoint, so outputs flow and offsets commit
 _IDLE_RESUME = 0.2  # seconds before a partition that had nothing is polled again
 _CONSUME_TIMEOUT = 0.1
-
-
-class _PartitionTracker(OffsetRestrictionTracker):
-    """Offsets of one partition. Only self-checkpoints split it: a runner's split of an open
-    range would start a second reader far past the end (and, reset by the broker, from the
-    beginning)."""
-
-    def try_split(self, fraction_of_remainder):
-        if fraction_of_remainder > 0:
-            return None
-        return super().try_split(0)
-
-    def is_bounded(self):
-        return self.current_restriction().stop != _OPEN_END
-
-
-class _PartitionRestrictions(beam.transforms.core.RestrictionProvider):
-    def initial_restriction(self, element):
-        return OffsetRange(element[2], _OPEN_END)
-
-    def create_tracker(self, restriction):
-        return _PartitionTracker(restriction)
-
-    def split(self, element, restriction):
-        yield restriction  # one reader per partition
-
-    def restriction_size(self, element, restriction):
-        return 1  # the backlog is not known without a broker call; partitions weigh the same
-
-    def truncate(self, element, restriction):
-        return None  # a drain stops reading at once
-
-
-class _PartitionWatermarkEstimator(beam.io.iobase.WatermarkEstimator):
-    """Holds ``(watermark_ms, idle_since_ms)`` (:func:`partition_watermark`) as the estimator
-    state, so the rule survives checkpoints."""
-
-    def __init__(self, state):
-        self._state = tuple(state) if state else (None, None)
-
-    def observe_timestamp(self, timestamp):
-        pass
-
-    def current_watermark(self):
-        watermark = self._state[0]
-        return None if watermark is None else Timestamp(micros=watermark * 1000)
-
-    def get_estimator_state(self):
-        return self._state
-
-    def advance(self, state):
-        self._state = state
-
-
-class _PartitionWatermarks(beam.transforms.core.WatermarkEstimatorProvider):
-    def initial_estimator_state(self, element, restriction):
-        return (None, None)
-
-    def create_watermark_estimator(self, estimator_state):
-        return _PartitionWatermarkEstimator(estimator_state)
-
-
-_RESTRICTION = beam.DoFn.RestrictionParam(_PartitionRestrictions())
-_WATERMARK = beam.DoFn.WatermarkEstimatorParam(_PartitionWatermarks())
-
-
-def drain_requested(path: str | None) -> bool:
-    import os
-
-    return bool(path) and os.path.exists(path)
 
 
 class _ReadPartitionFn(beam.DoFn):
@@ -458,8 +371,8 @@ class _ReadPartitionFn(beam.DoFn):
         element,
         # (before the restriction and watermark parameters: Beam passes those by keyword)
         finalizer=beam.DoFn.BundleFinalizerParam,
-        tracker=_RESTRICTION,
-        watermark=_WATERMARK,
+        tracker=RESTRICTION,
+        watermark=WATERMARK,
     ):
         import time
 
@@ -471,7 +384,7 @@ class _ReadPartitionFn(beam.DoFn):
         commit = _Commit(self, topic, partition)
         finalizer.register(commit)
         if drain_requested(self._drain_file):
-            tracker.try_claim(_OPEN_END)  # nothing more: the restriction is done
+            tracker.try_claim(OPEN_END)  # nothing more: the restriction is done
             return
         entry = self._consumer_at(topic, partition, tracker.current_restriction().start)
         messages = entry[0].consume(_BATCH, _CONSUME_TIMEOUT)
@@ -551,21 +464,6 @@ def _avro_schema(config: KafkaSourceConfig):
     return fastavro.parse_schema(envelope_avro_schema())
 
 
-class _AcceptFinalization(beam.DoFn):
-    """Registers a no-op finalization for each bundle of the stage that pairs each partition with
-    its restriction: Prism fuses that step of the reader (which it marks as finalizing, like the
-    reader) into this stage and asks its bundles to finalize, which the SDK refuses (failing
-    the bundle) unless something registered."""
-
-    def process(self, element, finalizer=beam.DoFn.BundleFinalizerParam):
-        finalizer.register(_noop)
-        yield element
-
-
-def _noop() -> None:
-    pass
-
-
 class ReadKafka(beam.PTransform):
     """Raw events ``(source, origin, payload)`` from every partition of the configured topics:
     continuous when ``continuous`` and no ``stop`` is configured, else a bounded range (see the
@@ -594,7 +492,7 @@ class ReadKafka(beam.PTransform):
         if self._continuous:
             return (
                 planned
-                | "Finalizable" >> beam.ParDo(_AcceptFinalization())
+                | "Finalizable" >> beam.ParDo(AcceptFinalization())
                 | "ReadPartitions"
                 >> beam.ParDo(_ReadPartitionFn(self._name, self._config, self._drain_file))
             )

@@ -8,9 +8,21 @@ the element's event timestamp, so Dataflow's watermark follows the publishers' c
 dedup by messageId). Each message becomes a raw event ``(source, origin, payload)`` with
 ``origin`` = ``pubsub:<subscription>/<message id> ts=<publish time>`` and the data bytes as
 payload (validation quarantines what is not a JSON object). Beam runs ``ReadFromPubSub`` on
-Dataflow in streaming mode only; elsewhere the job refuses a Pub/Sub source with a config error
-(no Pub/Sub server or emulator can run on this project's machines, and no local reader is
-built).
+Dataflow in streaming mode only.
+
+Elsewhere (Prism, Flink, any streaming run not on Dataflow) the source is a native reader on
+google-cloud-pubsub (:class:`ReadPubSubNative`): ``readers`` continuous readers (splittable
+DoFns, transforms/io/unbounded.py) each pull up to ``max_messages`` per call from the
+subscription (synchronous pull) and checkpoint. A message's event timestamp is its
+``timestamp_attribute`` (RFC 3339 or epoch ms), else its publish time; the reader's watermark
+trails the newest timestamp pulled by ``watermark_delay`` and moves to now - ``watermark_delay``
+after ``idle_after`` without messages (Pub/Sub has no partitions: the delay is how far out of
+order publishers' timestamps arrive). Messages are **acknowledged in the bundle's
+finalization**, after the runner has committed the outputs; a message not acknowledged within
+the subscription's ack deadline is redelivered and the job's dedup (by messageId) absorbs it.
+``id_label`` has no meaning there (it is Dataflow's). Verified at the client boundary only (no
+Pub/Sub or emulator here): the reader runs on Prism against a fake subscriber client that
+speaks google-cloud-pubsub's request and response types.
 
 **Destination**:
 
@@ -28,10 +40,23 @@ on Dataflow (streaming), where Beam replaces it with the service's native sink.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import apache_beam as beam
 import orjson
+from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Duration as BeamDuration
+
+from transforms.duration import Duration
+from transforms.envelope import format_iso_ms, parse_iso_ms
+from transforms.io.unbounded import (
+    OPEN_END,
+    RESTRICTION,
+    WATERMARK,
+    AcceptFinalization,
+    drain_requested,
+    partition_watermark,
+)
 
 _TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
 _SUBSCRIPTION = re.compile(r"^projects/[^/]+/subscriptions/[^/]+$")
@@ -43,11 +68,20 @@ class PubSubSourceConfig:
 
     subscription: str  # projects/<project>/subscriptions/<name>
     timestamp_attribute: str | None = None
-    id_label: str | None = None
+    id_label: str | None = None  # Dataflow only
+    # The native reader (every runner but Dataflow):
+    readers: int = 1  # concurrent pullers
+    max_messages: int = 500  # per pull
+    watermark_delay: Duration = Duration(0)
+    idle_after: Duration = Duration(30)
 
     def __post_init__(self):
         if not _SUBSCRIPTION.match(self.subscription):
             raise ValueError("subscription: projects/<project>/subscriptions/<name>")
+        if self.readers < 1 or self.max_messages < 1:
+            raise ValueError("readers and max_messages must be at least 1")
+        if self.watermark_delay < 0 or self.idle_after <= 0:
+            raise ValueError("watermark_delay must be >= 0 and idle_after > 0")
 
 
 def raw_from_message(source: str, subscription: str, message) -> tuple[str, str, bytes]:
@@ -56,6 +90,144 @@ def raw_from_message(source: str, subscription: str, message) -> tuple[str, str,
     if message.publish_time is not None:
         origin += f" ts={message.publish_time.to_utc_datetime().isoformat()}"
     return source, origin, bytes(message.data or b"")
+
+
+def event_time_ms(message, timestamp_attribute: str | None) -> int | None:
+    """A pulled message's event time: the attribute (RFC 3339 or epoch ms), else the publish
+    time; None when neither is usable."""
+    if timestamp_attribute:
+        value = (message.attributes or {}).get(timestamp_attribute)
+        if value:
+            if value.isdigit():
+                return int(value)
+            parsed = parse_iso_ms(value)
+            if parsed is not None:
+                return parsed
+    published = getattr(message, "publish_time", None)
+    if published is None or not hasattr(published, "timestamp"):
+        return None
+    return int(published.timestamp() * 1000)
+
+
+def raw_from_pulled(source: str, subscription: str, message, ts_ms: int | None):
+    """A message pulled by the native reader as the raw event validation reads."""
+    origin = f"pubsub:{subscription.rsplit('/', 1)[-1]}/{message.message_id or '?'}"
+    if ts_ms is not None:
+        origin += f" ts={format_iso_ms(ts_ms)}"
+    return source, origin, bytes(message.data or b"")
+
+
+def subscriber_client():
+    """google-cloud-pubsub's synchronous subscriber (credentials from the environment)."""
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.SubscriberClient()
+
+
+_PULL_TIMEOUT = 5.0  # seconds a pull may wait for messages
+_IDLE_RESUME = 0.2
+
+
+@dataclass
+class _Ack:
+    """A bundle-finalization callback: acknowledges what the bundle pulled."""
+
+    reader: _PullFn
+    subscription: str
+    ack_ids: list = field(default_factory=list)
+
+    def __call__(self):
+        if self.ack_ids:
+            self.reader.acknowledge(self.subscription, self.ack_ids)
+
+
+class _PullFn(beam.DoFn):
+    """One continuous puller (see the module doc). ``client_factory`` makes the subscriber
+    client (tests pass a fake speaking the same request and response types)."""
+
+    def __init__(self, source_name, config: PubSubSourceConfig, drain_file, client_factory):
+        self._name, self._config = source_name, config
+        self._drain_file, self._factory = drain_file, client_factory
+        self._pulled = Metrics.counter("cdi", "pubsub.messages_pulled")
+        self._acked = Metrics.counter("cdi", "pubsub.messages_acked")
+
+    def setup(self):
+        self._client = self._factory()
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        element,
+        finalizer=beam.DoFn.BundleFinalizerParam,
+        tracker=RESTRICTION,
+        watermark=WATERMARK,
+    ):
+        import time
+
+        config = self._config
+        ack = _Ack(self, config.subscription)
+        finalizer.register(ack)  # every call: see transforms/io/unbounded.py
+        position = tracker.current_restriction().start
+        if drain_requested(self._drain_file) or not tracker.try_claim(position):
+            tracker.try_claim(OPEN_END)
+            return
+        try:
+            response = self._client.pull(
+                request={"subscription": config.subscription, "max_messages": config.max_messages},
+                timeout=_PULL_TIMEOUT,
+            )
+            received = list(response.received_messages)
+        except Exception as e:  # no message within the timeout is an error in some versions
+            if type(e).__name__ not in ("DeadlineExceeded", "RetryError"):
+                raise
+            received = []
+        newest = None
+        for item in received:
+            message = item.message
+            ts = event_time_ms(message, config.timestamp_attribute)
+            if ts is not None:
+                newest = ts if newest is None else max(newest, ts)
+            ack.ack_ids.append(item.ack_id)
+            self._pulled.inc()
+            raw = raw_from_pulled(self._name, config.subscription, message, ts)
+            yield beam.window.TimestampedValue(raw, (ts or 0) / 1000.0)
+        state = partition_watermark(
+            watermark.get_estimator_state(),
+            newest,
+            int(time.time() * 1000),
+            int(config.watermark_delay * 1000),
+            int(config.idle_after * 1000),
+        )
+        watermark.advance(state)
+        tracker.defer_remainder(None if received else BeamDuration(_IDLE_RESUME))
+
+    def acknowledge(self, subscription: str, ack_ids: list) -> None:
+        self._client.acknowledge(request={"subscription": subscription, "ack_ids": ack_ids})
+        self._acked.inc(len(ack_ids))
+
+
+class ReadPubSubNative(beam.PTransform):
+    """Raw events from a subscription, continuously, on any runner (see the module doc)."""
+
+    def __init__(
+        self,
+        source_name: str,
+        config: PubSubSourceConfig,
+        drain_file: str | None = None,
+        client_factory=subscriber_client,
+    ):
+        super().__init__()
+        self._name, self._config = source_name, config
+        self._drain_file, self._factory = drain_file, client_factory
+
+    def expand(self, pbegin):
+        c = self._config
+        return (
+            pbegin
+            | "Readers" >> beam.Create([(c.subscription, i, 0) for i in range(c.readers)])
+            | "Finalizable" >> beam.ParDo(AcceptFinalization())
+            | "Pull" >> beam.ParDo(_PullFn(self._name, c, self._drain_file, self._factory))
+        )
 
 
 class ReadPubSubSource(beam.PTransform):
