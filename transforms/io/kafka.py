@@ -69,8 +69,8 @@ from transforms.io.unbounded import (
     RESTRICTION,
     WATERMARK,
     AcceptFinalization,
+    advance_watermark,
     drain_requested,
-    partition_watermark,
 )
 
 EARLIEST, LATEST, COMMITTED, END = "earliest", "latest", "committed", "end"
@@ -374,7 +374,6 @@ class _ReadPartitionFn(beam.DoFn):
         tracker=RESTRICTION,
         watermark=WATERMARK,
     ):
-        import time
 
         topic, partition, _ = element
         config = self._config
@@ -410,17 +409,9 @@ class _ReadPartitionFn(beam.DoFn):
             )
             record = (self._name, origin_of(topic, partition, msg.offset(), ts), payload)
             yield beam.window.TimestampedValue(record, (ts if ts and ts > 0 else 0) / 1000.0)
-        now_ms = int(time.time() * 1000)
-        state = partition_watermark(
-            watermark.get_estimator_state(),
-            newest,
-            now_ms,
-            int(config.watermark_delay * 1000),
-            int(config.idle_after * 1000),
-        )
-        watermark.advance(state)
-        if state[0] is not None:
-            self._lag.set(now_ms - state[0])
+        lag = advance_watermark(watermark, newest, config.watermark_delay, config.idle_after)
+        if lag is not None:
+            self._lag.set(lag)
         if next_offset is not None:
             entry[1] = next_offset
         tracker.defer_remainder(None if next_offset is not None else BeamDuration(_IDLE_RESUME))

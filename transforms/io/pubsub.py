@@ -54,8 +54,8 @@ from transforms.io.unbounded import (
     RESTRICTION,
     WATERMARK,
     AcceptFinalization,
+    advance_watermark,
     drain_requested,
-    partition_watermark,
 )
 
 _TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
@@ -162,7 +162,6 @@ class _PullFn(beam.DoFn):
         tracker=RESTRICTION,
         watermark=WATERMARK,
     ):
-        import time
 
         config = self._config
         ack = _Ack(self, config.subscription)
@@ -191,14 +190,7 @@ class _PullFn(beam.DoFn):
             self._pulled.inc()
             raw = raw_from_pulled(self._name, config.subscription, message, ts)
             yield beam.window.TimestampedValue(raw, (ts or 0) / 1000.0)
-        state = partition_watermark(
-            watermark.get_estimator_state(),
-            newest,
-            int(time.time() * 1000),
-            int(config.watermark_delay * 1000),
-            int(config.idle_after * 1000),
-        )
-        watermark.advance(state)
+        advance_watermark(watermark, newest, config.watermark_delay, config.idle_after)
         tracker.defer_remainder(None if received else BeamDuration(_IDLE_RESUME))
 
     def acknowledge(self, subscription: str, ack_ids: list) -> None:

@@ -100,6 +100,23 @@ class TrailingWatermarks(beam.transforms.core.WatermarkEstimatorProvider):
         return TrailingWatermarkEstimator(estimator_state)
 
 
+def advance_watermark(estimator, newest_ms: int | None, delay_s: float, idle_after_s: float):
+    """Applies :func:`partition_watermark` to a reader's estimator after a poll; returns the
+    watermark lag in ms (now - watermark), or None while there is no watermark yet."""
+    import time
+
+    now_ms = int(time.time() * 1000)
+    state = partition_watermark(
+        estimator.get_estimator_state(),
+        newest_ms,
+        now_ms,
+        int(delay_s * 1000),
+        int(idle_after_s * 1000),
+    )
+    estimator.advance(state)
+    return None if state[0] is None else now_ms - state[0]
+
+
 RESTRICTION = beam.DoFn.RestrictionParam(OpenRangeRestrictions())
 WATERMARK = beam.DoFn.WatermarkEstimatorParam(TrailingWatermarks())
 
