@@ -242,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     results = []
     print(
-        f"{'offered/s':>9} {'kept up/s':>9} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} "
-        f"{'max s':>7} {'missing':>7} {'peak RSS':>9}"
+        f"{'offered/s':>9} {'kept up/s':>9} {'row p50':>7} {'p90':>6} {'p99':>6} {'max':>6} "
+        f"{'missing':>7} {'act p50':>7} {'p99':>6} {'missing':>7} {'peak RSS':>9}"
     )
     for rate in args.rates:
         r = run_rate(rate, args.seconds, work)

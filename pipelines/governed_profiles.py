@@ -190,6 +190,12 @@ def build(
         reads = []
         for src in config.sources:
             if src.type == "kafka":
+                if src.kafka.reader == "beam" and bounded:
+                    from pipelines.config import ConfigError
+
+                    raise ConfigError(
+                        [f"sources.{src.name}.kafka.reader: beam reads in --streaming runs only"]
+                    )
                 read = ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
             elif src.type == "pubsub":
                 read = pubsub_read(p, src, drain_file)

@@ -64,6 +64,9 @@ def test_plan_range_edges():
     [
         ({"stop": "soon"}, "stop: expected end or an ISO instant"),
         ({"watermark_delay": -1}, "watermark_delay must be >= 0"),
+        ({"reader": "beam"}, "needs expansion_service"),
+        ({"reader": "beam", "expansion_service": "h:1", "stop": "end"}, "reads continuously"),
+        ({"reader": "beam", "expansion_service": "h:1", "start": {0: 1}}, "reads continuously"),
         ({"start": "yesterday"}, "start: expected"),
         ({"start": {0: -1}}, "start: a map"),
         ({"start": "committed"}, "needs a group_id"),
@@ -318,3 +321,48 @@ sources:
     assert (report["events_in"], report["valid"], report["quarantined"]) == (4, 3, 1)
     assert set(run["rows"]) == {"user:u0", "user:u1", "user:u2"}
     assert '"plan":"pro"' in run["rows"]["user:u0"]["traits"]
+
+
+def test_beams_read_from_kafka_is_offered_through_an_expansion_service(monkeypatch):
+    """`reader: beam`: Beam's cross-language ReadFromKafka with the settings the native reader
+    uses (CreateTime stamps, commit in finalization with a group), its records turned into the
+    same raw events. Not run against Java here (no expansion service can be fetched): checked
+    at the transform's boundary with a stand-in that records its arguments."""
+    import apache_beam as beam
+    from apache_beam.io import kafka as beam_kafka
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tests.conftest import make_pipeline
+    from transforms.io.kafka import ReadKafka
+
+    seen = {}
+
+    class StandIn(beam.PTransform):
+        def __init__(self, **kwargs):
+            super().__init__()
+            seen.update(kwargs)
+
+        def expand(self, pbegin):
+            row = beam.Row(topic="t", partition=2, offset=41, timestamp=1_793_534_400_000,
+                           value=b'{"type":"page"}')  # fmt: skip
+            return pbegin | beam.Create([row, beam.Row(topic="t", partition=0, offset=0,
+                                                       timestamp=-1, value=None)])  # fmt: skip
+
+    monkeypatch.setattr(beam_kafka, "ReadFromKafka", StandIn)
+    monkeypatch.setenv("KAFKA_PASSWORD", "s3cret")
+    config = cfg(reader="beam", expansion_service="localhost:8097", group_id="g", stop=None,
+                 start="2026-11-01T00:00:00Z", consumer={"sasl.password": "${KAFKA_PASSWORD}"})  # fmt: skip
+    with make_pipeline() as p:
+        raw = p | ReadKafka("web", config, continuous=True)
+        assert_that(
+            raw,
+            equal_to([
+                ("web", "kafka:t/2@41 ts=2026-11-01T12:00:00.000Z", b'{"type":"page"}'),
+                ("web", "kafka:t/0@0", b""),
+            ]),
+        )  # fmt: skip
+    assert seen["expansion_service"] == "localhost:8097" and seen["with_metadata"]
+    assert seen["commit_offset_in_finalize"] and seen["timestamp_policy"] == "CreateTime"
+    assert seen["topics"] == ["t"] and seen["start_read_time"] == 1_793_491_200_000
+    assert seen["consumer_config"]["sasl.password"] == "s3cret"
+    assert seen["consumer_config"]["group.id"] == "g"

@@ -105,6 +105,10 @@ class KafkaSourceConfig:
     # `idle_after` moves its watermark to now - watermark_delay.
     watermark_delay: Duration = Duration(0)
     idle_after: Duration = Duration(30)
+    # native (this module's reader, every runner) | beam (Beam's cross-language ReadFromKafka,
+    # continuous only, through the Java expansion service at `expansion_service`, host:port)
+    reader: Literal["native", "beam"] = "native"
+    expansion_service: str | None = None
 
     def __post_init__(self):
         if not self.bootstrap_servers:
@@ -127,6 +131,17 @@ class KafkaSourceConfig:
             )
         if self.start == COMMITTED and not self.group_id:
             raise ValueError("start: committed needs a group_id")
+        if self.reader == "beam":
+            if not self.expansion_service:
+                raise ValueError("reader: beam needs expansion_service (host:port)")
+            if self.stop is not None or isinstance(self.start, dict) or self.start == COMMITTED:
+                raise ValueError(
+                    "reader: beam reads continuously from earliest, latest or an instant "
+                    "(the group's committed offsets when a group_id is set); no stop, no "
+                    "{partition: offset}"
+                )
+            if self.value_format != "json" or self.confluent_wire_format:
+                raise ValueError("reader: beam reads json values")
         if self.watermark_delay < 0 or self.idle_after <= 0:
             raise ValueError("watermark_delay must be >= 0 and idle_after > 0")
         if self.stop is not None and self.stop != END and parse_instant_ms(self.stop) is None:
@@ -455,6 +470,56 @@ def _avro_schema(config: KafkaSourceConfig):
     return fastavro.parse_schema(envelope_avro_schema())
 
 
+def beam_read_settings(config: KafkaSourceConfig, environ) -> dict[str, Any]:
+    """The arguments of Beam's ``ReadFromKafka`` for ``reader: beam`` (Java's KafkaIO commits in
+    finalization and stamps records by CreateTime, as the native reader does)."""
+    consumer = {k: str(v) for k, v in _passthrough(config.consumer, environ).items()}
+    consumer["bootstrap.servers"] = config.bootstrap_servers
+    consumer["auto.offset.reset"] = "latest" if config.start == LATEST else "earliest"
+    if config.group_id:
+        consumer["group.id"] = config.group_id
+    start_ms = parse_instant_ms(config.start) if isinstance(config.start, str) else None
+    return {
+        "consumer_config": consumer,
+        "topics": list(config.topics),
+        "with_metadata": True,
+        "commit_offset_in_finalize": bool(config.group_id),
+        "timestamp_policy": "CreateTime",
+        "start_read_time": start_ms,
+        "expansion_service": config.expansion_service,
+    }
+
+
+def raw_from_beam_record(source: str, record) -> tuple[str, str, Any]:
+    """A record of Beam's ReadFromKafka (with metadata: a row with topic, partition, offset,
+    timestamp, value) as the raw event validation reads."""
+    value = record.value
+    return (
+        source,
+        origin_of(record.topic, record.partition, record.offset, record.timestamp),
+        (b"" if value is None else bytes(value)),
+    )
+
+
+class _BeamReadFromKafka(beam.PTransform):
+    def __init__(self, source_name: str, config: KafkaSourceConfig):
+        super().__init__()
+        self._name, self._config = source_name, config
+
+    def expand(self, pbegin):
+        import os
+
+        from apache_beam.io import kafka as beam_kafka
+
+        name = self._name
+        return (
+            pbegin
+            | "ReadFromKafka"
+            >> beam_kafka.ReadFromKafka(**beam_read_settings(self._config, os.environ))
+            | "Raw" >> beam.Map(lambda r: raw_from_beam_record(name, r))
+        )
+
+
 class ReadKafka(beam.PTransform):
     """Raw events ``(source, origin, payload)`` from every partition of the configured topics:
     continuous when ``continuous`` and no ``stop`` is configured, else a bounded range (see the
@@ -473,6 +538,10 @@ class ReadKafka(beam.PTransform):
         self._drain_file = drain_file
 
     def expand(self, pbegin):
+        if self._config.reader == "beam":
+            if not self._continuous:
+                raise ValueError("reader: beam reads continuously (a --streaming run)")
+            return pbegin | "Beam" >> _BeamReadFromKafka(self._name, self._config)
         planned = (
             pbegin
             | "Impulse" >> beam.Impulse()
