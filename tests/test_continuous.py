@@ -164,7 +164,8 @@ def test_a_continuous_run_killed_restarted_and_drained_equals_the_file_run(broke
     """Shuffled arrival over 3 partitions, 10% re-sent copies. The first job is killed (SIGKILL,
     runner included) once it has committed offsets; the second reads the topic again (local
     state is in memory: a restart rebuilds it) into the same profile store, commits every
-    offset, and drains on SIGTERM. Its report and the store equal a batch run of the file."""
+    offset, and drains on SIGTERM. Its report and the store equal a batch run of the file, and
+    so does `cdi replay` of the topic."""
     if prism_binary() is None:
         service_unavailable("no Prism binary", fix="build it with `make prism`, which needs Go")
     from confluent_kafka import Producer
@@ -231,6 +232,20 @@ def test_a_continuous_run_killed_restarted_and_drained_equals_the_file_run(broke
     with sqlite3.connect(out / "profiles.sqlite") as conn:
         conn.row_factory = sqlite3.Row
         live = {r["profile_id"]: dict(r) for r in conn.execute("SELECT * FROM profiles")}
+    # `cdi replay` of the topic's whole time range: the same report and rows again.
+    from pipelines.cli import main
+
+    replayed = tmp_path / "replay"
+    window = ["--from", "2000-01-01T00:00:00Z", "--to", "2100-01-01T00:00:00Z"]
+    assert main(["replay", "--config", str(config), "--source", "web", *window,
+                 "--output", str(replayed)]) == 0  # fmt: skip
+    replay = json.loads((replayed / "run_report.json").read_text())
+    for key in ("events_in", "valid", "quarantined_by_reason", "duplicates", "deliveries"):
+        assert replay[key] == batch["report"][key], key
+    with sqlite3.connect(replayed / "profiles.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        rows = {r["profile_id"]: dict(r) for r in conn.execute("SELECT * FROM profiles")}
+    assert rows == batch["rows"]
     assert live and live.keys() == batch["rows"].keys()
     for pid, row in batch["rows"].items():
         # A streaming run may stamp a row a step or two past the batch version (a merge that
