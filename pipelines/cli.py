@@ -260,7 +260,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     from pipelines import governed_profiles as job
     from pipelines.config import ConfigError
     from pipelines.report import build_report, counters, format_summary, write_report
-    from runners.local import PrismJobServer, runner_args
+    from runners.local import PrismJobServer, harden_loopback_harness, runner_args
 
     cfg = getattr(args, "replay_config", None) or _load(args.config)
     globs = getattr(args, "archive_globs", None)
@@ -290,6 +290,8 @@ def cmd_run(args, beam_args: list[str]) -> int:
             # of killing the runner under it.
             server = stack.enter_context(PrismJobServer())
             runner = [a for a in runner if not a.startswith("--prism_location")] + server.args()
+        if "--runner=PrismRunner" in runner and streaming:
+            harden_loopback_harness(serial=_serial_bundles(cfg))
         options = PipelineOptions(runner + beam_args)
         try:
             p = beam.Pipeline(options=options)
@@ -327,6 +329,21 @@ def cmd_run(args, beam_args: list[str]) -> int:
     if not activate:
         print("activation        suppressed: no destination records written (use --activate)")
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
+
+
+def _serial_bundles(cfg) -> bool:
+    """Whether a streaming run on Prism runs its bundles one at a time (runners/local.py): yes
+    over files, where it keeps the report's counts exact; no when a topic or subscription is
+    read continuously, where latency matters and Prism's counts are at risk either way.
+    ``CDI_PRISM_SERIAL=1|0`` decides instead."""
+    import os
+
+    forced = os.environ.get("CDI_PRISM_SERIAL")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not any(
+        s.type == "pubsub" or (s.type == "kafka" and s.kafka.stop is None) for s in cfg.sources
+    )
 
 
 def replay_config(cfg, source: str, start: str, stop: str):

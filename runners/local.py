@@ -59,7 +59,7 @@ def runner_args(name: str | None, streaming: bool = False) -> list[str]:
     resolved = runner_flag(name, streaming)
     args = [f"--runner={resolved}"]
     if resolved == "PrismRunner":
-        serialize_loopback_bundles()
+        harden_loopback_harness(serial=False)  # the caller may ask for serial bundles too
         binary = prism_binary()
         if binary is None:
             raise FileNotFoundError(
@@ -154,21 +154,31 @@ class PrismJobServer:
                 self._process.wait()
 
 
-def serialize_loopback_bundles() -> None:
-    """Make this process's SDK harness (Prism's LOOPBACK worker) run one bundle at a time.
+def harden_loopback_harness(serial: bool = True) -> None:
+    """Make this process's SDK harness (Prism's LOOPBACK worker) refuse runner-initiated bundle
+    splits and, with ``serial``, run one bundle at a time.
 
-    Measured here (Beam 2.77, Prism 2.77): the streaming stages (state and event-time timers) on
-    Prism with the harness's default unbounded bundle threads lost 16 to 36 of 2,894 deliveries
-    on 1,000 events, a different number per run (whole persons' held events gone); with one
-    bundle at a time every run equalled the in-process runner's, row for row
-    (tests/test_continuous.py guards it). The race is between the runner and the harness, not in
-    the job's code; until it is found and fixed upstream a local streaming run trades speed
-    (about 3x) for results that do not depend on bundle timing. Idempotent."""
+    Measured here (Beam 2.77, Prism 2.77), 1,000 demo events through the streaming stages:
+    with Prism splitting bundles (its log: "Unexpected split on a bundle with timers", Beam
+    issue 35771) whole persons' held events were lost (profile event counts 943 of 952;
+    deliveries 2,858 and 2,878 of 2,894); with splits refused every row and record output equals
+    the in-process runner's, byte for byte. Concurrent bundles then still lose *counter* counts
+    (Prism's metrics store, see the README: deliveries 2,748 of 2,894 on those events):
+    ``serial`` keeps the counts right in runs of few, large bundles (a streaming run over
+    files), at about 3x the time. Idempotent; once serial, serial for the process."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from apache_beam.runners.worker import sdk_worker
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.worker import bundle_processor, sdk_worker
 
-    if getattr(sdk_worker.SdkHarness, "cdi_serial", False):
+    if not getattr(bundle_processor.BundleProcessor, "cdi_unsplittable", False):
+
+        def refuse_split(self, request):
+            return beam_fn_api_pb2.ProcessBundleSplitResponse()
+
+        bundle_processor.BundleProcessor.try_split = refuse_split
+        bundle_processor.BundleProcessor.cdi_unsplittable = True
+    if not serial or getattr(sdk_worker.SdkHarness, "cdi_serial", False):
         return
 
     class _SerialPool(ThreadPoolExecutor):

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from pipelines.generate import generate
-from runners.local import prism_binary, serialize_loopback_bundles
+from runners.local import harden_loopback_harness, prism_binary
 from tests.conftest import config_from, run_job, service_unavailable
 from tests.test_fuzz_job import CONFIG, corpus_lines
 from tests.test_oracle import _control_events
@@ -30,7 +30,7 @@ def scenario(tmp_path_factory):
     binary = prism_binary()
     if binary is None:
         service_unavailable("no Prism binary", fix="build it with `make prism`, which needs Go")
-    serialize_loopback_bundles()  # as `cdi run --runner prism` does (runners/local.py)
+    harden_loopback_harness()  # as `cdi run --runner prism` does (runners/local.py)
     rng = random.Random(3)
     lines, _ = generate(400, 40, 3)
     lines += _control_events(lines, rng, deletes=2, unlinks=1)

@@ -389,7 +389,6 @@ class _ReadPartitionFn(beam.DoFn):
         tracker=RESTRICTION,
         watermark=WATERMARK,
     ):
-
         topic, partition, _ = element
         config = self._config
         # Registered on every call, even with nothing to commit: Prism asks every bundle of a
