@@ -272,25 +272,29 @@ def cmd_run(args, beam_args: list[str]) -> int:
 
     options = PipelineOptions(beam_args)
     streaming = options.view_as(StandardOptions).streaming
-    # A batch run owns its outputs. A continuous run keeps the live profile store (a restart
-    # goes on writing it; versions keep it from going back) and replaces the record outputs:
-    # a restarted local job reads its sources again from `start`.
-    _clear_outputs({k: v for k, v in paths.items() if not (streaming and k == "profiles")})
+    # A run owns its outputs and replaces them, except a run that reads a topic or a
+    # subscription continuously: a restart goes on from where its sources say (committed
+    # offsets, unacked messages), so it keeps the profile store (versions keep it from going
+    # back) and adds record files next to the earlier ones (each file's name is its own).
+    live = streaming and _reads_continuously(cfg)
+    if not live:
+        _clear_outputs(paths)
     try:
         runner = runner_args(args.runner, streaming=streaming)
     except FileNotFoundError as e:
         raise UsageError(f"cdi run: --runner {args.runner or 'prism'}: {e}") from None
     detach = getattr(args, "detach", False)
-    continuous = streaming and not detach
+    # The continuous shell (status line, drain by a drain file the workers can see) is for the
+    # local runner; Dataflow and Flink jobs are drained with their own tools.
+    continuous = streaming and not detach and "--runner=PrismRunner" in runner
     drain_file = output_dir / ".cdi-drain"
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if continuous and "--runner=PrismRunner" in runner:
+        if continuous:
             # Prism in a session of its own: a Ctrl-C to the terminal drains the job instead
             # of killing the runner under it.
             server = stack.enter_context(PrismJobServer())
             runner = [a for a in runner if not a.startswith("--prism_location")] + server.args()
-        if "--runner=PrismRunner" in runner and streaming:
             harden_loopback_harness(serial=_serial_bundles(cfg))
         options = PipelineOptions(runner + beam_args)
         try:
@@ -331,6 +335,13 @@ def cmd_run(args, beam_args: list[str]) -> int:
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
+def _reads_continuously(cfg) -> bool:
+    """A topic or subscription read without end (in a streaming run)."""
+    return any(
+        s.type == "pubsub" or (s.type == "kafka" and s.kafka.stop is None) for s in cfg.sources
+    )
+
+
 def _serial_bundles(cfg) -> bool:
     """Whether a streaming run on Prism runs its bundles one at a time (runners/local.py): yes
     over files, where it keeps the report's counts exact; no when a topic or subscription is
@@ -341,9 +352,7 @@ def _serial_bundles(cfg) -> bool:
     forced = os.environ.get("CDI_PRISM_SERIAL")
     if forced in ("0", "1"):
         return forced == "1"
-    return not any(
-        s.type == "pubsub" or (s.type == "kafka" and s.kafka.stop is None) for s in cfg.sources
-    )
+    return not _reads_continuously(cfg)
 
 
 def replay_config(cfg, source: str, start: str, stop: str):

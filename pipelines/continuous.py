@@ -68,20 +68,11 @@ def run_continuously(pipeline, drain_file: Path, status_every: float, out=sys.st
     result = pipeline.run()
 
     def on_signal(signum, _frame):
+        # Only what is safe in a handler: note the signal and create the drain file. Messages
+        # and the cancel happen in the loop below.
         signals.append(signum)
         if len(signals) == 1:
             drain_file.touch()
-            print(
-                f"cdi run: {signal.Signals(signum).name}: draining (again to cancel)",
-                file=out,
-                flush=True,
-            )
-        else:
-            print("cdi run: cancelling the job", file=out, flush=True)
-            try:
-                result.cancel()
-            except Exception as e:  # already ending: nothing to cancel
-                print(f"cdi run: cancel: {e}", file=out, flush=True)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     failure: list[BaseException] = []
@@ -94,19 +85,32 @@ def run_continuously(pipeline, drain_file: Path, status_every: float, out=sys.st
 
     waiter = threading.Thread(target=wait, name="cdi-wait", daemon=True)
     waiter.start()
-    started = last_at = time.monotonic()
-    last_in = 0
+    started = last_at = next_status = time.monotonic()
+    next_status += status_every
+    last_in, told = 0, 0
     try:
         while waiter.is_alive():
-            waiter.join(status_every)
-            if not waiter.is_alive():
-                break
+            waiter.join(0.2)
+            if len(signals) > told:
+                told = len(signals)
+                name = signal.Signals(signals[-1]).name
+                if told == 1:
+                    print(f"cdi run: {name}: draining (again to cancel)", file=out, flush=True)
+                else:
+                    print("cdi run: cancelling the job", file=out, flush=True)
+                    try:
+                        result.cancel()
+                    except Exception as e:  # already ending: nothing to cancel
+                        print(f"cdi run: cancel: {e}", file=out, flush=True)
+            now = time.monotonic()
+            if not waiter.is_alive() or now < next_status:
+                continue
+            next_status = now + status_every
             try:
                 counters, gauges = live_metrics(result)
             except Exception as e:  # metrics are best effort while running
                 print(f"cdi run: status unavailable: {type(e).__name__}", file=out, flush=True)
                 continue
-            now = time.monotonic()
             events_in = counters.get("events_in", 0)
             rate = (events_in - last_in) / max(now - last_at, 1e-9)
             last_in, last_at = events_in, now

@@ -190,11 +190,16 @@ def build(
         reads = []
         for src in config.sources:
             if src.type == "kafka":
-                if src.kafka.reader == "beam" and bounded:
+                runner = str(p.options.view_as(StandardOptions).runner or "")
+                if src.kafka.reader == "beam" and (bounded or "Prism" in runner):
                     from pipelines.config import ConfigError
 
                     raise ConfigError(
-                        [f"sources.{src.name}.kafka.reader: beam reads in --streaming runs only"]
+                        [
+                            f"sources.{src.name}.kafka.reader: beam reads in --streaming runs on "
+                            "Flink or Dataflow (the Java transform needs their environment); "
+                            "locally use reader: native"
+                        ]
                     )
                 read = ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
             elif src.type == "pubsub":

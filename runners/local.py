@@ -94,6 +94,18 @@ def runner_flag(name: str | None, streaming: bool = False) -> str:
     return resolved
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux delivers SIGKILL to it when the process that started it
+    dies, however it dies (a SIGKILL or an OOM kill of `cdi run` leaves no runner behind)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the job shell's exit path stops it instead
+        pass
+
+
 class PrismJobServer:
     """A Prism job server this process starts and stops itself, in a session of its own: a
     continuous run drains on Ctrl-C / SIGTERM, and a signal sent to the whole process group (a
@@ -125,6 +137,7 @@ class PrismJobServer:
             + [f"--log_level={self._log_level}", "--idle_shutdown_timeout=-1s"],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -4,7 +4,6 @@ broker and Prism, killed and restarted mid-stream, drained by SIGTERM, equal to 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -45,6 +44,43 @@ def test_an_idle_partition_moves_its_watermark_to_now_after_idle_after():
     assert state == (12_900, 10_000)
     # a record ends the idle spell; the watermark still never goes back
     assert partition_watermark(state, 5_000, 14_000, 100, 3_000) == (12_900, None)
+
+
+def test_the_watermark_never_passes_now_and_waits_out_errors():
+    # a producer clock ahead of ours does not pull the watermark into the future
+    assert partition_watermark((None, None), 9_000, now_ms=5_000, delay_ms=100,
+                               idle_after_ms=50) == (4_900, None)  # fmt: skip
+    # polls that were not caught up (errors, a broker away) never count as idle
+    state = (900, 1_000)
+    state = partition_watermark(state, None, 60_000, 100, 3_000, caught_up=False)
+    assert state == (900, None)
+    assert partition_watermark(state, None, 61_000, 100, 3_000) == (900, 61_000)
+
+
+def test_commits_only_move_the_group_forward():
+    from transforms.io import kafka
+
+    class Consumer:
+        committed = []
+
+        def commit(self, offsets, asynchronous):
+            assert asynchronous is False
+            self.committed.append(offsets[0].offset)
+
+    fn = kafka._ReadPartitionFn("web", KafkaSourceConfig("b:1", ("t",), group_id="g-fwd"), None)
+    fn._consumers = {("t", 0): [Consumer(), None]}
+    for offset in (10, 30, 20, 30, 31):  # finalizations out of order, and twice
+        kafka._Commit(fn, "t", 0, offset)()
+    kafka._Commit(fn, "t", 0, None)()  # a bundle that read nothing
+    assert Consumer.committed == [10, 30, 31]
+
+
+def test_every_file_of_an_unbounded_write_has_a_name_of_its_own():
+    from transforms.sinks import UniqueFileNaming
+
+    naming = UniqueFileNaming("part", "20261130T120000", ".ndjson")
+    names = {naming(None, None, 0, 1, None, None) for _ in range(100)}
+    assert len(names) == 100 and all(n.startswith("part-20261130T120000-") for n in names)
 
 
 def test_a_partition_is_only_split_by_its_own_checkpoints():
@@ -195,10 +231,15 @@ def test_a_continuous_run_killed_restarted_and_drained_equals_the_file_run(broke
     first = _start(config, out, log)
     _wait(lambda: _committed(broker, topic, group) > 0, "offsets committed", first, log)
     runner = _children(first.pid)
+    assert runner  # the job's own Prism
     first.kill()
     first.wait(30)
-    for pid in runner:  # Prism runs in a session of its own: a SIGKILL of the job leaves it
-        os.kill(pid, signal.SIGKILL)
+    # Prism runs in a session of its own, and dies with the job that started it
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}/stat").exists() and " Z " not in
+              Path(f"/proc/{pid}/stat").read_text() for pid in runner):  # fmt: skip
+        assert time.monotonic() < deadline, "the runner outlived the killed job"
+        time.sleep(0.2)
 
     log = tmp_path / "restarted.log"
     second = _start(config, out, log)

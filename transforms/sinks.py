@@ -13,26 +13,22 @@ import orjson
 from transforms.dead_letter import FAILED, guarded, json_text
 
 # Unbounded runs (a topic read continuously) write each record output as files cut every minute
-# of processing time or every FLUSH_EVERY_RECORDS elements, whichever comes first, and once more
-# when the run drains.
+# of processing time, and once more when the run drains.
 FLUSH_EVERY_SECONDS = 60
-FLUSH_EVERY_RECORDS = 10_000
 
 
-class PaneFileNaming:
-    """``<prefix>-<run>-<pane>-<shard>-of-<shards><suffix>``: one file per firing of an unbounded
-    write (Beam's default naming leaves the pane out in the global window, so every firing would
-    replace the last file)."""
+class UniqueFileNaming:
+    """``<prefix>-<run>-<unique>.ndjson``: a name of its own for every file an unbounded write
+    moves into place. Beam's naming (and the pane it is given, always None for unsharded
+    writes) repeats across firings, and a later firing's file would replace an earlier one."""
 
     def __init__(self, prefix: str, run: str, suffix: str):
         self._prefix, self._run, self._suffix = prefix, run, suffix
 
     def __call__(self, window, pane, shard_index, total_shards, compression, destination):
-        index = pane.index if pane is not None else 0
-        return (
-            f"{self._prefix}-{self._run}-{index:06d}-{shard_index or 0:05d}"
-            f"-of-{total_shards or 1:05d}{self._suffix}"
-        )
+        import uuid
+
+        return f"{self._prefix}-{self._run}-{uuid.uuid4().hex[:16]}{self._suffix}"
 
 
 def _lines(batch: list[dict], encode) -> list[str]:
@@ -83,18 +79,13 @@ class WriteRecordsAsJson(beam.PTransform):
                 | "Panes"
                 >> beam.WindowInto(
                     window.GlobalWindows(),
-                    trigger=trigger.Repeatedly(
-                        trigger.AfterAny(
-                            trigger.AfterCount(FLUSH_EVERY_RECORDS),
-                            trigger.AfterProcessingTime(FLUSH_EVERY_SECONDS),
-                        )
-                    ),
+                    trigger=trigger.Repeatedly(trigger.AfterProcessingTime(FLUSH_EVERY_SECONDS)),
                     accumulation_mode=trigger.AccumulationMode.DISCARDING,
                 )
                 | "Write"
                 >> fileio.WriteToFiles(
                     self._directory,
-                    file_naming=PaneFileNaming(self._prefix, run, ".ndjson"),
+                    file_naming=UniqueFileNaming(self._prefix, run, ".ndjson"),
                     shards=1,
                     # (read with .get(): a ValueProvider, not a str)
                     temp_directory=StaticValueProvider(str, str(Path(self._directory) / ".tmp")),

@@ -54,6 +54,7 @@ tombstone) is an empty payload, quarantined the same way.
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -227,6 +228,9 @@ def consumer_settings(config: KafkaSourceConfig, environ) -> dict[str, Any]:
     """The consumer's configuration: passthrough keys with ``${VAR}`` expanded from the
     environment, then what the source needs (no auto commit: a bounded read never commits)."""
     out = _passthrough(config.consumer, environ)
+    # Each reader instance prefetches into its own queue (librdkafka's default is 64 MB per
+    # consumer); a smaller default keeps several readers per worker cheap.
+    out.setdefault("queued.max.messages.kbytes", 16384)
     out.update(
         {
             "bootstrap.servers": config.bootstrap_servers,
@@ -399,15 +403,25 @@ class _ReadPartitionFn(beam.DoFn):
         if drain_requested(self._drain_file):
             tracker.try_claim(OPEN_END)  # nothing more: the restriction is done
             return
-        entry = self._consumer_at(topic, partition, tracker.current_restriction().start)
+        start = tracker.current_restriction().start
+        entry = self._consumer_at(topic, partition, start)
         messages = entry[0].consume(_BATCH, _CONSUME_TIMEOUT)
-        newest, next_offset = None, None
+        newest, next_offset, errors = None, None, False
         for msg in messages:
             err = msg.error()
             if err is not None:
                 if err.fatal():
                     raise RuntimeError(f"kafka {topic}/{partition}: {err}")
+                errors = True
                 continue  # transient (the client retries): the next poll goes on
+            if msg.offset() < start:
+                # The broker reset the position below where this reader stands: the partition
+                # was truncated or recreated. Reading on would claim offsets twice.
+                raise RuntimeError(
+                    f"kafka {topic}/{partition}: offset {msg.offset()} is below the reader's "
+                    f"position {start}: the partition was truncated or recreated; restart the "
+                    "job with a new start"
+                )
             if not tracker.try_claim(msg.offset()):
                 entry[1] = None  # the rest belongs to another restriction: re-position
                 return
@@ -423,7 +437,10 @@ class _ReadPartitionFn(beam.DoFn):
             )
             record = (self._name, origin_of(topic, partition, msg.offset(), ts), payload)
             yield beam.window.TimestampedValue(record, (ts if ts and ts > 0 else 0) / 1000.0)
-        lag = advance_watermark(watermark, newest, config.watermark_delay, config.idle_after)
+        caught_up = not errors and _caught_up(entry, topic, partition)
+        lag = advance_watermark(
+            watermark, newest, config.watermark_delay, config.idle_after, caught_up
+        )
         if lag is not None:
             self._lag.set(lag)
         if next_offset is not None:
@@ -436,12 +453,37 @@ class _ReadPartitionFn(beam.DoFn):
         entry = self._consumers.get((topic, partition))
         if entry is None:
             return  # the reader moved on; a later bundle commits a later offset
-        entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+        key = (self._config.group_id, topic, partition)
+        with _COMMIT_LOCK:
+            # Finalizations may arrive out of order (and from other instances of this reader
+            # in the process): the group's position only moves forward.
+            if _HIGHEST_COMMIT.get(key, -1) >= offset:
+                return
+            entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+            _HIGHEST_COMMIT[key] = offset
         self._commits.inc()
 
     def teardown(self):
         for consumer, _ in getattr(self, "_consumers", {}).values():
             consumer.close()
+
+
+# The highest offset this process committed per (group, topic, partition): a guard so commits
+# never go back, not data state.
+_HIGHEST_COMMIT: dict[tuple, int] = {}
+_COMMIT_LOCK = threading.Lock()
+
+
+def _caught_up(entry, topic: str, partition: int) -> bool:
+    """Whether the reader's position has reached the partition's end as of the consumer's last
+    fetch (no broker call); unknown counts as not caught up."""
+    from confluent_kafka import TopicPartition
+
+    try:
+        _, high = entry[0].get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+    except Exception:  # no fetch yet, broker away
+        return False
+    return high >= 0 and entry[1] is not None and entry[1] >= high
 
 
 @dataclass

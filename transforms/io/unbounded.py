@@ -24,17 +24,25 @@ def partition_watermark(
     now_ms: int,
     delay_ms: int,
     idle_after_ms: int,
+    caught_up: bool = True,
 ) -> tuple[int | None, int | None]:
-    """One reader's (a Kafka partition's, a Pub/Sub subscription's) ``(watermark_ms, idle_since_ms)`` after a poll that read records whose
-    newest timestamp is ``newest_ms`` (None: the poll read nothing). The watermark never goes
-    back; it trails the newest record by ``delay_ms``; after ``idle_after_ms`` of reading nothing
-    it moves to ``now_ms - delay_ms`` (the idle-partition rule)."""
+    """One reader's (a Kafka partition's, a Pub/Sub subscription's) ``(watermark_ms,
+    idle_since_ms)`` after a poll that read records whose newest timestamp is ``newest_ms``
+    (None: the poll read nothing). The watermark never goes back and never passes
+    ``now_ms - delay_ms`` (a producer's clock ahead of ours does not pull it into the future);
+    it trails the newest record by ``delay_ms``. The idle rule: a reader that read nothing while
+    ``caught_up`` (nothing left to read, no error) for ``idle_after_ms`` moves it to
+    ``now_ms - delay_ms``; a poll that was not caught up (an error, a broker away) restarts the
+    idle clock."""
     watermark, idle_since = state
+    ceiling = now_ms - delay_ms
     if newest_ms is not None:
-        candidate, idle_since = newest_ms - delay_ms, None
+        candidate, idle_since = min(newest_ms - delay_ms, ceiling), None
+    elif not caught_up:
+        candidate, idle_since = None, None
     else:
         idle_since = now_ms if idle_since is None else idle_since
-        candidate = now_ms - delay_ms if now_ms - idle_since >= idle_after_ms else None
+        candidate = ceiling if now_ms - idle_since >= idle_after_ms else None
     if candidate is not None and (watermark is None or candidate > watermark):
         watermark = candidate
     return watermark, idle_since
@@ -100,7 +108,9 @@ class TrailingWatermarks(beam.transforms.core.WatermarkEstimatorProvider):
         return TrailingWatermarkEstimator(estimator_state)
 
 
-def advance_watermark(estimator, newest_ms: int | None, delay_s: float, idle_after_s: float):
+def advance_watermark(
+    estimator, newest_ms: int | None, delay_s: float, idle_after_s: float, caught_up: bool = True
+):
     """Applies :func:`partition_watermark` to a reader's estimator after a poll; returns the
     watermark lag in ms (now - watermark), or None while there is no watermark yet."""
     import time
@@ -112,6 +122,7 @@ def advance_watermark(estimator, newest_ms: int | None, delay_s: float, idle_aft
         now_ms,
         int(delay_s * 1000),
         int(idle_after_s * 1000),
+        caught_up,
     )
     estimator.advance(state)
     return None if state[0] is None else now_ms - state[0]
