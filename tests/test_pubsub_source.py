@@ -134,6 +134,13 @@ class FakeSubscriber:
             f.writelines(f"{i}\n" for i in range(len(batch)))
         return PullResponse(received_messages=items)
 
+    def modify_ack_deadline(self, request):
+        assert request["subscription"] == SUB and request["ack_deadline_seconds"] >= 60
+        from pathlib import Path
+
+        with (Path(self._folder) / "held").open("a") as f:
+            f.writelines(f"{a}\n" for a in request["ack_ids"])
+
     def acknowledge(self, request):
         _, _, acked, _ = self._paths()
         assert request["subscription"] == SUB
@@ -183,6 +190,8 @@ def test_the_native_reader_runs_the_job_on_prism_and_acks_after_the_outputs(tmp_
         job.pubsub_read = original
     batch = run_job(tmp_path / "file", [line.encode() for line in lines], config_from(FILE_CONFIG))
     acked = (tmp_path / "acked").read_text().split()
+    held = (tmp_path / "held").read_text().split()
+    assert sorted(held) == sorted(acked)  # every message held until its bundle acked it
     assert len(set(acked)) == len(acked) and len(acked) == len(lines) + 1
     assert live["report"]["events_in"] == len(lines) + 1
     assert live["report"]["duplicates"] == batch["report"]["duplicates"] + 1

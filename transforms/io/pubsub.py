@@ -18,8 +18,9 @@ subscription (synchronous pull) and checkpoint. A message's event timestamp is i
 trails the newest timestamp pulled by ``watermark_delay`` and moves to now - ``watermark_delay``
 after ``idle_after`` without messages (Pub/Sub has no partitions: the delay is how far out of
 order publishers' timestamps arrive). Messages are **acknowledged in the bundle's
-finalization**, after the runner has committed the outputs; a message not acknowledged within
-the subscription's ack deadline is redelivered and the job's dedup (by messageId) absorbs it.
+finalization**, after the runner has committed the outputs; pulled messages get a 120 s ack
+deadline meanwhile, and one not acknowledged by then (a job that died) is redelivered, which the
+job's dedup (by messageId) absorbs.
 ``id_label`` has no meaning there (it is Dataflow's). Verified at the client boundary only (no
 Pub/Sub or emulator here): the reader runs on Prism against a fake subscriber client that
 speaks google-cloud-pubsub's request and response types.
@@ -125,6 +126,7 @@ def subscriber_client():
 
 
 _PULL_TIMEOUT = 5.0  # seconds a pull may wait for messages
+_HOLD_SECONDS = 120  # the ack deadline of pulled messages until their bundle is finalized
 _IDLE_RESUME = 0.2
 
 
@@ -180,6 +182,17 @@ class _PullFn(beam.DoFn):
             if type(e).__name__ not in ("DeadlineExceeded", "RetryError"):
                 raise
             received = []
+        if received:
+            # Hold the messages until the bundle's finalization acknowledges them: without this a
+            # finalization later than the subscription's ack deadline (10 s by default) would
+            # have them redelivered (dedup would absorb them, but late).
+            self._client.modify_ack_deadline(
+                request={
+                    "subscription": config.subscription,
+                    "ack_ids": [item.ack_id for item in received],
+                    "ack_deadline_seconds": _HOLD_SECONDS,
+                }
+            )
         newest = None
         for item in received:
             message = item.message
