@@ -272,12 +272,13 @@ def cmd_run(args, beam_args: list[str]) -> int:
 
     options = PipelineOptions(beam_args)
     streaming = options.view_as(StandardOptions).streaming
-    # A run owns its outputs and replaces them, except a run that reads a topic or a
-    # subscription continuously: a restart goes on from where its sources say (committed
-    # offsets, unacked messages), so it keeps the profile store (versions keep it from going
-    # back) and adds record files next to the earlier ones (each file's name is its own).
-    live = streaming and _reads_continuously(cfg)
-    if not live:
+    # A run owns its outputs and replaces them, except a continuous run that resumes where its
+    # sources say (committed offsets, a time, unacked messages): it keeps the profile store
+    # (versions keep it from going back) and adds record files next to the earlier ones (each
+    # file's name is its own). A continuous run from `earliest` re-derives everything, so it
+    # replaces them: a row an earlier run wrote for a person this run merges away before ever
+    # seeing it alone would otherwise stay.
+    if not (streaming and _resumes(cfg)):
         _clear_outputs(paths)
     try:
         runner = runner_args(args.runner, streaming=streaming)
@@ -339,6 +340,15 @@ def _reads_continuously(cfg) -> bool:
     """A topic or subscription read without end (in a streaming run)."""
     return any(
         s.type == "pubsub" or (s.type == "kafka" and s.kafka.stop is None) for s in cfg.sources
+    )
+
+
+def _resumes(cfg) -> bool:
+    """A source read continuously from where an earlier run left off (not from `earliest`)."""
+    return any(
+        s.type == "pubsub"
+        or (s.type == "kafka" and s.kafka.stop is None and s.kafka.start != "earliest")
+        for s in cfg.sources
     )
 
 

@@ -198,8 +198,8 @@ def _wait(predicate, what: str, proc: subprocess.Popen, log: Path, seconds: floa
 
 def test_a_continuous_run_killed_restarted_and_drained_equals_the_file_run(broker, tmp_path):  # noqa: F811
     """Shuffled arrival over 3 partitions, 10% re-sent copies. The first job is killed (SIGKILL,
-    runner included) once it has committed offsets; the second reads the topic again (local
-    state is in memory: a restart rebuilds it) into the same profile store, commits every
+    runner included) once it has committed offsets; the second reads the topic again from
+    `earliest` (local state is in memory: a restart rebuilds it, store included), commits every
     offset, and drains on SIGTERM. Its report and the store equal a batch run of the file, and
     so does `cdi replay` of the topic."""
     if prism_binary() is None:
