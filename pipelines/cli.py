@@ -278,7 +278,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     # file's name is its own). A continuous run from `earliest` re-derives everything, so it
     # replaces them: a row an earlier run wrote for a person this run merges away before ever
     # seeing it alone would otherwise stay.
-    if not (streaming and _resumes(cfg)):
+    if not (streaming and any(s.resumes for s in cfg.sources)):
         _clear_outputs(paths)
     try:
         runner = runner_args(args.runner, streaming=streaming)
@@ -336,22 +336,6 @@ def cmd_run(args, beam_args: list[str]) -> int:
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
-def _reads_continuously(cfg) -> bool:
-    """A topic or subscription read without end (in a streaming run)."""
-    return any(
-        s.type == "pubsub" or (s.type == "kafka" and s.kafka.stop is None) for s in cfg.sources
-    )
-
-
-def _resumes(cfg) -> bool:
-    """A source read continuously from where an earlier run left off (not from `earliest`)."""
-    return any(
-        s.type == "pubsub"
-        or (s.type == "kafka" and s.kafka.stop is None and s.kafka.start != "earliest")
-        for s in cfg.sources
-    )
-
-
 def _serial_bundles(cfg) -> bool:
     """Whether a streaming run on Prism runs its bundles one at a time (runners/local.py): yes
     over files, where it keeps the report's counts exact; no when a topic or subscription is
@@ -362,7 +346,21 @@ def _serial_bundles(cfg) -> bool:
     forced = os.environ.get("CDI_PRISM_SERIAL")
     if forced in ("0", "1"):
         return forced == "1"
-    return not _reads_continuously(cfg)
+    return not any(s.continuous for s in cfg.sources)
+
+
+def replay_window(start: str, stop: str) -> tuple[int, int]:
+    """``--from`` / ``--to`` as epoch ms; ConfigError unless both are instants, in order."""
+    from pipelines.config import ConfigError
+    from transforms.envelope import parse_iso_ms
+
+    bounds = parse_iso_ms(start), parse_iso_ms(stop)
+    for flag, value, ms in (("--from", start, bounds[0]), ("--to", stop, bounds[1])):
+        if ms is None:
+            raise ConfigError([f"{flag}: not an ISO 8601 instant: {value!r}"])
+    if bounds[0] >= bounds[1]:
+        raise ConfigError(["--from must be before --to"])
+    return bounds
 
 
 def replay_config(cfg, source: str, start: str, stop: str):
@@ -371,7 +369,6 @@ def replay_config(cfg, source: str, start: str, stop: str):
     import dataclasses
 
     from pipelines.config import ConfigError
-    from transforms.envelope import parse_iso_ms as parse_instant_ms
 
     named = {s.name: s for s in cfg.sources}
     if source not in named:
@@ -381,11 +378,7 @@ def replay_config(cfg, source: str, start: str, stop: str):
         raise ConfigError(
             [f"--source {source}: replay reads kafka sources (a {src.type} source: use cdi run)"]
         )
-    for flag, value in (("--from", start), ("--to", stop)):
-        if parse_instant_ms(value) is None:
-            raise ConfigError([f"{flag}: not an ISO 8601 instant: {value!r}"])
-    if parse_instant_ms(start) >= parse_instant_ms(stop):
-        raise ConfigError(["--from must be before --to"])
+    replay_window(start, stop)
     kafka = dataclasses.replace(src.kafka, start=start, stop=stop)
     return dataclasses.replace(cfg, sources=(dataclasses.replace(src, kafka=kafka),))
 
@@ -403,15 +396,9 @@ def cmd_replay(args, beam_args: list[str]) -> int:
         return cmd_run(args, beam_args)
     from apache_beam.io.filesystems import FileSystems
 
-    from transforms.envelope import parse_iso_ms
     from transforms.io.files import archive_files
 
-    start, stop = parse_iso_ms(args.start), parse_iso_ms(args.stop)
-    for flag, value, ms in (("--from", args.start, start), ("--to", args.stop, stop)):
-        if ms is None:
-            raise ConfigError([f"{flag}: not an ISO 8601 instant: {value!r}"])
-    if start >= stop:
-        raise ConfigError(["--from must be before --to"])
+    start, stop = replay_window(args.start, args.stop)
     if not FileSystems.exists(args.archive):
         raise ConfigError([f"--from-archive {args.archive}: no such archive"])
     found = archive_files(args.archive, [s.name for s in cfg.sources], start, stop)

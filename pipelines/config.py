@@ -75,6 +75,16 @@ class SourceConfig:
     # For type: pubsub (Dataflow streaming; transforms/io/pubsub.py).
     pubsub: PubSubSourceConfig | None = None
 
+    @property
+    def continuous(self) -> bool:
+        """Read without end in a streaming run: a subscription, or a topic with no `stop`."""
+        return self.type == "pubsub" or (self.type == "kafka" and self.kafka.stop is None)
+
+    @property
+    def resumes(self) -> bool:
+        """Read continuously from where an earlier run left off (not from `earliest`)."""
+        return self.continuous and not (self.type == "kafka" and self.kafka.start == "earliest")
+
     def __post_init__(self):
         from transforms.tracking_plan import CONFIGURABLE_RULES
 

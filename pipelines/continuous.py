@@ -20,6 +20,8 @@ from typing import Any
 
 from apache_beam.metrics.metric import MetricsFilter
 
+from pipelines.report import counters as report_counters
+
 
 def live_metrics(result) -> tuple[dict[str, int], dict[str, int]]:
     """The job's ``cdi`` counters and gauges as of now (attempted values: the job is running)."""
@@ -27,13 +29,8 @@ def live_metrics(result) -> tuple[dict[str, int], dict[str, int]]:
         # Beam's portable PipelineResult caches its first metrics answer; a status line needs
         # each answer afresh.
         result._metrics = None
+    counters = report_counters(result, live=True)
     query = result.metrics().query(MetricsFilter().with_namespace("cdi"))
-    counters: dict[str, int] = {}
-    for c in query["counters"]:
-        # Runners differ in which of the two they fill while a job runs: the larger is the
-        # count so far.
-        value = max(int(c.attempted or 0), int(c.committed or 0))
-        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + value
     gauges: dict[str, int] = {}
     for g in query["gauges"]:
         value = g.attempted if g.attempted is not None else g.committed

@@ -80,6 +80,23 @@ OUTPUTS = (
 )
 
 
+def kafka_read(p: beam.Pipeline, src, bounded: bool, drain_file: str | None) -> beam.PTransform:
+    """The Kafka reader: continuous in a streaming run (unless `stop` bounds it); Beam's
+    cross-language reader only where its Java transform can run (transforms/io/kafka.py)."""
+    runner = str(p.options.view_as(StandardOptions).runner or "")
+    if src.kafka.reader == "beam" and (bounded or "Prism" in runner):
+        from pipelines.config import ConfigError
+
+        raise ConfigError(
+            [
+                f"sources.{src.name}.kafka.reader: beam reads in --streaming runs on Flink or "
+                "Dataflow (the Java transform needs their environment); locally use "
+                "reader: native"
+            ]
+        )
+    return ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
+
+
 def pubsub_read(p: beam.Pipeline, src, drain_file: str | None = None) -> beam.PTransform:
     """Beam's ReadFromPubSub on Dataflow, the native reader on any other runner; streaming runs
     only (transforms/io/pubsub.py)."""
@@ -190,18 +207,7 @@ def build(
         reads = []
         for src in config.sources:
             if src.type == "kafka":
-                runner = str(p.options.view_as(StandardOptions).runner or "")
-                if src.kafka.reader == "beam" and (bounded or "Prism" in runner):
-                    from pipelines.config import ConfigError
-
-                    raise ConfigError(
-                        [
-                            f"sources.{src.name}.kafka.reader: beam reads in --streaming runs on "
-                            "Flink or Dataflow (the Java transform needs their environment); "
-                            "locally use reader: native"
-                        ]
-                    )
-                read = ReadKafka(src.name, src.kafka, continuous=not bounded, drain_file=drain_file)
+                read = kafka_read(p, src, bounded, drain_file)
             elif src.type == "pubsub":
                 read = pubsub_read(p, src, drain_file)
             else:

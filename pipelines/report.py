@@ -15,12 +15,16 @@ from typing import Any
 from apache_beam.metrics.metric import MetricsFilter
 
 
-def counters(result) -> dict[str, int]:
-    """Committed (else attempted) values of the ``cdi`` namespace counters."""
+def counters(result, live: bool = False) -> dict[str, int]:
+    """Committed (else attempted) values of the ``cdi`` namespace counters. ``live``: of a job
+    still running, the larger of the two (runners differ in which one they fill meanwhile)."""
     out: dict[str, int] = {}
     query = result.metrics().query(MetricsFilter().with_namespace("cdi"))
     for c in query["counters"]:
-        value = c.committed if c.committed is not None else c.attempted
+        if live:
+            value = max(int(c.attempted or 0), int(c.committed or 0))
+        else:
+            value = c.committed if c.committed is not None else c.attempted
         out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
     return out
 

@@ -54,7 +54,6 @@ tombstone) is an empty payload, quarantined the same way.
 from __future__ import annotations
 
 import io
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,12 +65,11 @@ from transforms.duration import Duration
 from transforms.envelope import format_iso_ms
 from transforms.envelope import parse_iso_ms as parse_instant_ms
 from transforms.io.unbounded import (
-    OPEN_END,
     RESTRICTION,
     WATERMARK,
     AcceptFinalization,
     advance_watermark,
-    drain_requested,
+    drained,
 )
 
 EARLIEST, LATEST, COMMITTED, END = "earliest", "latest", "committed", "end"
@@ -400,8 +398,7 @@ class _ReadPartitionFn(beam.DoFn):
         # registered nothing.
         commit = _Commit(self, topic, partition)
         finalizer.register(commit)
-        if drain_requested(self._drain_file):
-            tracker.try_claim(OPEN_END)  # nothing more: the restriction is done
+        if drained(tracker, self._drain_file):
             return
         start = tracker.current_restriction().start
         entry = self._consumer_at(topic, partition, start)
@@ -453,25 +450,17 @@ class _ReadPartitionFn(beam.DoFn):
         entry = self._consumers.get((topic, partition))
         if entry is None:
             return  # the reader moved on; a later bundle commits a later offset
-        key = (self._config.group_id, topic, partition)
-        with _COMMIT_LOCK:
-            # Finalizations may arrive out of order (and from other instances of this reader
-            # in the process): the group's position only moves forward.
-            if _HIGHEST_COMMIT.get(key, -1) >= offset:
-                return
-            entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
-            _HIGHEST_COMMIT[key] = offset
+        # Finalizations may arrive out of order: the group's position (kept by the broker) only
+        # moves forward.
+        (current,) = entry[0].committed([TopicPartition(topic, partition)], timeout=30)
+        if current.offset >= offset:
+            return
+        entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
         self._commits.inc()
 
     def teardown(self):
         for consumer, _ in getattr(self, "_consumers", {}).values():
             consumer.close()
-
-
-# The highest offset this process committed per (group, topic, partition): a guard so commits
-# never go back, not data state.
-_HIGHEST_COMMIT: dict[tuple, int] = {}
-_COMMIT_LOCK = threading.Lock()
 
 
 def _caught_up(entry, topic: str, partition: int) -> bool:

@@ -51,12 +51,11 @@ from apache_beam.utils.timestamp import Duration as BeamDuration
 from transforms.duration import Duration
 from transforms.envelope import format_iso_ms, parse_iso_ms
 from transforms.io.unbounded import (
-    OPEN_END,
     RESTRICTION,
     WATERMARK,
     AcceptFinalization,
     advance_watermark,
-    drain_requested,
+    drained,
 )
 
 _TOPIC = re.compile(r"^projects/[^/]+/topics/[^/]+$")
@@ -164,13 +163,11 @@ class _PullFn(beam.DoFn):
         tracker=RESTRICTION,
         watermark=WATERMARK,
     ):
-
         config = self._config
         ack = _Ack(self, config.subscription)
         finalizer.register(ack)  # every call: see transforms/io/unbounded.py
         position = tracker.current_restriction().start
-        if drain_requested(self._drain_file) or not tracker.try_claim(position):
-            tracker.try_claim(OPEN_END)
+        if drained(tracker, self._drain_file) or not tracker.try_claim(position):
             return
         try:
             response = self._client.pull(

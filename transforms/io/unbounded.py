@@ -138,6 +138,15 @@ def drain_requested(path: str | None) -> bool:
     return bool(path) and os.path.exists(path)
 
 
+def drained(tracker, drain_file: str | None) -> bool:
+    """Whether a drain was requested; the reader's restriction is then claimed to its end, so
+    the call returns with the restriction done and the watermark goes to the end of time."""
+    if not drain_requested(drain_file):
+        return False
+    tracker.try_claim(OPEN_END)
+    return True
+
+
 class AcceptFinalization(beam.DoFn):
     """Registers a no-op finalization for each bundle of the stage that pairs each partition with
     its restriction: Prism fuses that step of the reader (which it marks as finalizing, like the
