@@ -110,6 +110,24 @@ def main() -> None:
         nodes = {x for k in best for x in k}
         resolve(nodes, best.values(), StitchRules.from_config(identity))
 
+    from pipelines.config import load_default_config
+    from pipelines.governed_profiles import pii_policies, pii_rules
+    from transforms.pii import apply_policies
+
+    config = load_default_config()
+    policies = pii_policies(config)
+    rules = pii_rules(config)
+    salt = "micro-benchmark-salt"
+
+    def identifiers_only(es):
+        for e in es:
+            extract_identifiers(e, identity)
+
+    def pii_only(es):
+        # Every event redacted for every destination, one classification each (as the job does).
+        for e in es:
+            apply_policies(e, rules, policies, salt)
+
     d = _time(decode_only, lines)
     v = _time(decode_validate, lines)
     print(f"events: {len(lines):,}")
@@ -118,6 +136,8 @@ def main() -> None:
     print(f"dedup key + fingerprint + decision  {_time(dedup_only, events):7.2f} us/event")
     print(f"profile fold (identities + traits)  {_time(fold_only, events):7.2f} us/event")
     print(f"stitching (links + earliest + rule) {_time(stitch_only, events):7.2f} us/event")
+    print(f"identifier extraction (one reading) {_time(identifiers_only, events):7.2f} us/event")
+    print(f"PII, {len(policies)} destination policies   {_time(pii_only, events):7.2f} us/event")
     print(f"whole core pass                     {_time(core_pass, lines):7.2f} us/event")
 
 

@@ -57,9 +57,9 @@ from transforms.computed_traits import (
 from transforms.consent import consent_at, consent_observation, judge_destinations
 from transforms.dedup import arrival_order, fingerprint
 from transforms.dedup import dedup_key as make_dedup_key
-from transforms.identity import extract_identifiers, primary_profile_key
+from transforms.identity import extract_identifiers, identifiers_of, primary_profile_key
 from transforms.identity_graph import StitchRules, earlier, event_links, id_key, resolve
-from transforms.pii import apply_policy
+from transforms.pii import Redaction
 from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
 from transforms.stitching import DELETE_TYPE, UNLINK_TYPE, unlink_target
 from transforms.tracking_plan import compile_plan, load_plan
@@ -155,7 +155,8 @@ def _stitch(config: PipelineConfig, unique):
                 unlinked.append((ids[0], other))
                 nodes.update((ids[0], other))
             continue
-        for link in event_links(ev, t, identity):
+        ids = [id_key(a, b) for a, b in identifiers_of(env, identity)]
+        for link in event_links(ev, t, identity, ids):
             best[(link.a, link.b)] = earlier(best.get((link.a, link.b)), link)
             nodes.update((link.a, link.b))
     # A shared identifier: more distinct neighbours than the breaker allows.
@@ -208,11 +209,11 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     by_key: dict[str, list] = defaultdict(list)
     for env in unique:
         if env.event.get("type") != UNLINK_TYPE:
-            by_key[primary_profile_key(env.event, identity)].append(env)
+            by_key[primary_profile_key(env.event, identity, env.identifiers)].append(env)
     rules_ = pii_rules(config)
     policies = pii_policies(config)
     salt = pii_salt(config)
-    profile_policy, profile_default = policies[PROFILES_DESTINATION]
+    redaction = Redaction(rules_, {PROFILES_DESTINATION: policies[PROFILES_DESTINATION]}, salt)
     destinations = tuple(destination_rules(config))
     specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
     trait_rules = TraitRules(
@@ -224,7 +225,7 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     for key, envs in by_key.items():
         if any(
             e.event.get("type") == DELETE_TYPE
-            or any(f"{t}:{v}" in listed for t, v in extract_identifiers(e.event, identity))
+            or any(f"{t}:{v}" in listed for t, v in identifiers_of(e, identity))
             for e in envs
         ):
             deleted_events += len(envs)
@@ -247,7 +248,7 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
             deliveries.update(allowed)
             if PROFILES_DESTINATION in allowed:
                 folded.append(
-                    (apply_policy(env.event, rules_, profile_policy, salt, profile_default)[0], env)
+                    (redaction.apply(env.event, (PROFILES_DESTINATION,))[PROFILES_DESTINATION], env)
                 )
         if not folded:
             continue
@@ -270,7 +271,7 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     for key, frag in fragments.items():
         persons[res.person_of.get(key, key)][key] = frag
     kinds = {c.name: c.aggregate for c in config.computed_traits}
-    redact = identifier_redactor(config, rules_, profile_policy, profile_default, salt)
+    redact = identifier_redactor(config, rules_, *policies[PROFILES_DESTINATION], salt)
     profiles = {}
     for person, frags in persons.items():
         row = unify_profile(person, frags, list(res.members.get(person, ())), kinds, redact)

@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --streaming: seconds between status lines (default 10)",
     )
     run.add_argument(
+        "--max-events-per-pass",
+        type=int,
+        metavar="N",
+        help="bounded runs over files: run in passes of at most N events (whole persons and "
+        "idempotency keys per pass), the results of one run with the memory of N events",
+    )
+    run.add_argument(
         "--detach",
         action="store_true",
         help="submit the job and return without waiting for it (Dataflow, Flink; the Flex "
@@ -285,6 +292,16 @@ def cmd_run(args, beam_args: list[str]) -> int:
     except FileNotFoundError as e:
         raise UsageError(f"cdi run: --runner {args.runner or 'prism'}: {e}") from None
     detach = getattr(args, "detach", False)
+    per_pass = getattr(args, "max_events_per_pass", None)
+    if per_pass is not None:
+        if streaming or globs is not None or detach:
+            raise ConfigError(
+                [
+                    "--max-events-per-pass: for bounded runs over files (not with --streaming, "
+                    "replay or --detach)"
+                ]  # fmt: skip
+            )
+        return _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_pass)
     # The continuous shell (status line, drain by a drain file the workers can see) is for the
     # local runner; Dataflow and Flink jobs are drained with their own tools.
     continuous = streaming and not detach and "--runner=PrismRunner" in runner
@@ -333,6 +350,63 @@ def cmd_run(args, beam_args: list[str]) -> int:
     print(format_summary(report))
     if not activate:
         print("activation        suppressed: no destination records written (use --activate)")
+    return EXIT_OK if report["accounted"] else EXIT_FAILURE
+
+
+def _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_pass) -> int:
+    """``cdi run --max-events-per-pass N`` (pipelines/passes.py): plan, run each pass into the
+    same outputs, one report with the counters of all passes."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import governed_profiles as job
+    from pipelines.passes import plan_passes
+    from pipelines.report import build_report, counters, format_summary, write_report
+
+    started = time.perf_counter()
+    workdir = output_dir / ".cdi-passes"
+    shutil.rmtree(workdir, ignore_errors=True)
+    plan = plan_passes(cfg, inputs, per_pass, workdir)
+    print(
+        f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most {per_pass:,} "
+        f"({plan.parts:,} parts, the largest {plan.largest_part:,} events; planned in "
+        f"{plan.seconds:.1f} s)",
+        flush=True,
+    )
+    total: dict[str, int] = {}
+    try:
+        for k, files in enumerate(plan.files):
+            p = beam.Pipeline(options=PipelineOptions(runner + beam_args))
+            outputs = job.build(p, cfg, {}, bounded=True, archive_globs=files, now_ms=plan.now_ms)
+            job.write_outputs(outputs, cfg, output_dir, file_suffix=f"-pass{k:04d}")
+            try:
+                result = p.run()
+                result.wait_until_finish()
+            except KeyboardInterrupt:
+                print("cdi run: cancelled: no report", file=sys.stderr)
+                return EXIT_FAILURE
+            except Exception as e:
+                print(
+                    f"cdi run: pass {k + 1} of {len(plan.files)} failed: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILURE
+            for name, value in counters(result).items():
+                total[name] = total.get(name, 0) + value
+            print(f"cdi run: pass {k + 1} of {len(plan.files)} done", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = build_report(total, paths, time.perf_counter() - started)
+    report["passes"] = {
+        "max_events_per_pass": per_pass,
+        "passes": len(plan.files),
+        "events_per_pass": plan.pass_sizes,
+        "parts": plan.parts,
+        "largest_part": plan.largest_part,
+        "planning_seconds": round(plan.seconds, 1),
+    }
+    write_report(report, paths["report"])
+    print(format_summary(report))
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 

@@ -255,21 +255,31 @@ class IdentityConfig:
     blocklist_patterns: tuple[str, ...] = (r"^(\d)\1{3,}$", r"^[0-]+$")
     # A person may not exceed this many identifiers; a link that would is refused.
     max_cluster_size: int = 50
-    # Propagation stages of identity stitching: persons whose identifier graph has a diameter up
-    # to this many links are found exactly; longer chains are counted as unresolved links.
-    max_hops: int = 5
+    # Connected-component rounds of identity stitching (Hash-to-Min, transforms/components.py):
+    # identifier chains up to about 2 ** (rounds - 4) long are found exactly (measured: 16 rounds
+    # take a chain of 5,000 identifiers, 12 one of 512);
+    # a longer one is counted as unresolved links in the run report.
+    rounds: int = 16
 
     def __post_init__(self):
         if self.max_cluster_size < 2:
             raise ValueError("max_cluster_size: must be at least 2")
-        if not 2 <= self.max_hops <= 12:
-            raise ValueError("max_hops: must be between 2 and 12")
+        if not 2 <= self.rounds <= 30:
+            raise ValueError("rounds: must be between 2 and 30")
         for p in self.blocklist_patterns:
             try:
                 re.compile(p)
             except re.error as e:
                 raise ValueError(f"blocklist_patterns: {p!r} is not a valid regex: {e}") from None
 
+
+# Keys an earlier version had, with what to write instead (a config error names them).
+REPLACED_KEYS = {
+    (IdentityConfig, "max_hops"): (
+        "replaced by `rounds` (default 16): stitching now finds whole identifier graphs up to "
+        "chains of ~2 ** (rounds - 4) identifiers, where max_hops stopped at max_hops links; delete it"
+    ),
+}
 
 PiiAction = Literal["keep", "hash", "drop"]
 
@@ -570,7 +580,9 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
         before = len(self.problems)
         for key in data:
-            if key not in fields:
+            if key not in fields and (cls, key) in REPLACED_KEYS:
+                self.problem(f"{path}.{key}" if path else str(key), REPLACED_KEYS[(cls, key)])
+            elif key not in fields:
                 hint = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
                 extra = (
                     f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {', '.join(fields)}"

@@ -48,7 +48,7 @@ from transforms.identity import primary_profile_key
 from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource
 from transforms.io.kafka import ReadKafka
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
-from transforms.pii import DEFAULT_RULES, PiiRule, apply_policies, needs_salt, resolve_salt
+from transforms.pii import DEFAULT_RULES, PiiRule, Redaction, needs_salt, resolve_salt
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.profile_store import StoreSpec, WriteProfiles
@@ -167,7 +167,7 @@ def key_by_profile(env, identity) -> tuple[str, Any]:
     """``(profile key, envelope)``. Validation keeps only events with a usable identifier, by
     the same rule, so a key is always found; were it not, the event is a dead letter here
     rather than a ``None`` key that fails a later step for the whole person."""
-    key = primary_profile_key(env.event, identity)
+    key = primary_profile_key(env.event, identity, env.identifiers)
     if key is None:
         raise ValueError("no usable identifier to key the event by")
     return key, env
@@ -180,6 +180,7 @@ def build(
     bounded: bool | None = None,
     archive_globs: list[str] | None = None,
     drain_file: str | None = None,
+    now_ms: int | None = None,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
@@ -193,9 +194,7 @@ def build(
     instead of the configured sources (a replay; nothing is archived again). ``drain_file``: a
     streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
     creates it on SIGINT/SIGTERM)."""
-    plans = {
-        name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
-    }
+    plans = tracking_plans(config)
     salt = pii_salt(config)
     rules = pii_rules(config)
     policies = pii_policies(config)
@@ -223,14 +222,14 @@ def build(
                 )
             raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path, run_id())
 
-    validated = raw | "ValidateEvents" >> _validate(config, plans)
+    validated = raw | "ValidateEvents" >> _validate(config, plans, now_ms)
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
         config.dedup.key, config.dedup.ttl, bounded=bounded
     )
     unique = deduped["unique"]
     identity = config.identity
     stitched = unique | "StitchIdentities" >> StitchIdentities(
-        identity, config.privacy.deleted_identifiers, identity.max_hops, bounded=bounded
+        identity, config.privacy.deleted_identifiers, identity.rounds, bounded=bounded
     )
     behaviour = unique | "DropUnlinks" >> beam.Filter(
         lambda env: env.event.get("type") != UNLINK_TYPE
@@ -377,7 +376,7 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
     fragments. Returns ``(fragments, {destination: record lists}, denied lists, deleted lists,
     late records, [(stage, dead letters)])``; record outputs are one-record lists, the same
     contract as bounded runs."""
-    rules, policies, salt = pii
+    redaction = Redaction(*pii)
     identity = config.identity
     consent = keyed | "EnforceConsent" >> EnforceConsent(
         destination_rules(config), config.privacy.deleted_identifiers, identity
@@ -390,7 +389,7 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
         if env is None:
             yield beam.pvalue.TaggedOutput(PROFILES_DELETE, (key, None))
             return
-        events = apply_policies(env.event, rules, {n: policies[n] for n in names}, salt)
+        events = redaction.apply(env.event, names)
         for name in names:
             redacted = env._replace(event=events[name])
             if name == PROFILES_DESTINATION:
@@ -432,7 +431,16 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
     )
 
 
-def _validate(config: PipelineConfig, plans):
+def tracking_plans(config: PipelineConfig) -> dict:
+    return {
+        name: load_plan(config.resolve(ref.path)) for name, ref in config.tracking_plans.items()
+    }
+
+
+def _validate(config: PipelineConfig, plans, now_ms: int | None = None):
+    """The validation stage; ``now_ms``: a fixed read time (the passes of one run share their
+    planning time), else each event's read time."""
+    clock = {} if now_ms is None else {"clock": lambda: now_ms / 1000}
     return ValidateEvents(
         {s.name: plans.get(s.tracking_plan) for s in config.sources},
         config.identity,
@@ -442,6 +450,7 @@ def _validate(config: PipelineConfig, plans):
         floor_ms=int(parse_instant(config.event_time.min_event_time) * 1000),
         clamp_event_time=config.event_time.on_invalid == "clamp",
         rule_modes={s.name: dict(s.violations) for s in config.sources},
+        **clock,
     )
 
 
@@ -520,13 +529,20 @@ def deliver(delivery) -> beam.PTransform:
 
 
 def write_outputs(
-    outputs: dict, config: PipelineConfig, output_dir: str | Path, activate: bool = True
+    outputs: dict,
+    config: PipelineConfig,
+    output_dir: str | Path,
+    activate: bool = True,
+    file_suffix: str = "",
 ) -> None:
     """The output directory contract (README). A record a sink cannot write (it does not encode,
     a row that is not a row) is a dead letter like any other: it lands in ``quarantine/`` as
     ``part-sink-*.ndjson`` (stage ``sink``); an unreachable sink fails the run. ``activate``:
-    write the destinations (a replay suppresses them unless asked)."""
+    write the destinations (a replay suppresses them unless asked). ``file_suffix``: after
+    each record file's prefix (``part<suffix>-00000-of-00001.ndjson``), so the passes of one
+    run (pipelines/passes.py) write files of their own into the same directories."""
     paths = output_paths(config, output_dir)
+    part = "part" + file_suffix
     # Once for every store: no store, and no dead-letter record of one, sees a row's raw
     # identifiers (they travel with it for activation only).
     rows = outputs[PROFILES] | "ProfileColumns" >> beam.Map(without_activation_fields)
@@ -535,7 +551,7 @@ def write_outputs(
         for i, spec in enumerate(profile_stores(config, output_dir))
     ]
     outputs[QUARANTINE] | "WriteQuarantine" >> WriteRecordsAsJson(
-        str(paths[QUARANTINE]), lenient=True
+        str(paths[QUARANTINE]), lenient=True, prefix=part
     )
     for label, name, batched in (
         ("WriteDuplicates", DUPLICATES, False),
@@ -546,7 +562,8 @@ def write_outputs(
         ("WriteIdentityReview", REVIEW, False),
     ):
         failed.append(
-            outputs[name] | label >> WriteRecordsAsJson(str(paths[name]), batched=batched)
+            outputs[name]
+            | label >> WriteRecordsAsJson(str(paths[name]), batched=batched, prefix=part)
         )
     delivery_failed = []
     ledger = activation_ledger(config, output_dir)
@@ -561,7 +578,7 @@ def write_outputs(
             failed.append(
                 records
                 | f"Write[{name}]"
-                >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True)
+                >> WriteRecordsAsJson(str(paths[DESTINATIONS] / name), batched=True, prefix=part)
             )
         else:
             delivery_failed.append(records | f"Deliver[{name}]" >> deliver(delivery))
@@ -571,12 +588,16 @@ def write_outputs(
             | "MergeDeliveryDeadLetters" >> beam.Flatten()
             | "DeadLetters[delivery]" >> ElementDeadLetters("delivery", "record")
             | "WriteDeliveryDeadLetters"
-            >> WriteRecordsAsJson(str(paths[QUARANTINE]), lenient=True, prefix="part-delivery")
+            >> WriteRecordsAsJson(
+                str(paths[QUARANTINE]), lenient=True, prefix=f"part-delivery{file_suffix}"
+            )
         )
     (
         tuple(failed)
         | "MergeSinkDeadLetters" >> beam.Flatten()
         | "DeadLetters[sink]" >> ElementDeadLetters("sink", "record")
         | "WriteSinkDeadLetters"
-        >> WriteRecordsAsJson(str(paths[QUARANTINE]), lenient=True, prefix="part-sink")
+        >> WriteRecordsAsJson(
+            str(paths[QUARANTINE]), lenient=True, prefix=f"part-sink{file_suffix}"
+        )
     )

@@ -5,24 +5,37 @@ from __future__ import annotations
 from benchmarks import run_benchmark as rb
 
 
-def _row(events, wall, peak_mib, ratio):
+def _row(events, wall, peak_mib, ratio, unresolved=0, runner="local", oracle_eps=12_500):
     return {
         "events": events,
+        "runner": runner,
         "wall_s": wall,
         "events_per_s": round(events / wall),
         "peak_rss_mib": peak_mib,
         "ratio_to_oracle": ratio,
+        "unresolved_links": unresolved,
+        "oracle_events_per_s": oracle_eps,
     }
 
 
 def test_targets_pass_and_fail_per_size_and_per_doubling():
-    rows = [_row(1_000_000, 90.0, 3000, 4.5), _row(2_000_000, 210.0, 5000, 5.5)]
+    rows = [
+        _row(1_000_000, 90.0, 3000, 1.8),
+        _row(1_000_000, 80.0, 3000, 1.6, runner="prism"),
+        _row(2_000_000, 210.0, 5000, 2.5, unresolved=3, oracle_eps=9_000),
+    ]
     lines = rb.check_targets(rows)
+    assert lines[0].startswith("1,000,000 local")
     assert "events/s 11,111 PASS" in lines[0] and "peak 2.93 GiB PASS" in lines[0]
-    assert "4.5x PASS" in lines[0]
-    assert "events/s 9,524 FAIL" in lines[1] and "peak 4.88 GiB FAIL" in lines[1]
-    assert "5.5x FAIL" in lines[1]
-    assert lines[2] == "time(2,000,000)/time(1,000,000) = 2.33 FAIL (<= 2.2)"
+    assert "1.8x PASS" in lines[0] and "unresolved_links 0 PASS" in lines[0]
+    assert "oracle 12,500 ev/s PASS" in lines[0]
+    assert lines[1].startswith("1,000,000 prism")
+    assert "events/s 9,524 FAIL" in lines[2] and "peak 4.88 GiB FAIL" in lines[2]
+    assert "2.5x FAIL" in lines[2] and "unresolved_links 3 FAIL" in lines[2]
+    assert "oracle 9,000 ev/s FAIL" in lines[2]
+    # Growth per doubling is the default runner's only.
+    assert lines[3] == "time(2,000,000)/time(1,000,000) = 2.33 FAIL (<= 2.2)"
+    assert len(lines) == 4
 
 
 def test_skipped_size_is_reported_and_left_out_of_growth():

@@ -388,3 +388,47 @@ def test_several_policies_treat_classified_objects_and_lists_like_one_policy(add
     policies = {"p": ({"address": address_action, "email": "drop"}, "keep")}
     out = apply_policies(event, rules, policies, SALT)["p"]
     assert out == apply_policy(event, rules, *policies["p"][:1], SALT, "keep")[0]
+
+
+# --- the compiled redaction equals one policy at a time, for any event ---------------------------
+
+_leaf = st.one_of(
+    st.sampled_from(["a@b.com", "call +1 (555) 010-9999", "10.0.0.1", "plain", "", "1.2.3.4"]),
+    st.integers(-5, 10**9),
+    st.booleans(),
+    st.none(),
+)
+_key = st.sampled_from(["email", "phone", "ip", "notes", "name", "items", "x", "clientIp"])
+_tree = st.recursive(
+    _leaf,
+    lambda kids: st.one_of(st.lists(kids, max_size=3), st.dictionaries(_key, kids, max_size=4)),
+    max_leaves=12,
+)
+_section = st.sampled_from(["traits", "properties", "context", "other"])
+_action = st.sampled_from(["keep", "hash", "drop"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    event=st.dictionaries(_section, st.dictionaries(_key, _tree, max_size=4), max_size=4),
+    policies=st.dictionaries(
+        st.sampled_from(["d1", "d2", "d3"]),
+        st.tuples(
+            st.dictionaries(st.sampled_from(["email", "phone", "ip", "free_text"]), _action),
+            _action,
+        ),
+        min_size=1,
+    ),
+)
+def test_redaction_equals_each_policy_alone_and_never_mutates(event, policies):
+    from transforms.pii import Redaction
+
+    before = orjson.dumps(event)
+    redaction = Redaction(DEFAULT_RULES, policies, SALT)
+    out = redaction.apply(event)
+    again = redaction.apply(event, names=sorted(policies))  # memos warm: the same answer
+    assert orjson.dumps(event) == before
+    for name, (policy, default) in policies.items():
+        expected = apply_policy(event, DEFAULT_RULES, policy, SALT, default)[0]
+        assert out[name] == expected, name
+        assert again[name] == expected, name

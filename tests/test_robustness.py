@@ -173,10 +173,8 @@ FAULTS = {
     ),
     "pii": (
         {True: "person_history", False: "pii"},
-        [
-            ("transforms.person_history", "apply_policies", 0),
-            ("pipelines.governed_profiles", "apply_policies", 0),
-        ],
+        # Both stage kinds redact through one compiled Redaction (args: self, event, names).
+        [("transforms.pii", "Redaction.apply", 1)],
     ),
     "computed_traits": (
         {True: "person_history", False: "computed_traits"},
@@ -198,8 +196,11 @@ def test_an_event_that_makes_a_step_raise_costs_one_record(tmp_path, monkeypatch
     stage, patches = FAULTS[step]
     stage = stage[bounded] if isinstance(stage, dict) else stage
     for module, name, arg in patches:
-        mod = __import__(module, fromlist=[name])
-        monkeypatch.setattr(mod, name, _poisoned(getattr(mod, name), on_arg=arg))
+        owner = __import__(module, fromlist=[name])
+        *path, name = name.split(".")  # "Class.method" patches a method
+        for attr in path:
+            owner = getattr(owner, attr)
+        monkeypatch.setattr(owner, name, _poisoned(getattr(owner, name), on_arg=arg))
     lines = [
         granted(messageId="1", anonymousId="a1"),
         granted(messageId=POISON, anonymousId="a2"),

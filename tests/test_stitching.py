@@ -305,3 +305,60 @@ def test_persons_do_not_depend_on_order_or_duplication(tmp_path_factory, events,
     assert a == b
     for ids, _ in a.values():
         assert sum(i.startswith("user_id:") for i in ids) <= 1
+
+
+# --- any chain length: whole components in a fixed number of stages -----------------------------
+
+WIDE = CONFIG + "identity: {max_cluster_size: 2000}\n"
+
+
+def bipartite_events(edges: list[tuple[int, int]]) -> list[dict]:
+    """One event per (anonymous id, device id) pair, minutes spread over the day."""
+    return [
+        at(i % 60, messageId=f"e{i}", anonymousId=f"a{a}", context=device(f"d{d}"))
+        for i, (a, d) in enumerate(edges)
+    ]
+
+
+def expected_persons(edges) -> list[list[str]]:
+    parent: dict[str, str] = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, d in edges:
+        parent[find(f"anonymous_id:a{a}")] = find(f"device_id:d{d}")
+    groups: dict[str, list[str]] = {}
+    for x in list(parent):
+        groups.setdefault(find(x), []).append(x)
+    return sorted(sorted(g) for g in groups.values())
+
+
+@pytest.mark.parametrize("n", [2, 40, 500])
+def test_chains_and_stars_of_any_length_are_one_person(tmp_path, runner, n):
+    """A chain of ``n`` identifiers (a0-d0-a1-d1-...) and a star (one device, ``n`` - 1
+    anonymous ids): one person each, in both stage kinds. Label propagation stopped at 5."""
+    half = n // 2
+    chain = [(i, i) for i in range(half)] + [(i + 1, i) for i in range(half - 1)]
+    star = [(1000 + i, 1000) for i in range(n - 1)]
+    events = bipartite_events(chain + star)
+    profiles, merges, review = runner(tmp_path, events, WIDE)
+    got = sorted(ids for ids, _ in profiles.values())
+    assert got == expected_persons(chain + star)
+    assert len(got) == 2 and review == []
+
+
+@settings(max_examples=3, deadline=None)
+@given(
+    edges=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=1, max_size=60),
+    bounded=st.booleans(),
+)
+def test_random_identifier_graphs_are_their_components(tmp_path_factory, edges, bounded):
+    """Without limits or breakers, persons are exactly the connected components (union-find)."""
+    profiles, _, _ = run(
+        tmp_path_factory.mktemp("g"), bipartite_events(edges), WIDE, bounded=bounded
+    )
+    assert sorted(ids for ids, _ in profiles.values()) == expected_persons(edges)

@@ -45,6 +45,12 @@ class Envelope(NamedTuple):
     event: dict[str, Any]
     event_time_ms: int = 0
     plan_version: str = ""
+    # The event's usable identifiers, ``((type, value), ...)`` in config priority order, and its
+    # blocklisted ones, read once by validation (:func:`transforms.identity.read_identifiers`)
+    # and carried, so the later stages do not read them again; None when not read (tests,
+    # dead-letter replays): :func:`transforms.identity.identifiers_of` then reads them.
+    identifiers: tuple | None = None
+    junk_identifiers: tuple | None = None
 
 
 def pack(env: Envelope) -> bytes:
@@ -74,7 +80,13 @@ def unpack(blob: bytes) -> Envelope:
     if len(fields) == len(Envelope._fields) + 1:  # an event stored as a patch over its payload
         fields.pop()
         fields[3] = {**orjson.loads(fields[2]), **fields[3]}
+    for i in _ID_FIELDS:  # JSON has no tuples: the pairs come back as lists
+        if fields[i] is not None:
+            fields[i] = tuple(map(tuple, fields[i]))
     return Envelope(*fields)
+
+
+_ID_FIELDS = (Envelope._fields.index("identifiers"), Envelope._fields.index("junk_identifiers"))
 
 
 _PATCHED = 1  # trailing marker of a packed envelope whose event is a patch over its payload

@@ -69,6 +69,37 @@ def extract_identifiers(event: dict[str, Any], identity) -> list[tuple[str, str]
     return out
 
 
+def read_identifiers(event: dict[str, Any], identity) -> tuple[tuple, tuple]:
+    """``(usable, blocked)``: :func:`extract_identifiers` and :func:`blocked_identifiers` in one
+    pass over the identifier paths. Validation reads them once and the envelope carries them."""
+    seen: set[tuple[str, str]] = set()
+    usable, blocked = [], []
+    for t in identity.types:
+        for path in t.paths:
+            v = normalize(get_path(event, path), t.normalizer)
+            if v is None:
+                continue
+            item = (t.name, v)
+            if _is_blocked_memo(v, identity.blocklist, identity.blocklist_patterns):
+                blocked.append(item)
+            elif v and item not in seen:
+                seen.add(item)
+                usable.append(item)
+    return tuple(usable), tuple(blocked)
+
+
+def identifiers_of(env, identity) -> tuple | list:
+    """The envelope's usable identifiers: as validation read them, else read now."""
+    ids = env.identifiers
+    return ids if ids is not None else extract_identifiers(env.event, identity)
+
+
+def junk_of(env, identity) -> tuple | list:
+    """The envelope's blocklisted identifiers: as validation read them, else read now."""
+    junk = env.junk_identifiers
+    return junk if junk is not None else blocked_identifiers(env.event, identity)
+
+
 def blocked_identifiers(event: dict[str, Any], identity) -> list[tuple[str, str]]:
     """The ``(type, value)`` pairs the event carries that the blocklist refuses."""
     out = []
@@ -101,13 +132,14 @@ def type_rank(id_type: str, type_order: tuple[str, ...]) -> int:
         return 2 + len(type_order)
 
 
-def primary_profile_key(event: dict[str, Any], identity) -> str | None:
+def primary_profile_key(event: dict[str, Any], identity, ids=None) -> str | None:
     """The key an event's profile fragment is folded under: the identifier key of its best
     usable identifier (:func:`type_rank`, then the config's path order), or None when it has no
     usable identifier at all. Validation quarantines such events (``identity.missing``) with
     the same :func:`extract_identifiers`, so every valid event has a key: the device id of an
     event whose anonymous id is blocklisted junk, for instance."""
-    ids = extract_identifiers(event, identity)
+    if ids is None:
+        ids = extract_identifiers(event, identity)
     if not ids:
         return None
     order = tuple(t.name for t in identity.types)

@@ -79,9 +79,11 @@ def earlier(a: Link | None, b: Link) -> Link:
     return b if a is None or b < a else a
 
 
-def event_links(event: dict[str, Any], time_ms: int, identity) -> list[Link]:
-    """The links one event is evidence for (a star from its highest-priority identifier)."""
-    ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
+def event_links(event: dict[str, Any], time_ms: int, identity, ids=None) -> list[Link]:
+    """The links one event is evidence for (a star from its highest-priority identifier).
+    ``ids``: the event's identifier keys when already read."""
+    if ids is None:
+        ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
     if len(ids) < 2:
         return []
     mid, etype = str(event.get("messageId", "")), str(event.get("type", ""))

@@ -8,7 +8,7 @@ final. The three keyed steps the streaming job runs one after another (``Enforce
 
 1. :func:`~transforms.consent.judge_history`: every event judged by the consent in force at its
    own event time (a deleted person: every event reported as deleted, the profile removed);
-2. each delivery redacted once per destination (:func:`~transforms.pii.apply_policies`);
+2. each delivery redacted once per destination (:class:`~transforms.pii.Redaction`);
 3. the events the profile store may keep folded into the fragment
    (:func:`~transforms.profile.fold_event`) with their computed-trait panes
    (:func:`~transforms.computed_traits.history_panes`, one ON_TIME pane per window).
@@ -44,7 +44,7 @@ from transforms.consent import (
 from transforms.dead_letter import FAILED, guarded
 from transforms.envelope import Envelope, format_iso_ms, pack, unpack
 from transforms.identity import extract_identifiers
-from transforms.pii import PiiRule, apply_policies
+from transforms.pii import PiiRule, Redaction
 from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
 
 FRAGMENTS = "fragments"
@@ -74,7 +74,7 @@ class _PersonHistoryFn(beam.DoFn):
         self._destinations = destinations
         self._deleted_ids = deleted_identifiers
         self._identity = identity
-        self._rules, self._policies, self._salt = pii
+        self._redaction = Redaction(*pii)
         self._profiles = profiles_destination
         self._specs = specs
         self._trait_rules = trait_rules
@@ -109,9 +109,7 @@ class _PersonHistoryFn(beam.DoFn):
         delivered = 0
         for allowed, env in deliveries:
             delivered += len(allowed)
-            events = apply_policies(
-                env.event, self._rules, {n: self._policies[n] for n in allowed}, self._salt
-            )
+            events = self._redaction.apply(env.event, allowed)
             for name in allowed:
                 if name == self._profiles:
                     kept.append((env.event_time_ms, events[name]))

@@ -419,16 +419,44 @@ def _locate(
 ) -> None:
     """``(location, classes, is_container)`` of every classified node, in document order: the
     same classification as :func:`_walk`, recorded instead of acted on. Children of a classified
-    object are classified too (a policy that keeps the object still looks into it)."""
+    object are classified too (a policy that keeps the object still looks into it).
+
+    The hot loop of PII handling (every leaf of every event), so the per-leaf work is inlined:
+    one memo lookup for the path rules' next states, one for the patterns that apply under the
+    key, a regex search per such pattern only for string and integer leaves."""
     if isinstance(node, dict):
         if path_class is not None:
             found.append((loc, (path_class,), True))
+        advanced, for_key, has_patterns = c.advanced, c.patterns_for_key, bool(c.patterns)
         for k, v in node.items():
-            child_states, cls = _advance(states, k, c) if states else ((), None)
+            if states:
+                step = advanced.get((states, k))
+                if step is None:
+                    step = _advance(states, k, c)
+                child_states, cls = step
+            else:
+                child_states, cls = (), None
             if cls is None and not isinstance(v, (dict, list)):
                 # An unclassified leaf (most of an event): only a value pattern can mark it.
-                if c.patterns and (classes := _pattern_classes(v, k, c)):
-                    found.append(((*loc, k), tuple(classes), False))
+                if has_patterns and v is not None and not isinstance(v, bool):
+                    if isinstance(v, str):
+                        text = v
+                    elif isinstance(v, int):
+                        text = str(v)
+                    else:
+                        continue
+                    pats = for_key.get(k)
+                    if pats is None:
+                        pats = _key_patterns(k, c)
+                    hits: list[str] | None = None
+                    for regex, cl in pats:
+                        if regex.search(text):
+                            if hits is None:
+                                hits = [cl]
+                            elif cl not in hits:
+                                hits.append(cl)
+                    if hits is not None:
+                        found.append(((*loc, k), tuple(hits), False))
                 continue
             _locate(v, k, (*loc, k), child_states, cls, c, found)
         return
@@ -445,28 +473,84 @@ def _locate(
         found.append((loc, tuple(classes), False))
 
 
-def _rebuild(node: Any, loc: _Location, actions: dict, prefixes: set, salt: str) -> Any:
-    """``node`` with the non-keep ``actions`` applied, copying only the containers on the way to
-    a changed value (copy on write: untouched subtrees are shared with the input)."""
-    action = actions.get(loc)
-    if action is not None:
-        return _act(action, node, salt)
-    if loc not in prefixes:
-        return node
-    if isinstance(node, dict):
+def _apply_actions(event: dict, actions: list[tuple[_Location, str]], salt: str) -> dict:
+    """``event`` with ``actions`` (non-keep, in document order, none under a replaced
+    container) applied: only the containers on the way to a changed value are copied (with a
+    C-level ``dict``/``list`` copy), untouched subtrees are shared with the input."""
+    root = dict(event)
+    copies: dict[_Location, Any] = {(): root}
+    for loc, action in actions:
+        parent_loc = loc[:-1]
+        parent = copies.get(parent_loc)
+        if parent is None:
+            parent = root
+            for depth in range(1, len(parent_loc) + 1):
+                sub = parent_loc[:depth]
+                copy = copies.get(sub)
+                if copy is None:
+                    original = parent[sub[-1]]
+                    copy = dict(original) if isinstance(original, dict) else list(original)
+                    parent[sub[-1]] = copy
+                    copies[sub] = copy
+                parent = copy
+        last = loc[-1]
+        if action == HASH:
+            parent[last] = hash_value(parent[last], salt)
+        elif isinstance(parent, dict):
+            del parent[last]
+        else:
+            parent[last] = None  # a dropped list item: positions stay meaningful
+    return root
+
+
+class Redaction:
+    """Each destination's policy over one classification of an event, compiled once: the rules
+    (path automaton memos, patterns per key), the policies (checked once, each class set's
+    action memoized) and the salt. The pipeline's stages hold one; :func:`apply_policies` is
+    the same for a single call."""
+
+    def __init__(
+        self,
+        rules: Iterable[PiiRule],
+        policies: Mapping[str, tuple[Mapping[str, str], str]],
+        salt: str,
+    ):
+        for policy, default in policies.values():
+            _check_policy(policy, default, salt)
+        self._rules = tuple(rules)
+        self._policies = {n: (dict(p), d) for n, (p, d) in policies.items()}
+        self._salt = salt
+        self._decided: dict[str, dict[tuple[str, ...], str]] = {n: {} for n in policies}
+
+    def __reduce__(self):  # pickled without the memos (workers rebuild them)
+        return (Redaction, (self._rules, self._policies, self._salt))
+
+    def apply(self, event: dict[str, Any], names: Iterable[str] | None = None) -> dict[str, dict]:
+        """``{name: redacted event}`` for each of ``names`` (default: every policy). The
+        results share untouched subtrees with the input and with each other: treat them as
+        immutable, as Beam elements are."""
+        _check_event(event)
+        c = _compile(self._rules)
+        found: list[tuple[_Location, tuple[str, ...], bool]] = []
+        _locate(event, "", (), c.start, None, c, found)
         out = {}
-        for k, v in node.items():
-            child = (*loc, k)
-            if child in actions or child in prefixes:
-                v = _rebuild(v, child, actions, prefixes, salt)
-                if v is _DROPPED:
+        for name in self._policies if names is None else names:
+            policy, default = self._policies[name]
+            decided = self._decided[name]
+            actions: list[tuple[_Location, str]] = []
+            replaced: list[_Location] = []  # hashed or dropped containers: insides go with them
+            for loc, classes, is_container in found:
+                if replaced and any(loc[: len(r)] == r for r in replaced):
                     continue
-            out[k] = v
+                action = decided.get(classes)
+                if action is None:
+                    action = decided[classes] = _strictest(classes, policy, default)[1]
+                if action != KEEP:
+                    actions.append((loc, action))
+                    if is_container:
+                        replaced.append(loc)
+            out[name] = _apply_actions(event, actions, self._salt) if actions else event
         return out
-    return [
-        None if (new := _rebuild(item, (*loc, i), actions, prefixes, salt)) is _DROPPED else new
-        for i, item in enumerate(node)
-    ]
 
 
 def apply_policies(
@@ -479,24 +563,6 @@ def apply_policies(
     each ``name -> (policy, default)``, classifying the event once instead of once per policy
     (the pipeline fans an event out to several destinations; classification is most of the
     cost). Unlike :func:`apply_policy` the results share untouched subtrees with the input and
-    with each other: treat them as immutable, as Beam elements are."""
-    _check_event(event)
-    c = _compile(tuple(rules))
-    found: list[tuple[_Location, tuple[str, ...], bool]] = []
-    _locate(event, "", (), c.start, None, c, found)
-    out = {}
-    for name, (policy, default) in policies.items():
-        _check_policy(policy, default, salt)
-        actions: dict[_Location, str] = {}
-        replaced: list[_Location] = []  # hashed or dropped containers: their insides go with them
-        for loc, classes, is_container in found:
-            if any(loc[: len(r)] == r for r in replaced):
-                continue
-            _, action = _strictest(classes, policy, default)
-            if action != KEEP:
-                actions[loc] = action
-                if is_container:
-                    replaced.append(loc)
-        prefixes = {loc[:i] for loc in actions for i in range(len(loc))}
-        out[name] = _rebuild(event, (), actions, prefixes, salt)
-    return out
+    with each other: treat them as immutable, as Beam elements are. Hot paths hold a
+    :class:`Redaction` instead (policies checked once)."""
+    return Redaction(rules, policies, salt).apply(event)

@@ -1,24 +1,29 @@
-"""Identity stitching in keyed Beam state, with no cycle and no key holding the whole graph.
+r"""Identity stitching in keyed Beam state, with no cycle and no key holding the whole graph.
 
-    events -> links (+ unlink / delete notices) -> Propagate[1] -> ... -> Propagate[K] -> ResolveGroup
-                                                       |                                   |
-                                   identity_review <---+---- shared identifiers            +-> assignments
-                                                                                           +-> merges
-                                                                                           +-> identity_review
+    events -> links (+ unlink / delete notices) -> Link -> Connect[1] -> ... -> Connect[R]
+                                                   |  \                          |
+               identity_review <- shared ids <----+   +-> evidence -> Route <-----+ group
+                                                                        |
+                                                                   ResolveGroup -> assignments,
+                                                                                   merges, review
 
-Two steps (DESIGN.md section 4, designs 1 + exact resolution):
+Three steps (DESIGN.md section 4):
 
-1. **Candidate groups by unrolled label propagation.** ``Propagate[k]`` is keyed by identifier and
-   keeps its neighbours (with the earliest link evidence of each pair) and its label: the smallest
-   identifier key within ``k`` hops. Each stage tells the next one about every new neighbour and
-   every label improvement, so stage ``K`` holds, for each identifier, the smallest key within
-   ``K`` hops of it; stored state lets later links continue a wave. ``K`` is
-   ``identity.max_hops``. A group whose diameter exceeds ``K`` ends up in two candidate groups: the
-   links between them are counted (``identity.unresolved_links``) and reported, never silently
-   applied or dropped. An identifier with more distinct neighbours than ``max_cluster_size`` is
-   *shared*: it stops propagating and all its links are refused, so a junk id that escaped the
-   blocklist cannot glue thousands of people into one group (its state stays bounded by the cap).
-2. **Exact resolution per group.** ``ResolveGroup`` is keyed by the candidate label and holds its
+1. **Evidence.** ``Link`` is keyed by identifier and keeps its neighbours (with the earliest
+   link evidence of each pair) and its unlink / delete notices. An identifier with more distinct
+   neighbours than ``max_cluster_size`` is *shared*: its list stops at the cap and all its links
+   are refused, so a junk id that escaped the blocklist cannot grow without bound.
+2. **Groups: connected components in a fixed number of stages.** ``Connect[1..R]`` (``R`` =
+   ``identity.rounds``, default 16) run Hash-to-Min (``transforms/components.py``): each stage
+   doubles the reach of the one before, so chains of ~2^(R-4) identifiers (measured: 5,000 at
+   16) end with one label, the component's smallest key, where one-hop label propagation needed
+   a stage per link. A bounded run's round is a ``GroupByKey`` and a component whose minimum sees
+   it closed leaves early (most persons after 3-4 rounds); a streaming stage keeps each
+   identifier's cluster as state and sends only what grew. If ``R`` does not suffice, the links
+   between the parts are counted (``identity.unresolved_links``), never silently applied or
+   dropped. ``Route`` (keyed by identifier) joins each identifier's evidence with its group and
+   moves it when the group changes.
+3. **Exact resolution per group.** ``ResolveGroup`` is keyed by the group label and holds its
    identifiers' neighbour lists. When the watermark passes the group's newest evidence it applies
    :func:`transforms.identity_graph.resolve` (guardrails, event-time order) to the whole group and
    emits what changed: ``identifier -> person`` assignments, ``profile_merged`` /
@@ -41,6 +46,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.components import absorb, final_label, first_round, settle
 from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
@@ -63,11 +69,17 @@ FAILED_EVENTS = "failed_events"
 UNLINK_TYPE = "unlink"
 DELETE_TYPE = "delete"
 
-# Messages into Propagate[k], keyed by identifier:
-NEIGHBOUR = "n"  # ("n", neighbour, neighbour's label, Link | None)
+# Messages into Link, keyed by identifier:
+NEIGHBOUR = "n"  # ("n", neighbour, Link as a tuple)
 UNLINK = "u"  # ("u", other identifier, Link): never one person with ``other``
 DELETED = "x"  # ("x", time_ms): the identifier was deleted
-SHARED = "h"  # ("h",): the identifier is shared (too many neighbours)
+SHARED = "h"  # attrs flag: the identifier is shared (too many neighbours)
+
+# Elements between the stages (outputs of Link / Connect[R] into Route):
+NODES = "nodes"  # (x, ("node", nbrs, attrs)): the identifier's evidence
+LABELS = "labels"  # (x, ("label", group)): the identifier's group
+NODE_UPDATE = "node"
+LABEL = "label"
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -88,10 +100,15 @@ def unlink_target(event: dict[str, Any], identity) -> str | None:
     return None
 
 
-def stitch_messages(event: dict[str, Any], time_ms: int, identity) -> list[tuple[str, tuple]]:
-    """What one event tells ``Propagate[1]``: its links (to both ends), or an unlink / delete."""
+def stitch_messages(
+    event: dict[str, Any], time_ms: int, identity, identifiers=None
+) -> list[tuple[str, tuple]]:
+    """What one event tells ``Link``: its links (to both ends), or an unlink / delete.
+    ``identifiers``: the event's ``(type, value)`` pairs when already read (the envelope's)."""
     etype = event.get("type")
-    ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
+    if identifiers is None:
+        identifiers = extract_identifiers(event, identity)
+    ids = [id_key(t, v) for t, v in identifiers]
     if etype == DELETE_TYPE:
         return [(ids[0], (DELETED, time_ms))] if ids else []
     if etype == UNLINK_TYPE:
@@ -102,21 +119,28 @@ def stitch_messages(event: dict[str, Any], time_ms: int, identity) -> list[tuple
         evidence = tuple(link)
         return [(ids[0], (UNLINK, other, evidence)), (other, (UNLINK, ids[0], evidence))]
     out = []
-    for link in event_links(event, time_ms, identity):
+    for link in event_links(event, time_ms, identity, ids):
         # Evidence travels and is stored as a plain tuple: FastPrimitivesCoder encodes a
         # NamedTuple ~5x slower (and ~60% bigger) than the same fields as a tuple.
         evidence = tuple(link)
-        out.append((link.a, (NEIGHBOUR, link.b, link.b, evidence)))
-        out.append((link.b, (NEIGHBOUR, link.a, link.a, evidence)))
+        out.append((link.a, (NEIGHBOUR, link.b, evidence)))
+        out.append((link.b, (NEIGHBOUR, link.a, evidence)))
     return out
 
 
-def blocked_links(event: dict[str, Any], time_ms: int, identity) -> list[tuple[str, Link]]:
-    """``("junk|other", link)`` for each junk identifier the event carries next to a real one."""
-    junk = [id_key(t, v) for t, v in blocked_identifiers(event, identity)]
+def blocked_links(
+    event: dict[str, Any], time_ms: int, identity, identifiers=None, junk=None
+) -> list[tuple[str, Link]]:
+    """``("junk|other", link)`` for each junk identifier the event carries next to a real one.
+    ``identifiers`` / ``junk``: the event's pairs when already read (the envelope's)."""
+    if junk is None:
+        junk = blocked_identifiers(event, identity)
     if not junk:
         return []
-    ids = [id_key(t, v) for t, v in extract_identifiers(event, identity)]
+    junk = [id_key(t, v) for t, v in junk]
+    if identifiers is None:
+        identifiers = extract_identifiers(event, identity)
+    ids = [id_key(t, v) for t, v in identifiers]
     mid, etype = str(event.get("messageId", "")), str(event.get("type", ""))
     return [
         (f"{j}|{o}", make_link(j, o, time_ms, mid, etype)) for j in sorted(set(junk)) for o in ids
@@ -127,106 +151,94 @@ def _ts(ms: int) -> Timestamp:
     return Timestamp(micros=ms * 1000)
 
 
-# --- Propagate[k] -----------------------------------------------------------------------------
+# --- Link: each identifier's neighbours and notices ---------------------------------------------
 
 
-class _PropagateFn(beam.DoFn):
-    """One hop of label propagation (module doc). Not the last stage: forwards to the next."""
+class _LinkFn(beam.DoFn):
+    """Keyed by identifier: its neighbours (with the earliest evidence of each pair, at most
+    ``max_cluster_size``) and its unlink / delete / shared notices.
 
-    # One state cell per identifier, ``(label, neighbours, attrs)``: on the local runner every
-    # cell costs a keyed entry of its own (and a round trip per read), so fewer is leaner.
+    Out: ``(x, ("node", nbrs, attrs))`` to ``Route`` when they change, ``(x, (x, nbr))`` to
+    ``Connect[1]`` for each new neighbour, shared-identifier refusals to ``identity_review``."""
+
+    # One state cell per identifier, ``(neighbours, attrs)``: on the local runner every cell
+    # costs a keyed entry of its own (and a round trip per read), so fewer is leaner.
     NODE = ReadModifyWriteStateSpec("node", FastPrimitivesCoder())
 
-    def __init__(self, first: bool, last: bool, cap: int):
-        self._first, self._last, self._cap = first, last, cap
+    def __init__(self, cap: int):
+        self._cap = cap
         self._shared = Metrics.counter("cdi", "identity.shared_identifiers")
 
     @dead_letter_on_raise
-    def process(
-        self,
-        element,
-        node_state=beam.DoFn.StateParam(NODE),
-    ):
+    def process(self, element, node_state=beam.DoFn.StateParam(NODE)):
         x, msg = element
-        label, nbrs, attrs = node_state.read() or (x, {}, {})
-        out, changed, new_label, review = self._step(x, msg, label, nbrs, attrs)
-        if changed or new_label != label:
-            node_state.write((new_label, nbrs, attrs))
+        nbrs, attrs = node_state.read() or ({}, {})
+        changed, new_nbr, review = self._step(x, msg, nbrs, attrs)
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
-        if not self._last:
-            yield from out
-        elif changed or new_label != label:
-            # Last stage: hand the identifier (with its evidence) to its group's resolver.
-            yield (new_label, ("node", (x, nbrs, attrs)))
-            if new_label != label:
-                yield (label, ("drop", x))
+        if changed:
+            node_state.write((nbrs, attrs))
+            yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
+        if new_nbr is not None:
+            yield (x, (x, new_nbr))
 
-    def _step(self, x, msg, label, nbrs, attrs):
-        """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns the messages
-        for the next stage, whether the evidence changed, the new label, and review records."""
+    def _step(self, x, msg, nbrs, attrs):
+        """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns whether its
+        evidence changed, the neighbour it newly accepted (or None) and review records."""
         kind = msg[0]
-        out: list[tuple[str, tuple]] = []  # messages for the next stage
         review: list[dict] = []
-        changed = False
-        new_label = label
         if kind == NEIGHBOUR:
-            _, nbr, nbr_label, link = msg
+            _, nbr, link = msg
             known = nbrs.get(nbr)
             if attrs.get(SHARED):
-                if self._first and known is None and link is not None:
+                if known is None:
                     review.append(_shared_record(x, link))
-                return out, False, label, review
+                return False, None, review
             if known is None and len(nbrs) >= self._cap:
-                # Shared identifier: it stops here, its neighbour list stays at the cap, and
-                # ResolveGroup refuses every link it has. Every stage applies the same cap (a
-                # neighbour learns of the link before it can know the other end is shared); only
-                # the first one reports the refused links.
+                # Shared identifier: its neighbour list stays at the cap and ResolveGroup
+                # refuses every link it has; the links past the cap are reported here.
                 attrs[SHARED] = True
-                if self._first:
-                    self._shared.inc()
-                    if link is not None:
-                        review.append(_shared_record(x, link))
-                out.append((x, (SHARED,)))
-                changed = True
-            else:
-                best = known if link is None else earlier(known, link)
-                if best != known or nbr not in nbrs:
-                    nbrs[nbr] = best
-                    changed = True
-                new_label = min(label, nbr_label)
-                if new_label < label:
-                    for z in nbrs:
-                        if z != nbr:
-                            out.append((z, (NEIGHBOUR, x, new_label, None)))
-                if changed or new_label < label:
-                    out.append((nbr, (NEIGHBOUR, x, new_label, nbrs[nbr])))
-        elif kind == UNLINK:
+                self._shared.inc()
+                review.append(_shared_record(x, link))
+                return True, None, review
+            best = earlier(known, link)
+            if best != known:
+                nbrs[nbr] = best
+                return True, (nbr if known is None else None), review
+            return False, None, review
+        if kind == UNLINK:
             _, other, link = msg
             unl = attrs.setdefault(UNLINK, {})
             best = earlier(unl.get(other), link)
             if unl.get(other) != best:
                 unl[other] = best
-                changed = True
-                out.append((x, msg))
+                return True, None, review
         elif kind == DELETED:
             if attrs.get(DELETED) is None or msg[1] < attrs[DELETED]:
                 attrs[DELETED] = msg[1]
-                changed = True
-                out.append((x, msg))
-        elif kind == SHARED:
-            if not attrs.get(SHARED):
-                attrs[SHARED] = True
-                changed = True
-                out.append((x, msg))
-        return out, changed, new_label, review
+                return True, None, review
+        return False, None, review
+
+
+SHARED_RULE = "breaker.shared_identifier"
+
+
+def _accepted_by_shared(link: Link, nodes: dict) -> bool:
+    """Whether every shared end of ``link`` holds it among its (capped) neighbours: a link
+    past a shared identifier's cap is reported by ``Link`` when it arrives, the others by the
+    group's resolution (with both sides' clusters)."""
+    for end, other in ((link.a, link.b), (link.b, link.a)):
+        nbrs, attrs = nodes[end]
+        if attrs.get(SHARED) and other not in nbrs:
+            return False
+    return True
 
 
 def _shared_record(x: str, link: tuple) -> dict:
     link = Link(*link)
     return {
         "kind": "link_refused",
-        "rule": "breaker.shared_identifier",
+        "rule": SHARED_RULE,
         "identifier": x,
         "link": link.record(),
         "clusters": None,
@@ -238,45 +250,119 @@ def _message_order(msg: tuple) -> tuple:
     evidence first (so a shared identifier keeps the earliest ``max_cluster_size`` links, as if
     they had arrived first), then the notices."""
     if msg[0] == NEIGHBOUR:
-        return (0, msg[3] or (), msg[1], msg[2])
+        return (0, msg[2], msg[1])
     return (1, msg[0], repr(msg[1:]))
 
 
-class _PropagateGroupedFn(_PropagateFn):
-    """One hop in a bounded run: ``(identifier, all its messages from the previous hop)`` in.
-
-    The messages are applied with the streaming stage's own rule (``_step``) in
-    :func:`_message_order`, and the identifier's settled state goes out once: its label and the
-    pair's evidence to each neighbour, its notices to itself (or, from the last hop, the node to
-    its group). A streaming stage's final state is the same function of the same messages, so
-    the groups are the same; the difference is one shuffle per hop instead of a state read and
-    write per message."""
+class _LinkGroupedFn(_LinkFn):
+    """Bounded runs: ``(identifier, all its messages)`` in, applied with the streaming stage's
+    own rule (``_step``) in :func:`_message_order`; the settled identifier goes out once: to
+    ``Route`` and, with its neighbours, into the first bounded round of ``Connect``."""
 
     def process(self, element):
         x, messages = element
-        label, nbrs, attrs = x, {}, {}
+        nbrs, attrs = {}, {}
         for msg in sorted(messages, key=_message_order):
-            _, _, label, review = self._step(x, msg, label, nbrs, attrs)
+            _, _, review = self._step(x, msg, nbrs, attrs)
             for record in review:
                 yield beam.pvalue.TaggedOutput(REVIEW, record)
-        if self._last:
-            yield (label, ("node", (x, nbrs, attrs)))
+        yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
+        if nbrs:
+            yield from first_round(x, nbrs)
+
+
+# --- Connect[1..R]: each identifier's component (transforms/components.py) ------------------------
+
+
+class _ConnectFn(beam.DoFn):
+    """One Hash-to-Min stage in keyed state: the identifier's cluster, grown by every message
+    (:func:`transforms.components.absorb`). The last stage sends ``Route`` the cluster's
+    minimum, the identifier's group, whenever it changes."""
+
+    CLUSTER = ReadModifyWriteStateSpec("cluster", FastPrimitivesCoder())
+
+    def __init__(self, last: bool):
+        self._last = last
+
+    @dead_letter_on_raise
+    def process(self, element, cluster_state=beam.DoFn.StateParam(CLUSTER)):
+        v, nodes = element
+        cluster = cluster_state.read()
+        new, out = absorb(v, cluster, nodes)
+        if not out:
             return
-        for nbr, evidence in nbrs.items():
-            yield (nbr, (NEIGHBOUR, x, label, evidence))
-        if attrs.get(SHARED):
-            yield (x, (SHARED,))
-        for other, link in attrs.get(UNLINK, {}).items():
-            yield (x, (UNLINK, other, link))
-        if attrs.get(DELETED) is not None:
-            yield (x, (DELETED, attrs[DELETED]))
+        cluster_state.write(new)
+        if not self._last:
+            yield from out
+        elif cluster is None or min(new) != min(cluster):
+            yield (v, (LABEL, min(new)))
+
+
+class _ConnectGroupedFn(beam.DoFn):
+    """One bounded Hash-to-Min round with early exit (:func:`transforms.components.settle`):
+    ``(identifier, its messages)`` in; a node whose component is complete leaves to ``Route``."""
+
+    def __init__(self, last: bool):
+        self._last = last
+
+    def process(self, element):
+        v, messages = element
+        if self._last:
+            yield beam.pvalue.TaggedOutput(LABELS, (v, (LABEL, final_label(v, messages))))
+            return
+        label, out = settle(v, messages)
+        if label is not None:
+            yield beam.pvalue.TaggedOutput(LABELS, (v, (LABEL, label)))
+        yield from out
+
+
+# --- Route: each identifier's evidence to its group's resolver ------------------------------------
+
+
+class _RouteFn(beam.DoFn):
+    """Keyed by identifier: joins its evidence (from ``Link``) with its group (from the last
+    ``Connect``) and hands the evidence to the group's resolver, moving it when the group
+    changes. An identifier without neighbours has no group message: its group is itself."""
+
+    STATE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
+
+    @dead_letter_on_raise
+    def process(self, element, state=beam.DoFn.StateParam(STATE)):
+        x, msg = element
+        label, sent, node = state.read() or (None, None, None)
+        if msg[0] == LABEL:
+            if msg[1] == label:
+                return
+            label = msg[1]
+        else:
+            node = (msg[1], msg[2])
+        group = label if label is not None else (x if node and not node[0] else None)
+        if group is not None and node is not None:
+            yield (group, ("node", (x, *node)))
+            if sent is not None and sent != group:
+                yield (sent, ("drop", x))
+            sent = group
+        state.write((label, sent, node))
+
+
+def _route_grouped(element):
+    """Bounded runs: ``(identifier, [its node, its label])`` -> ``(group, ("node", ...))``."""
+    x, messages = element
+    label, node = x, None
+    for msg in messages:
+        if msg[0] == LABEL:
+            label = msg[1]
+        else:
+            node = (msg[1], msg[2])
+    if node is not None:
+        yield (label, ("node", (x, *node)))
 
 
 class EarliestLinkPerPair(beam.PTransform):
     """Bounded runs: one ``NEIGHBOUR`` message per (identifier, neighbour) with the pair's
     earliest evidence, instead of one per event that carries the pair.
 
-    ``Propagate[1]`` keeps exactly that (``earlier`` of all it is told), so its state, and every
+    ``Link`` keeps exactly that (``earlier`` of all it is told), so its state, and every
     later stage's, is the same; what changes is that a person's thousand events no longer cost a
     thousand stateful calls each side (a combiner lifted before the shuffle costs ~3 µs each).
     Unlink and delete notices pass through. Streaming runs keep every message: there the earliest
@@ -284,16 +370,16 @@ class EarliestLinkPerPair(beam.PTransform):
 
     def expand(self, messages):
         pairs = messages | "Pairs" >> beam.FlatMap(
-            lambda kv: [((kv[0], kv[1][1]), kv[1][3])] if kv[1][0] == NEIGHBOUR else []
+            lambda kv: [((kv[0], kv[1][1]), kv[1][2])] if kv[1][0] == NEIGHBOUR else []
         ).with_output_types(KV[tuple[str, str], tuple])
         # Evidence tuples sort as Links do: min is ``earlier`` (time, then messageId).
         earliest = (
             pairs
             | "Earliest" >> beam.CombinePerKey(min)
             | "AsMessages"
-            >> beam.Map(
-                lambda kv: (kv[0][0], (NEIGHBOUR, kv[0][1], kv[0][1], kv[1]))
-            ).with_output_types(KV[str, Any])
+            >> beam.Map(lambda kv: (kv[0][0], (NEIGHBOUR, kv[0][1], kv[1]))).with_output_types(
+                KV[str, Any]
+            )
         )
         notices = messages | "Notices" >> beam.Filter(lambda kv: kv[1][0] != NEIGHBOUR)
         return (earliest, notices) | "Merge" >> beam.Flatten()
@@ -352,6 +438,8 @@ class _GroupResolver:
             out.append(beam.pvalue.TaggedOutput(MERGES, rec))
         new_sent = set()
         for refusal in res.refused:
+            if refusal.rule == SHARED_RULE and not _accepted_by_shared(refusal.link, nodes):
+                continue  # past the shared end's cap: the Link stage reported it
             k = (refusal.link.a, refusal.link.b, refusal.rule)
             new_sent.add(k)
             if k not in sent:
@@ -505,15 +593,15 @@ class StitchIdentities(beam.PTransform):
       timer's key): not events, see transforms/dead_letter.py.
     """
 
-    def __init__(self, identity, deleted_identifiers=(), max_hops: int = 5, bounded=False):
+    def __init__(self, identity, deleted_identifiers=(), rounds: int = 16, bounded=False):
         super().__init__()
         self._bounded = bounded
-        if max_hops < 2:
-            raise ValueError("max_hops must be at least 2")
+        if rounds < 2:
+            raise ValueError("rounds must be at least 2")
         self._identity = identity
         self._rules = StitchRules.from_config(identity)
         self._deleted = frozenset(_config_key(d) for d in deleted_identifiers)
-        self._hops = max_hops
+        self._rounds = rounds
 
     def expand(self, envelopes):
         identity = self._identity
@@ -528,30 +616,60 @@ class StitchIdentities(beam.PTransform):
 
         messages = envelopes | "StitchMessages" >> guarded(
             beam.FlatMap(
-                lambda env: stitch_messages(env.event, env.event_time_ms, identity)
+                lambda env: stitch_messages(env.event, env.event_time_ms, identity, env.identifiers)
             ).with_output_types(KV[str, Any])
         )
         failed_events = [messages[FAILED]]
         messages = messages.good
         if bounded:
             messages = messages | "EarliestLinkPerPair" >> EarliestLinkPerPair()
-        reviews, failed = [], []
-        stage = messages
+        failed = []
         cap = self._rules.max_cluster_size
-        for k in range(1, self._hops + 1):
-            last = k == self._hops
+        if bounded:
+            # Each identifier's messages grouped and settled at once.
+            messages = messages | "LinkGroups" >> beam.GroupByKey()
+            link_fn = _LinkGroupedFn(cap)
+        else:
+            link_fn = _LinkFn(cap)
+        linked = messages | "Link" >> dead_lettered(
+            beam.ParDo(link_fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
+            REVIEW,
+            NODES,
+            main="clusters",
+        )
+        failed.append(linked[FAILED])
+        stage, labels = linked["clusters"], []
+        for k in range(1, self._rounds + 1):
+            last = k == self._rounds
             if bounded:
-                # One shuffle per hop: each identifier's messages grouped and settled at once.
-                stage = stage | f"Hop[{k}]" >> beam.GroupByKey()
-                fn = _PropagateGroupedFn(first=k == 1, last=last, cap=cap)
+                stage = stage | f"Round[{k}]" >> beam.GroupByKey()
+                fn = _ConnectGroupedFn(last)
             else:
-                fn = _PropagateFn(first=k == 1, last=last, cap=cap)
+                fn = _ConnectFn(last)
             pardo = beam.ParDo(fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any])
-            result = stage | f"Propagate[{k}]" >> dead_lettered(pardo, REVIEW, main="next")
-            if k == 1:
-                reviews.append(result[REVIEW])
+            result = stage | f"Connect[{k}]" >> dead_lettered(pardo, LABELS, main="next")
             failed.append(result[FAILED])
-            stage = result.next
+            labels.append(result["next"] if last and not bounded else result[LABELS])
+            stage = result["next"]
+        routed = (linked[NODES], *labels) | "RouteInputs" >> beam.Flatten().with_output_types(
+            KV[str, Any]
+        )
+        if bounded:
+            stage = (
+                routed
+                | "RouteGroups" >> beam.GroupByKey()
+                | "Route" >> beam.FlatMap(_route_grouped).with_output_types(KV[str, Any])
+            )
+        else:
+            route = routed | "Route" >> dead_lettered(
+                beam.ParDo(_RouteFn())
+                .with_input_types(KV[str, Any])
+                .with_output_types(KV[str, Any]),
+                main="next",
+            )
+            failed.append(route[FAILED])
+            stage = route["next"]
+        reviews = [linked[REVIEW]]
         if bounded:
             resolver = _ResolveGroupedFn(self._rules, self._deleted)
             stage = stage | "Members" >> beam.GroupByKey()
@@ -568,7 +686,9 @@ class StitchIdentities(beam.PTransform):
         failed.append(resolved[FAILED])
         blocked_links_ = envelopes | "BlockedLinks" >> guarded(
             beam.FlatMap(
-                lambda env: blocked_links(env.event, env.event_time_ms, identity)
+                lambda env: blocked_links(
+                    env.event, env.event_time_ms, identity, env.identifiers, env.junk_identifiers
+                )
             ).with_output_types(KV[str, Any])
         )
         failed_events.append(blocked_links_[FAILED])

@@ -27,11 +27,13 @@ from transforms.envelope import (
     decode_text,
     parse_iso_ms,
 )
-from transforms.identity import extract_identifiers
+from transforms.identity import read_identifiers
 from transforms.quarantine import QUARANTINE, Violation, quarantine_record
 from transforms.tracking_plan import (
+    NO_DEPTH_CHECK,
     TrackingPlan,
     apply_rule_modes,
+    cannot_be_too_deep,
     compile_plan,
     depth_violations,
     envelope_violations,
@@ -98,7 +100,10 @@ def judge(
     if violation is not None:
         return reject("decode", [violation])
     violations = envelope_violations(event)
-    if not violations and not extract_identifiers(event, identity):
+    ids = junk = None
+    if not violations:
+        ids, junk = read_identifiers(event, identity)
+    if not violations and not ids:
         # The same rule that keys the event (transforms.identity.primary_profile_key): an event
         # is kept only when it has a usable identifier to be keyed by.
         violations = [
@@ -121,6 +126,10 @@ def judge(
     if violation is not None:
         return reject("event_time", [violation])
     version = plan.plan.version if plan is not None else NO_PLAN
+    if cannot_be_too_deep(text, max_depth):
+        # Validation adds at most one level (a clamped event's context), and the count is
+        # strict, so skipping the walk cannot let a too-deep event through.
+        max_depth = NO_DEPTH_CHECK
     if event.get("type") in CONTROL_TYPES:
         violations = []  # control events carry no behaviour for a plan to judge
     elif plan is None:
@@ -136,7 +145,7 @@ def judge(
     if violations:
         return reject("validate", violations, version)
     event.setdefault("source", source)
-    return Envelope(source, origin, text, event, event_time, version), None
+    return Envelope(source, origin, text, event, event_time, version, ids, junk), None
 
 
 class _ValidateFn(beam.DoFn):
@@ -223,6 +232,24 @@ class ValidateEvents(beam.PTransform):
             "floor_ms": floor_ms,
             "clamp_event_time": clamp_event_time,
         }
+
+    def judge_locally(self):
+        """``judge(raw, now_ms) -> (envelope, record)``: this stage's verdict outside a
+        pipeline (planning a run in passes reads the input with it)."""
+        compiled = {s: (compile_plan(p) if p is not None else None) for s, p in self._plans.items()}
+        identity, modes, settings = self._identity, self._modes, self._settings
+
+        def verdict(raw: RawEvent, now_ms: int):
+            return judge(
+                raw,
+                compiled[raw[0]],
+                identity=identity,
+                rule_modes=modes.get(raw[0]),
+                now_ms=now_ms,
+                **settings,
+            )
+
+        return verdict
 
     def expand(self, raw_events):
         fn = _ValidateFn(self._plans, self._settings, self._identity, self._modes, self._clock)
