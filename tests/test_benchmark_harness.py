@@ -25,7 +25,7 @@ def test_targets_pass_and_fail_per_size_and_per_doubling():
         _row(2_000_000, 210.0, 5000, 2.5, unresolved=3, oracle_eps=9_000),
     ]
     lines = rb.check_targets(rows)
-    assert lines[0].startswith("1,000,000 local")
+    assert lines[0].startswith("1,000,000 local ")
     assert "events/s 11,111 PASS" in lines[0] and "peak 2.93 GiB PASS" in lines[0]
     assert "1.8x PASS" in lines[0] and "unresolved_links 0 PASS" in lines[0]
     assert "oracle 12,500 ev/s PASS" in lines[0]
@@ -45,7 +45,7 @@ def test_skipped_size_is_reported_and_left_out_of_growth():
         {"events": 1_000_000, "skipped": "not run: too big"},
     ]
     lines = rb.check_targets(rows)
-    assert lines[2] == "1,000,000: not run: too big"
+    assert lines[2] == "1,000,000 local       : not run: too big"
     assert lines[3] == "time(500,000)/time(250,000) = 2.10 PASS (<= 2.2)"
     assert len(lines) == 4
 
