@@ -127,6 +127,13 @@ def _base(extra: str) -> str:
         ),
         ("audiences: [{name: a}]", "test.yaml: audiences[0].when: required key is missing"),
         (
+            "identity: {max_hops: 5}",
+            "test.yaml: identity.max_hops: replaced by `rounds` (default 16): stitching now finds "
+            "whole identifier graphs up to chains of ~2 ** (rounds - 4) identifiers, where "
+            "max_hops stopped at max_hops links; delete it",
+        ),
+        ("identity: {rounds: 1}", "test.yaml: identity: rounds: must be between 2 and 30"),
+        (
             "consent: {destinations: {crm: {delivery: {type: kafka}}}}",
             "test.yaml: consent.destinations.crm.delivery: kafka: a delivery of type kafka needs its `kafka` section",
         ),
