@@ -570,14 +570,18 @@ class _ReportBlockedFn(beam.DoFn):
             return
         done.write(1)
         best.clear()
-        link = Link(*cur)
-        yield {
-            "kind": "link_refused",
-            "rule": "blocklist",
-            "identifier": key.split("|", 1)[0],  # the junk end (a link's ends are sorted)
-            "link": link.record(),
-            "clusters": None,
-        }
+        yield _blocked_record(key, Link(*cur))
+
+
+def _blocked_record(key: str, link: Link) -> dict:
+    """The review record of a ``junk|other`` pair with its earliest evidence."""
+    return {
+        "kind": "link_refused",
+        "rule": "blocklist",
+        "identifier": key.split("|", 1)[0],  # the junk end
+        "link": link.record(),
+        "clusters": None,
+    }
 
 
 class StitchIdentities(beam.PTransform):
@@ -692,11 +696,21 @@ class StitchIdentities(beam.PTransform):
             ).with_output_types(KV[str, Any])
         )
         failed_events.append(blocked_links_[FAILED])
-        blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
-            _ReportBlockedFn()
-        ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
-        failed.append(blocked[FAILED])
-        review = (*reviews, resolved[REVIEW], blocked.review) | "MergeReview" >> beam.Flatten()
+        if bounded:
+            # A bounded run knows every pair's evidence at once: the earliest per pair, by a
+            # combiner (no state, no timer).
+            blocked_review = (
+                blocked_links_.good
+                | "EarliestBlocked" >> beam.CombinePerKey(min)
+                | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
+            )
+        else:
+            blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
+                _ReportBlockedFn()
+            ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
+            failed.append(blocked[FAILED])
+            blocked_review = blocked.review
+        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
         return {
             ASSIGNMENTS: resolved[ASSIGNMENTS],
             IDENTITIES: resolved[IDENTITIES],
