@@ -52,7 +52,8 @@ def absorb(
     else:
         fresh = new - cur
     out = [(m, tuple(sorted(fresh)))]
-    out.extend((u, (m,)) for u in sorted(fresh))
+    # (The minimum learns itself from its own cluster message: no singleton for it.)
+    out.extend((u, (m,)) for u in sorted(fresh) if u != m)
     return new, out
 
 
