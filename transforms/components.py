@@ -112,7 +112,9 @@ def settle(v: str, messages: Iterable[tuple[str, object]]) -> tuple[str | None, 
         if kind == CLUSTER:
             cluster.update(payload)  # type: ignore[arg-type]
         elif kind == SELF:
-            own = payload  # type: ignore[assignment]
+            # Round one gets a node's closed neighbourhood in parts (one per link), later rounds
+            # in one piece.
+            own = tuple(sorted({*own, *payload}))  # type: ignore[misc]
         else:
             node, nbrs = payload  # type: ignore[misc]
             adj[node] = nbrs
