@@ -1,6 +1,6 @@
 r"""Identity stitching in keyed Beam state, with no cycle and no key holding the whole graph.
 
-    events -> links (+ unlink / delete notices) -> Link -> Connect[1] -> ... -> Connect[R]
+    events -> links (+ unlink / delete notices) -> Link -> Pair -> Connect[1] -> ... -> Connect[R]
                                                    |  \                          |
                identity_review <- shared ids <----+   +-> evidence -> Route <-----+ group
                                                                         |
@@ -12,7 +12,10 @@ Three steps (DESIGN.md section 4):
 1. **Evidence.** ``Link`` is keyed by identifier and keeps its neighbours (with the earliest
    link evidence of each pair) and its unlink / delete notices. An identifier with more distinct
    neighbours than ``max_cluster_size`` is *shared*: its list stops at the cap and all its links
-   are refused, so a junk id that escaped the blocklist cannot grow without bound.
+   are refused, so a junk id that escaped the blocklist cannot grow without bound. ``Pair``
+   (keyed by link) lets a link into the component stages only when both ends accepted it: the
+   links past a shared identifier's cap never glue groups, and the adjacency ``Connect`` sees
+   is symmetric.
 2. **Groups: connected components in a fixed number of stages.** ``Connect[1..R]`` (``R`` =
    ``identity.rounds``, default 16) run Hash-to-Min (``transforms/components.py``): each stage
    doubles the reach of the one before, so chains of ~2^(R-4) identifiers (measured: 5,000 at
