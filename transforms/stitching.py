@@ -396,10 +396,15 @@ class _RouteFn(beam.DoFn):
         else:
             old_way = node[1].get(ONE_WAY) if node else None
             node = (msg[1], {**msg[2], ONE_WAY: old_way} if old_way else msg[2])
-        # Until Connect names its group (an identifier with no link both ends accepted never
-        # gets one), an identifier is a group of its own.
-        group = label if label is not None else x
-        if node is not None:
+        # Connect names the group of an identifier with a link both ends accepted; one whose
+        # every neighbour refused its link (past their cap) never gets a name: it is a group of
+        # its own. One still waiting for its name waits here, not in a group of its own.
+        group = label
+        if group is None and node is not None:
+            nbrs, attrs = node
+            if not set(nbrs).difference(attrs.get(ONE_WAY, ())):
+                group = x
+        if group is not None and node is not None:
             yield (group, ("node", (x, *node)))
             if sent is not None and sent != group:
                 yield (sent, ("drop", x))
