@@ -377,7 +377,15 @@ def _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_
     try:
         for k, files in enumerate(plan.files):
             p = beam.Pipeline(options=PipelineOptions(runner + beam_args))
-            outputs = job.build(p, cfg, {}, bounded=True, archive_globs=files, now_ms=plan.now_ms)
+            outputs = job.build(
+                p,
+                cfg,
+                {},
+                bounded=True,
+                archive_globs=files,
+                now_ms=plan.now_ms,
+                archive_input=True,  # sinks.archive gets each pass's raw input, as one run's
+            )
             job.write_outputs(outputs, cfg, output_dir, file_suffix=f"-pass{k:04d}")
             try:
                 result = p.run()

@@ -181,6 +181,7 @@ def build(
     archive_globs: list[str] | None = None,
     drain_file: str | None = None,
     now_ms: int | None = None,
+    archive_input: bool = False,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
@@ -191,7 +192,8 @@ def build(
     key) instead of the streaming ones (keyed state and timers). Default: bounded exactly when
     the pipeline is not streaming. Tests pass ``False`` to run the streaming stages over a
     finite input and compare both. ``archive_globs``: read these raw-input archive files
-    instead of the configured sources (a replay; nothing is archived again). ``drain_file``: a
+    instead of the configured sources (a replay; nothing is archived again, unless
+    ``archive_input``: the passes of one run read their input from such files). ``drain_file``: a
     streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
     creates it on SIGINT/SIGTERM)."""
     plans = tracking_plans(config)
@@ -213,14 +215,12 @@ def build(
                 read = ReadFileSource(src.name, src.format, inputs[src.name])
             reads.append(p | f"Read[{src.name}]" >> read)
         raw = reads[0] if len(reads) == 1 else tuple(reads) | "MergeSources" >> beam.Flatten()
-        if config.sinks.archive.path:
-            if not bounded:
-                from pipelines.config import ConfigError
+    if config.sinks.archive.path and (archive_globs is None or archive_input):
+        if not bounded:
+            from pipelines.config import ConfigError
 
-                raise ConfigError(
-                    ["sinks.archive.path: archives bounded runs only in this release"]
-                )
-            raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path, run_id())
+            raise ConfigError(["sinks.archive.path: archives bounded runs only in this release"])
+        raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path, run_id())
 
     validated = raw | "ValidateEvents" >> _validate(config, plans, now_ms)
     deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(

@@ -94,3 +94,14 @@ def test_unknown_rule_in_config_suggests_the_nearest():
             "tracking_plans: {default: {path: ../tracking_plans/example.yaml}}"
         )
     assert "did you mean 'schema.additional_property'?" in str(e.value)
+
+
+def test_an_omitted_identifier_field_is_not_carried_as_an_identifier():
+    """The envelope carries the identifiers of the event as it goes on: an `omit` that removes
+    a malformed e-mail leaves no email identifier behind (stitching and keying read these)."""
+    identify = event(type="identify", userId="u1", event=None, properties=None, traits={"email": 5})
+    env, record = run(identify, {"default": "omit"})
+    assert record is None and "email" not in env.event["traits"]
+    assert env.identifiers == (("user_id", "u1"), ("anonymous_id", identify["anonymousId"]))
+    env, _ = run({**identify, "traits": {"email": "A@B.io"}}, {"default": "omit"})
+    assert ("email", "a@b.io") in env.identifiers

@@ -362,3 +362,54 @@ def test_random_identifier_graphs_are_their_components(tmp_path_factory, edges, 
         tmp_path_factory.mktemp("g"), bipartite_events(edges), WIDE, bounded=bounded
     )
     assert sorted(ids for ids, _ in profiles.values()) == expected_persons(edges)
+
+
+# --- a shared identifier: every refused link reported, no glue past its cap ---------------------
+
+
+def test_a_valid_link_beside_a_shared_device_is_applied_in_both_stage_kinds(tmp_path, runner):
+    """A device over the cap (2) refuses its third link, so the lists of its neighbours and its
+    own disagree; the identify that links a1 and u still makes one person, and every refused
+    link of the device is reported once (a bounded run once split this person)."""
+    profiles, _, review = runner(
+        tmp_path,
+        [
+            at(1, messageId="1", anonymousId="a1", context=device("d")),
+            at(2, messageId="2", anonymousId=None, userId="u", context=device("d")),
+            identify(3, "3", "u", "a1"),
+            at(4, messageId="4", anonymousId="a0", context=device("d")),
+        ],
+        CONFIG + "identity: {max_cluster_size: 2}\n",
+    )
+    assert profiles["user:u"][0] == ["anonymous_id:a1", "user_id:u"]
+    assert profiles["anon:a0"][0] == ["anonymous_id:a0"]
+    pairs = sorted((r["rule"], r["link"]["a"], r["link"]["b"]) for r in review)
+    assert pairs == [
+        ("breaker.shared_identifier", "anon:a0", "device_id:d"),
+        ("breaker.shared_identifier", "anon:a1", "device_id:d"),
+        ("breaker.shared_identifier", "device_id:d", "user:u"),
+    ]
+
+
+def test_identifiers_past_a_shared_identifiers_cap_are_not_glued_into_its_group():
+    """A kiosk seen with 6 anonymous ids, cap 3: the 3 it accepted may share its group, the
+    links past its cap never reach the component stages, so those 3 stay groups of their own
+    (one key never gathers everyone a junk id was seen with)."""
+    from transforms.stitching import ASSIGNMENTS
+
+    envs = [
+        _env(at(10 + i, messageId=f"k{i}", anonymousId=f"k{i}", context=device("kiosk")), i)
+        for i in range(6)
+    ]
+    identity = config_from(CONFIG + "identity: {max_cluster_size: 3}\n").identity
+    with make_pipeline() as p:
+        out = p | beam.Create(envs) | StitchIdentities(identity, bounded=True)
+        groups = out[ASSIGNMENTS] | beam.Map(lambda kv: (kv[0], kv[1][0]))
+        assert_that(
+            groups,
+            equal_to(
+                [(f"anon:k{i}", "anon:k0") for i in range(3)]
+                + [("device_id:kiosk", "anon:k0")]
+                + [(f"anon:k{i}", f"anon:k{i}") for i in range(3, 6)]
+            ),
+        )

@@ -52,7 +52,8 @@ def absorb(
     else:
         fresh = new - cur
     out = [(m, tuple(sorted(fresh)))]
-    out.extend((u, (m,)) for u in sorted(fresh))
+    # (The minimum learns itself from its own cluster message: no singleton for it.)
+    out.extend((u, (m,)) for u in sorted(fresh) if u != m)
     return new, out
 
 
@@ -111,7 +112,9 @@ def settle(v: str, messages: Iterable[tuple[str, object]]) -> tuple[str | None, 
         if kind == CLUSTER:
             cluster.update(payload)  # type: ignore[arg-type]
         elif kind == SELF:
-            own = payload  # type: ignore[assignment]
+            # Round one gets a node's closed neighbourhood in parts (one per link), later rounds
+            # in one piece.
+            own = tuple(sorted({*own, *payload}))  # type: ignore[misc]
         else:
             node, nbrs = payload  # type: ignore[misc]
             adj[node] = nbrs

@@ -246,13 +246,33 @@ def _advance(
     return found
 
 
-def _key_patterns(key: str, c: _Compiled) -> tuple[tuple[re.Pattern[str], str], ...]:
-    """The value patterns that apply under ``key`` (their ``key_pattern`` matches), rule order."""
+def _required_char(regex: re.Pattern[str]) -> str | None:
+    """A character every match of ``regex`` contains (a literal of the pattern's top-level
+    sequence, e.g. the ``@`` of an e-mail pattern), or None when there is none to be sure of.
+    A value without it cannot match, so a substring test (~30 ns) spares the search (~0.5 µs
+    for the e-mail pattern): most string values of an event hold no ``@``. Python's own regex
+    parser is asked (private module, so anything unexpected just means no shortcut)."""
+    if regex.flags & re.IGNORECASE:
+        return None
+    try:
+        import re._parser as sre_parse  # type: ignore[import-not-found]
+
+        for op, arg in sre_parse.parse(regex.pattern).data:
+            if op is sre_parse.LITERAL:
+                return chr(arg)
+    except Exception:  # noqa: BLE001 (an optimisation: any surprise means none)
+        return None
+    return None
+
+
+def _key_patterns(key: str, c: _Compiled) -> tuple[tuple[re.Pattern[str], str, str | None], ...]:
+    """The value patterns that apply under ``key`` (their ``key_pattern`` matches), rule order,
+    each with the character its matches need (:func:`_required_char`)."""
     memo = c.patterns_for_key
     found = memo.get(key)
     if found is None:
         found = tuple(
-            (regex, cls)
+            (regex, cls, _required_char(regex))
             for regex, key_regex, cls in c.patterns
             if key_regex is None or key_regex.search(key)
         )
@@ -267,8 +287,8 @@ def _pattern_classes(value: Any, key: str, c: _Compiled) -> list[str]:
         return []
     text = value if isinstance(value, str) else str(value)
     found: list[str] = []
-    for regex, cls in _key_patterns(key, c):
-        if cls not in found and regex.search(text):
+    for regex, cls, needed in _key_patterns(key, c):
+        if cls not in found and (needed is None or needed in text) and regex.search(text):
             found.append(cls)
     return found
 
@@ -449,8 +469,8 @@ def _locate(
                     if pats is None:
                         pats = _key_patterns(k, c)
                     hits: list[str] | None = None
-                    for regex, cl in pats:
-                        if regex.search(text):
+                    for regex, cl, needed in pats:
+                        if (needed is None or needed in text) and regex.search(text):
                             if hits is None:
                                 hits = [cl]
                             elif cl not in hits:

@@ -1,6 +1,6 @@
 r"""Identity stitching in keyed Beam state, with no cycle and no key holding the whole graph.
 
-    events -> links (+ unlink / delete notices) -> Link -> Connect[1] -> ... -> Connect[R]
+    events -> links (+ unlink / delete notices) -> Link -> Pair -> Connect[1] -> ... -> Connect[R]
                                                    |  \                          |
                identity_review <- shared ids <----+   +-> evidence -> Route <-----+ group
                                                                         |
@@ -12,7 +12,10 @@ Three steps (DESIGN.md section 4):
 1. **Evidence.** ``Link`` is keyed by identifier and keeps its neighbours (with the earliest
    link evidence of each pair) and its unlink / delete notices. An identifier with more distinct
    neighbours than ``max_cluster_size`` is *shared*: its list stops at the cap and all its links
-   are refused, so a junk id that escaped the blocklist cannot grow without bound.
+   are refused, so a junk id that escaped the blocklist cannot grow without bound. ``Pair``
+   (keyed by link) lets a link into the component stages only when both ends accepted it: the
+   links past a shared identifier's cap never glue groups, and the adjacency ``Connect`` sees
+   is symmetric.
 2. **Groups: connected components in a fixed number of stages.** ``Connect[1..R]`` (``R`` =
    ``identity.rounds``, default 16) run Hash-to-Min (``transforms/components.py``): each stage
    doubles the reach of the one before, so chains of ~2^(R-4) identifiers (measured: 5,000 at
@@ -46,7 +49,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.components import absorb, final_label, first_round, settle
+from transforms.components import CLUSTER, SELF, absorb, final_label, settle
 from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
@@ -80,6 +83,8 @@ NODES = "nodes"  # (x, ("node", nbrs, attrs)): the identifier's evidence
 LABELS = "labels"  # (x, ("label", group)): the identifier's group
 NODE_UPDATE = "node"
 LABEL = "label"
+ONE_WAY = "w"  # (y, ("w", x)) into Route; attrs key: neighbours whose end refused the link
+PAIRS = "pairs"  # Link's acceptance of a neighbour, keyed by the pair: ("a\x1fb", acceptor)
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -173,18 +178,21 @@ class _LinkFn(beam.DoFn):
     def process(self, element, node_state=beam.DoFn.StateParam(NODE)):
         x, msg = element
         nbrs, attrs = node_state.read() or ({}, {})
-        changed, new_nbr, review = self._step(x, msg, nbrs, attrs)
+        changed, new_nbr, refused, review = self._step(x, msg, nbrs, attrs)
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
         if changed:
             node_state.write((nbrs, attrs))
             yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
         if new_nbr is not None:
-            yield (x, (x, new_nbr))
+            yield (pair_key(x, new_nbr), x)
+        if refused is not None:
+            yield beam.pvalue.TaggedOutput(NODES, (refused, (ONE_WAY, x)))
 
     def _step(self, x, msg, nbrs, attrs):
         """Apply one message to the identifier (mutates ``nbrs``/``attrs``); returns whether its
-        evidence changed, the neighbour it newly accepted (or None) and review records."""
+        evidence changed, the neighbour it newly accepted (or None), the neighbour it refused
+        for being past its cap (or None) and review records."""
         kind = msg[0]
         review: list[dict] = []
         if kind == NEIGHBOUR:
@@ -193,31 +201,32 @@ class _LinkFn(beam.DoFn):
             if attrs.get(SHARED):
                 if known is None:
                     review.append(_shared_record(x, link))
-                return False, None, review
+                    return False, None, nbr, review
+                return False, None, None, review
             if known is None and len(nbrs) >= self._cap:
                 # Shared identifier: its neighbour list stays at the cap and ResolveGroup
                 # refuses every link it has; the links past the cap are reported here.
                 attrs[SHARED] = True
                 self._shared.inc()
                 review.append(_shared_record(x, link))
-                return True, None, review
+                return True, None, nbr, review
             best = earlier(known, link)
             if best != known:
                 nbrs[nbr] = best
-                return True, (nbr if known is None else None), review
-            return False, None, review
+                return True, (nbr if known is None else None), None, review
+            return False, None, None, review
         if kind == UNLINK:
             _, other, link = msg
             unl = attrs.setdefault(UNLINK, {})
             best = earlier(unl.get(other), link)
             if unl.get(other) != best:
                 unl[other] = best
-                return True, None, review
+                return True, None, None, review
         elif kind == DELETED:
             if attrs.get(DELETED) is None or msg[1] < attrs[DELETED]:
                 attrs[DELETED] = msg[1]
-                return True, None, review
-        return False, None, review
+                return True, None, None, review
+        return False, None, None, review
 
 
 SHARED_RULE = "breaker.shared_identifier"
@@ -257,18 +266,62 @@ def _message_order(msg: tuple) -> tuple:
 class _LinkGroupedFn(_LinkFn):
     """Bounded runs: ``(identifier, all its messages)`` in, applied with the streaming stage's
     own rule (``_step``) in :func:`_message_order`; the settled identifier goes out once: to
-    ``Route`` and, with its neighbours, into the first bounded round of ``Connect``."""
+    ``Route``, and its acceptance of each neighbour to ``Pair``."""
 
     def process(self, element):
         x, messages = element
         nbrs, attrs = {}, {}
         for msg in sorted(messages, key=_message_order):
-            _, _, review = self._step(x, msg, nbrs, attrs)
+            _, _, refused, review = self._step(x, msg, nbrs, attrs)
             for record in review:
                 yield beam.pvalue.TaggedOutput(REVIEW, record)
+            if refused is not None:
+                yield beam.pvalue.TaggedOutput(NODES, (refused, (ONE_WAY, x)))
         yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
-        if nbrs:
-            yield from first_round(x, nbrs)
+        for nbr in nbrs:
+            yield (pair_key(x, nbr), x)
+
+
+# --- Pair: a link joins groups only when both ends accept it -------------------------------------
+
+
+def pair_key(x: str, y: str) -> str:
+    return f"{x}\x1f{y}" if x < y else f"{y}\x1f{x}"
+
+
+class _PairFn(beam.DoFn):
+    """Keyed by the pair: which ends accepted the link. When both have, the edge goes into
+    ``Connect[1]``, once. A shared identifier refuses the links past its cap, so they never
+    reach ``Connect``: a junk id that escaped the blocklist glues at most its first
+    ``max_cluster_size`` neighbours into one group (as the ones it accepted), never everyone it
+    was seen with, and every adjacency ``Connect`` sees is symmetric (its bounded early exit
+    relies on it)."""
+
+    ENDS = ReadModifyWriteStateSpec("ends", FastPrimitivesCoder())
+
+    @dead_letter_on_raise
+    def process(self, element, ends_state=beam.DoFn.StateParam(ENDS)):
+        key, end = element
+        ends = ends_state.read() or ()
+        if end in ends:
+            return
+        ends_state.write((*ends, end))
+        if len(ends) == 1:
+            a, b = key.split("\x1f", 1)
+            yield (a, (a, b))
+            yield (b, (a, b))
+
+
+def _pair_grouped(element):
+    """Bounded runs: ``(pair, accepting ends)`` -> the first round's messages of both ends,
+    when both accepted."""
+    key, ends = element
+    if len(set(ends)) < 2:
+        return
+    a, b = key.split("\x1f", 1)
+    for v in (a, b):
+        yield (v, (CLUSTER, (a, b)))
+        yield (v, (SELF, (a, b)))
 
 
 # --- Connect[1..R]: each identifier's component (transforms/components.py) ------------------------
@@ -320,9 +373,10 @@ class _ConnectGroupedFn(beam.DoFn):
 
 
 class _RouteFn(beam.DoFn):
-    """Keyed by identifier: joins its evidence (from ``Link``) with its group (from the last
-    ``Connect``) and hands the evidence to the group's resolver, moving it when the group
-    changes. An identifier without neighbours has no group message: its group is itself."""
+    """Keyed by identifier: joins its evidence (from ``Link``, with the neighbours that refused
+    its link past their cap) with its group (from the last ``Connect``) and hands the evidence to
+    the group's resolver, moving it when the group changes. An identifier without a link both
+    ends accepted has no group message: its group is itself."""
 
     STATE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
 
@@ -334,9 +388,22 @@ class _RouteFn(beam.DoFn):
             if msg[1] == label:
                 return
             label = msg[1]
+        elif msg[0] == ONE_WAY:
+            nbrs, attrs = node or ({}, {})
+            if msg[1] in attrs.get(ONE_WAY, ()):
+                return
+            node = (nbrs, {**attrs, ONE_WAY: (*attrs.get(ONE_WAY, ()), msg[1])})
         else:
-            node = (msg[1], msg[2])
-        group = label if label is not None else (x if node and not node[0] else None)
+            old_way = node[1].get(ONE_WAY) if node else None
+            node = (msg[1], {**msg[2], ONE_WAY: old_way} if old_way else msg[2])
+        # Connect names the group of an identifier with a link both ends accepted; one whose
+        # every neighbour refused its link (past their cap) never gets a name: it is a group of
+        # its own. One still waiting for its name waits here, not in a group of its own.
+        group = label
+        if group is None and node is not None:
+            nbrs, attrs = node
+            if not set(nbrs).difference(attrs.get(ONE_WAY, ())):
+                group = x
         if group is not None and node is not None:
             yield (group, ("node", (x, *node)))
             if sent is not None and sent != group:
@@ -348,13 +415,17 @@ class _RouteFn(beam.DoFn):
 def _route_grouped(element):
     """Bounded runs: ``(identifier, [its node, its label])`` -> ``(group, ("node", ...))``."""
     x, messages = element
-    label, node = x, None
+    label, node, one_way = x, None, []
     for msg in messages:
         if msg[0] == LABEL:
             label = msg[1]
+        elif msg[0] == ONE_WAY:
+            one_way.append(msg[1])
         else:
             node = (msg[1], msg[2])
     if node is not None:
+        if one_way:
+            node = (node[0], {**node[1], ONE_WAY: tuple(sorted(set(one_way)))})
         yield (label, ("node", (x, *node)))
 
 
@@ -421,8 +492,14 @@ class _GroupResolver:
                 link = Link(*evidence)
                 if nbr in owned:
                     links[(link.a, link.b)] = earlier(links.get((link.a, link.b)), link)
-                elif nbr not in nodes and nbr not in self._deleted:
-                    self._unresolved.inc()  # the other end is in another candidate group
+                elif (
+                    nbr not in nodes
+                    and nbr not in self._deleted
+                    and nbr not in attrs.get(ONE_WAY, ())
+                ):
+                    # The other end is in another group: Connect's rounds did not suffice.
+                    # (A one-way neighbour refused the link past its cap: Link reported it.)
+                    self._unresolved.inc()
             for other in attrs.get(UNLINK, {}):
                 unlinked.append((x, other))
         res = resolve(nodes, links.values(), self._rules, unlinked, shared)
@@ -570,14 +647,18 @@ class _ReportBlockedFn(beam.DoFn):
             return
         done.write(1)
         best.clear()
-        link = Link(*cur)
-        yield {
-            "kind": "link_refused",
-            "rule": "blocklist",
-            "identifier": key.split("|", 1)[0],  # the junk end (a link's ends are sorted)
-            "link": link.record(),
-            "clusters": None,
-        }
+        yield _blocked_record(key, Link(*cur))
+
+
+def _blocked_record(key: str, link: Link) -> dict:
+    """The review record of a ``junk|other`` pair with its earliest evidence."""
+    return {
+        "kind": "link_refused",
+        "rule": "blocklist",
+        "identifier": key.split("|", 1)[0],  # the junk end
+        "link": link.record(),
+        "clusters": None,
+    }
 
 
 class StitchIdentities(beam.PTransform):
@@ -635,10 +716,26 @@ class StitchIdentities(beam.PTransform):
             beam.ParDo(link_fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
             REVIEW,
             NODES,
-            main="clusters",
+            main=PAIRS,
         )
         failed.append(linked[FAILED])
-        stage, labels = linked["clusters"], []
+        # Pair: a link reaches Connect only when both of its ends accepted it.
+        if bounded:
+            stage = (
+                linked[PAIRS]
+                | "PairGroups" >> beam.GroupByKey()
+                | "Pair" >> beam.FlatMap(_pair_grouped).with_output_types(KV[str, Any])
+            )
+        else:
+            paired = linked[PAIRS] | "Pair" >> dead_lettered(
+                beam.ParDo(_PairFn())
+                .with_input_types(KV[str, Any])
+                .with_output_types(KV[str, Any]),
+                main="edges",
+            )
+            failed.append(paired[FAILED])
+            stage = paired["edges"]
+        labels = []
         for k in range(1, self._rounds + 1):
             last = k == self._rounds
             if bounded:
@@ -692,11 +789,21 @@ class StitchIdentities(beam.PTransform):
             ).with_output_types(KV[str, Any])
         )
         failed_events.append(blocked_links_[FAILED])
-        blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
-            _ReportBlockedFn()
-        ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
-        failed.append(blocked[FAILED])
-        review = (*reviews, resolved[REVIEW], blocked.review) | "MergeReview" >> beam.Flatten()
+        if bounded:
+            # A bounded run knows every pair's evidence at once: the earliest per pair, by a
+            # combiner (no state, no timer).
+            blocked_review = (
+                blocked_links_.good
+                | "EarliestBlocked" >> beam.CombinePerKey(min)
+                | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
+            )
+        else:
+            blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
+                _ReportBlockedFn()
+            ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
+            failed.append(blocked[FAILED])
+            blocked_review = blocked.review
+        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
         return {
             ASSIGNMENTS: resolved[ASSIGNMENTS],
             IDENTITIES: resolved[IDENTITIES],

@@ -140,6 +140,9 @@ def judge(
             ctx = event.setdefault("context", {})
             if isinstance(ctx, dict):
                 ctx["cdi"] = {"plan_version": version, "violations": notes}
+            # An `omit` rule may have removed a field an identifier is read from: the
+            # envelope carries the identifiers of the event as it goes on.
+            ids, junk = read_identifiers(event, identity)
     else:
         violations = plan_violations(event, plan, max_depth)
     if violations:
