@@ -49,7 +49,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.components import CLUSTER, SELF, absorb, final_label, settle
+from transforms.components import absorb, final_label, first_round, settle
 from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
@@ -319,9 +319,8 @@ def _pair_grouped(element):
     if len(set(ends)) < 2:
         return
     a, b = key.split("\x1f", 1)
-    for v in (a, b):
-        yield (v, (CLUSTER, (a, b)))
-        yield (v, (SELF, (a, b)))
+    yield from first_round(a, (b,))
+    yield from first_round(b, (a,))
 
 
 # --- Connect[1..R]: each identifier's component (transforms/components.py) ------------------------
@@ -720,21 +719,24 @@ class StitchIdentities(beam.PTransform):
         )
         failed.append(linked[FAILED])
         # Pair: a link reaches Connect only when both of its ends accepted it.
-        if bounded:
-            stage = (
-                linked[PAIRS]
-                | "PairGroups" >> beam.GroupByKey()
-                | "Pair" >> beam.FlatMap(_pair_grouped).with_output_types(KV[str, Any])
+
+        def keyed(pcoll, name, grouped, stateful):
+            """One keyed step: a bounded run groups each key's elements and applies the pure
+            ``grouped``; a streaming run applies the stateful DoFn (its dead letters kept)."""
+            if bounded:
+                return (
+                    pcoll
+                    | f"{name}Groups" >> beam.GroupByKey()
+                    | name >> beam.FlatMap(grouped).with_output_types(KV[str, Any])
+                )
+            result = pcoll | name >> dead_lettered(
+                beam.ParDo(stateful).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
+                main="next",
             )
-        else:
-            paired = linked[PAIRS] | "Pair" >> dead_lettered(
-                beam.ParDo(_PairFn())
-                .with_input_types(KV[str, Any])
-                .with_output_types(KV[str, Any]),
-                main="edges",
-            )
-            failed.append(paired[FAILED])
-            stage = paired["edges"]
+            failed.append(result[FAILED])
+            return result["next"]
+
+        stage = keyed(linked[PAIRS], "Pair", _pair_grouped, _PairFn())
         labels = []
         for k in range(1, self._rounds + 1):
             last = k == self._rounds
@@ -751,21 +753,7 @@ class StitchIdentities(beam.PTransform):
         routed = (linked[NODES], *labels) | "RouteInputs" >> beam.Flatten().with_output_types(
             KV[str, Any]
         )
-        if bounded:
-            stage = (
-                routed
-                | "RouteGroups" >> beam.GroupByKey()
-                | "Route" >> beam.FlatMap(_route_grouped).with_output_types(KV[str, Any])
-            )
-        else:
-            route = routed | "Route" >> dead_lettered(
-                beam.ParDo(_RouteFn())
-                .with_input_types(KV[str, Any])
-                .with_output_types(KV[str, Any]),
-                main="next",
-            )
-            failed.append(route[FAILED])
-            stage = route["next"]
+        stage = keyed(routed, "Route", _route_grouped, _RouteFn())
         reviews = [linked[REVIEW]]
         if bounded:
             resolver = _ResolveGroupedFn(self._rules, self._deleted)
