@@ -192,7 +192,7 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
-class TriggerConfig:
+class PaneTriggerConfig:
     # Early (speculative) panes this long in processing time after new data; none by default.
     early: Duration | None = None
     # A pane at the watermark (window end) is always emitted. `late`: a corrected pane for each
@@ -212,7 +212,7 @@ class ComputedTraitConfig:
     # JSON path into the event (e.g. properties.revenue) for sum and distinct_count.
     property: str | None = None
     window: WindowConfig = WindowConfig()
-    trigger: TriggerConfig = TriggerConfig()
+    trigger: PaneTriggerConfig = PaneTriggerConfig()
 
     def __post_init__(self):
         if self.aggregate in ("sum", "distinct_count") and not self.property:

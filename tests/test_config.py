@@ -43,7 +43,7 @@ def test_reference_config_documents_every_key():
         c.DedupConfig, c.WindowsConfig, c.IdentityConfig, c.IdentifierType, c.DestinationConfig,
         c.ConsentConfig, c.AudienceConfig, c.SinksConfig, c.ProfileSinkConfig, c.ProfileStoreConfig,
         c.DeliveryConfig, c.KafkaDeliveryConfig, c.WebhookConfig, c.PubSubDeliveryConfig,
-        c.TriggerConfig, c.ArchiveConfig,
+        c.TriggerConfig, c.PaneTriggerConfig, c.ArchiveConfig,
         c.KafkaSourceConfig,
     ]  # fmt: skip
     for cls in classes:
@@ -143,6 +143,19 @@ def test_each_config_error_is_one_precise_line(extra, expected):
     with pytest.raises(ConfigError) as e:
         config_from(_base(extra))
     assert e.value.problems == [expected]
+
+
+def test_the_reference_configs_commented_examples_parse():
+    """The examples the reference config shows commented out are valid as written (a computed
+    trait's pane trigger was once read as an activation trigger and refused)."""
+    text = (CONFIGS / "reference.yaml").read_text()
+    block = text.split("computed_traits: []\n", 1)[1].split("\n\n", 1)[0]
+    example = "\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines())
+    cfg = config_from(_base("computed_traits:\n" + example + "\n"))
+    (trait,) = cfg.computed_traits
+    assert trait.name == "revenue_30d" and trait.window.type == "sliding"
+    assert trait.trigger.early == Duration.parse("1m") and trait.trigger.late
+    assert trait.trigger.accumulation == "accumulating"
 
 
 def test_missing_tracking_plan_file_and_unknown_plan_reference():
