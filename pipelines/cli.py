@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
         "idempotency keys per pass), the results of one run with the memory of N events",
     )
     run.add_argument(
+        "--workers",
+        type=int,
+        metavar="W",
+        help="bounded runs over files: run passes W at a time, each in a process of its own "
+        "(both cores of a 2-core machine with W=2); without --max-events-per-pass, the input "
+        "is split into W passes of near-equal size. Memory: W passes at once",
+    )
+    run.add_argument(
         "--detach",
         action="store_true",
         help="submit the job and return without waiting for it (Dataflow, Flink; the Flex "
@@ -293,15 +301,18 @@ def cmd_run(args, beam_args: list[str]) -> int:
         raise UsageError(f"cdi run: --runner {args.runner or 'prism'}: {e}") from None
     detach = getattr(args, "detach", False)
     per_pass = getattr(args, "max_events_per_pass", None)
-    if per_pass is not None:
+    workers = getattr(args, "workers", None)
+    for flag, value in (("--max-events-per-pass", per_pass), ("--workers", workers)):
+        if value is None:
+            continue
         if streaming or globs is not None or detach:
             raise ConfigError(
-                [
-                    "--max-events-per-pass: for bounded runs over files (not with --streaming, "
-                    "replay or --detach)"
-                ]  # fmt: skip
+                [f"{flag}: for bounded runs over files (not with --streaming, replay or --detach)"]
             )
-        return _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_pass)
+        if value < 1:
+            raise ConfigError([f"{flag}: must be at least 1"])
+    if per_pass is not None or (workers or 1) > 1:
+        return _run_in_passes(cfg, inputs, output_dir, paths, runner + beam_args, per_pass, workers)
     # The continuous shell (status line, drain by a drain file the workers can see) is for the
     # local runner; Dataflow and Flink jobs are drained with their own tools.
     continuous = streaming and not detach and "--runner=PrismRunner" in runner
@@ -353,60 +364,49 @@ def cmd_run(args, beam_args: list[str]) -> int:
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
-def _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_pass) -> int:
-    """``cdi run --max-events-per-pass N`` (pipelines/passes.py): plan, run each pass into the
-    same outputs, one report with the counters of all passes."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines import governed_profiles as job
+def _run_in_passes(cfg, inputs, output_dir, paths, beam_args, per_pass, workers) -> int:
+    """``cdi run --max-events-per-pass N`` and ``--workers W`` (pipelines/passes.py): plan,
+    run the passes (W at a time, each in a fresh process, when W > 1) into the same outputs, one
+    report with the counters of all passes."""
     from pipelines.passes import plan_passes
-    from pipelines.report import build_report, counters, format_summary, write_report
+    from pipelines.report import build_report, format_summary, write_report
 
     started = time.perf_counter()
+    workers = workers or 1
     workdir = output_dir / ".cdi-passes"
     shutil.rmtree(workdir, ignore_errors=True)
-    plan = plan_passes(cfg, inputs, per_pass, workdir)
+    plan = plan_passes(cfg, inputs, per_pass, workdir, balanced=workers)
+    at_once = f", {workers} at a time" if workers > 1 else ""
     print(
-        f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most {per_pass:,} "
-        f"({plan.parts:,} parts, the largest {plan.largest_part:,} events; planned in "
-        f"{plan.seconds:.1f} s)",
+        f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most "
+        f"{max(plan.pass_sizes):,}{at_once} ({plan.parts:,} parts, the largest "
+        f"{plan.largest_part:,} events; planned in {plan.seconds:.1f} s)",
         flush=True,
     )
     total: dict[str, int] = {}
+    jobs = [
+        (cfg, files, plan.now_ms, str(output_dir), k, beam_args)
+        for k, files in enumerate(plan.files)
+    ]
     try:
-        for k, files in enumerate(plan.files):
-            p = beam.Pipeline(options=PipelineOptions(runner + beam_args))
-            outputs = job.build(
-                p,
-                cfg,
-                {},
-                bounded=True,
-                archive_globs=files,
-                now_ms=plan.now_ms,
-                archive_input=True,  # sinks.archive gets each pass's raw input, as one run's
-            )
-            job.write_outputs(outputs, cfg, output_dir, file_suffix=f"-pass{k:04d}")
-            try:
-                result = p.run()
-                result.wait_until_finish()
-            except KeyboardInterrupt:
-                print("cdi run: cancelled: no report", file=sys.stderr)
-                return EXIT_FAILURE
-            except Exception as e:
+        for k, outcome in _each_pass(jobs, workers):
+            if isinstance(outcome, str):
                 print(
-                    f"cdi run: pass {k + 1} of {len(plan.files)} failed: {type(e).__name__}: {e}",
-                    file=sys.stderr,
+                    f"cdi run: pass {k + 1} of {len(plan.files)} failed: {outcome}", file=sys.stderr
                 )
                 return EXIT_FAILURE
-            for name, value in counters(result).items():
+            for name, value in outcome.items():
                 total[name] = total.get(name, 0) + value
             print(f"cdi run: pass {k + 1} of {len(plan.files)} done", flush=True)
+    except KeyboardInterrupt:
+        print("cdi run: cancelled: no report", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = build_report(total, paths, time.perf_counter() - started)
     report["passes"] = {
         "max_events_per_pass": per_pass,
+        "workers": workers,
         "passes": len(plan.files),
         "events_per_pass": plan.pass_sizes,
         "parts": plan.parts,
@@ -416,6 +416,65 @@ def _run_in_passes(args, cfg, inputs, output_dir, paths, runner, beam_args, per_
     write_report(report, paths["report"])
     print(format_summary(report))
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
+
+
+def _each_pass(jobs: list[tuple], workers: int):
+    """``(k, counters or the failure's text)`` of each pass as it ends: in this process when
+    W is 1, else in W processes at once. Each pass gets a fresh process (spawned: no forked
+    runner threads; what a pass's shuffles held goes back to the system with it). The first
+    failure stops the passes not yet started."""
+    if workers == 1:
+        for job in jobs:
+            yield job[4], _run_pass(*job)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        max_tasks_per_child=1,
+    ) as pool:
+        pending = {pool.submit(_run_pass, *job): job[4] for job in jobs}
+        try:
+            for done in concurrent.futures.as_completed(pending):
+                try:
+                    outcome = done.result()
+                except Exception as e:  # the worker process itself died (killed, out of memory)
+                    outcome = f"worker process: {type(e).__name__}: {e}"
+                yield pending[done], outcome
+                if isinstance(outcome, str):
+                    return
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_pass(cfg, files, now_ms, output_dir, k, beam_args) -> dict[str, int] | str:
+    """One pass: the ordinary bounded job over its archive files; its counters, or the
+    failure's text (a runner's exception may not survive the trip between processes)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import governed_profiles as job
+    from pipelines.report import counters
+
+    p = beam.Pipeline(options=PipelineOptions(beam_args))
+    outputs = job.build(
+        p,
+        cfg,
+        {},
+        bounded=True,
+        archive_globs=files,
+        now_ms=now_ms,
+        archive_input=True,  # sinks.archive gets each pass's raw input, as one run's
+    )
+    job.write_outputs(outputs, cfg, Path(output_dir), file_suffix=f"-pass{k:04d}")
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return counters(result)
 
 
 def _serial_bundles(cfg) -> bool:

@@ -29,6 +29,7 @@ bytes per event.
 
 from __future__ import annotations
 
+import heapq
 import time
 from array import array
 from collections.abc import Iterator
@@ -127,17 +128,55 @@ def event_nodes(env, config: PipelineConfig) -> list[str]:
     return nodes
 
 
+class _InOrder:
+    """Parts in order of first appearance, a new pass when the next part would not fit."""
+
+    def __init__(self, max_events: int):
+        self.max_events = max_events
+        self.loads = [0]
+
+    def place(self, size: int) -> int:
+        if self.loads[-1] and self.loads[-1] + size > self.max_events:
+            self.loads.append(0)
+        self.loads[-1] += size
+        return len(self.loads) - 1
+
+
+class _Balanced:
+    """Each part to the pass with the fewest events so far: ``n`` passes of near-equal size,
+    for ``n`` processes that run at once (parts are small: a person's events)."""
+
+    def __init__(self, n: int):
+        self.loads = [0] * n
+        self._heap = [(0, k) for k in range(n)]
+
+    def place(self, size: int) -> int:
+        load, k = heapq.heappop(self._heap)
+        self.loads[k] = load + size
+        heapq.heappush(self._heap, (load + size, k))
+        return k
+
+
 def plan_passes(
-    config: PipelineConfig, inputs: dict[str, list[str]], max_events: int, workdir: Path
+    config: PipelineConfig,
+    inputs: dict[str, list[str]],
+    max_events: int | None,
+    workdir: Path,
+    *,
+    balanced: int | None = None,
 ) -> PassPlan:
-    """Read the input twice: parts by union-find, then each raw event to its pass's file."""
+    """Read the input twice: parts by union-find, then each raw event to its pass's file.
+    Passes of at most ``max_events`` in order of first appearance, or, without it, ``balanced``
+    passes of near-equal size."""
     import fastavro
 
     from pipelines.governed_profiles import _validate, tracking_plans
     from transforms.io.files import ARCHIVE_SCHEMA, archive_record
 
-    if max_events < 1:
+    if max_events is not None and max_events < 1:
         raise ConfigError(["--max-events-per-pass: must be at least 1"])
+    if max_events is None and (balanced is None or balanced < 1):
+        raise ConfigError(["--workers: must be at least 1"])
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)
     judge = _validate(config, tracking_plans(config)).judge_locally()
@@ -159,22 +198,25 @@ def plan_passes(
         if i >= 0:
             root = uf.find(i)
             sizes[root] = sizes.get(root, 0) + 1
-    # Parts in order of first appearance, packed into passes of at most max_events.
+    # Parts in order of first appearance, each placed whole.
+    packer = _InOrder(max_events) if max_events is not None else _Balanced(balanced)
     pass_of_root: dict[int, int] = {}
-    loads = [0]
     event_pass = array("l")
     for i in event_node:
         root = uf.find(i) if i >= 0 else -1
         if root >= 0 and root in pass_of_root:
             event_pass.append(pass_of_root[root])
             continue
-        size = sizes[root] if root >= 0 else 1
-        if loads[-1] and loads[-1] + size > max_events:
-            loads.append(0)
-        loads[-1] += size
+        k = packer.place(sizes[root] if root >= 0 else 1)
         if root >= 0:
-            pass_of_root[root] = len(loads) - 1
-        event_pass.append(len(loads) - 1)
+            pass_of_root[root] = k
+        event_pass.append(k)
+    # Fewer parts than balanced passes: no empty pass (but one pass for an empty input).
+    kept = [k for k, n in enumerate(packer.loads) if n] or [0]
+    loads = [packer.loads[k] for k in kept]
+    if len(kept) < len(packer.loads):
+        renumber = {k: j for j, k in enumerate(kept)}
+        event_pass = array("l", (renumber[k] for k in event_pass))
     del uf, event_node, pass_of_root
     workdir.mkdir(parents=True, exist_ok=True)
     schema = fastavro.parse_schema(ARCHIVE_SCHEMA)

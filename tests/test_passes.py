@@ -113,20 +113,61 @@ def test_plan_keeps_parts_whole_and_passes_small(generated, tmp_path):
     assert seen == collections.Counter(raw)
 
 
-def test_a_run_in_passes_equals_one_run(generated, tmp_path):
+def test_balanced_plan_splits_into_near_equal_whole_parts(generated, tmp_path):
     _, src = generated
-    one, passes = tmp_path / "one", tmp_path / "passes"
-    assert main(["run", "--input", str(src), "--output", str(one)]) == 0
-    assert (
-        main(["run", "--input", str(src), "--output", str(passes), "--max-events-per-pass", "250"])
-        == 0
+    config = load_default_config()
+    inputs = {config.sources[0].name: [str(src)]}
+    plan = plan_passes(config, inputs, None, tmp_path / "work", balanced=3)
+    assert len(plan.files) == 3 and sum(plan.pass_sizes) == plan.events
+    # Each part goes to the lightest pass: no two passes differ by more than the largest part.
+    assert max(plan.pass_sizes) - min(plan.pass_sizes) <= plan.largest_part
+    key_pass = {}
+    judge = _validate(config, tracking_plans(config)).judge_locally()
+    for k, (path,) in enumerate(plan.files):
+        with open(path, "rb") as fh:
+            for record in fastavro.reader(fh):
+                env, _ = judge(raw_from_archive(record, path), plan.now_ms)
+                for node in event_nodes(env, config) if env is not None else ():
+                    assert key_pass.setdefault(node, k) == k, node
+    # More passes asked for than there are parts: no empty pass.
+    one_event = tmp_path / "one.ndjson"
+    one_event.write_bytes(src.read_bytes().splitlines()[0] + b"\n")
+    tiny = plan_passes(
+        config, {config.sources[0].name: [str(one_event)]}, None, tmp_path / "w2", balanced=4
     )
-    assert _rows(passes / "profiles.sqlite") == _rows(one / "profiles.sqlite")
+    assert tiny.pass_sizes == [1] and len(tiny.files) == 1
+
+
+@pytest.fixture(scope="module")
+def one_run(generated, tmp_path_factory):
+    _, src = generated
+    one = tmp_path_factory.mktemp("one-run")
+    assert main(["run", "--input", str(src), "--output", str(one)]) == 0
+    return one
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--max-events-per-pass", "250"],
+        ["--workers", "2"],  # two balanced passes, two processes at once
+        ["--workers", "2", "--max-events-per-pass", "600"],  # 4+ passes, two at a time
+    ],
+)
+def test_a_run_in_passes_equals_one_run(generated, one_run, tmp_path, extra):
+    _, src = generated
+    passes = tmp_path / "passes"
+    assert main(["run", "--input", str(src), "--output", str(passes), *extra]) == 0
+    assert _rows(passes / "profiles.sqlite") == _rows(one_run / "profiles.sqlite")
     for name in RECORD_OUTPUTS:
-        assert _lines(passes, name) == _lines(one, name), name
-    a = orjson.loads((one / "run_report.json").read_bytes())
+        assert _lines(passes, name) == _lines(one_run, name), name
+    a = orjson.loads((one_run / "run_report.json").read_bytes())
     b = orjson.loads((passes / "run_report.json").read_bytes())
-    assert b["passes"]["passes"] > 1 and b["passes"]["max_events_per_pass"] == 250
+    assert b["passes"]["passes"] > 1
+    if "--workers" in extra:
+        assert b["passes"]["workers"] == 2
+    else:
+        assert b["passes"]["max_events_per_pass"] == 250
     for key in a:
         if key not in ("wall_seconds", "outputs"):
             assert a[key] == b[key], key
@@ -134,13 +175,19 @@ def test_a_run_in_passes_equals_one_run(generated, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--max-events-per-pass", "0"], ["--max-events-per-pass", "10", "--streaming"]]
+    "extra, flag",
+    [
+        (["--max-events-per-pass", "0"], "--max-events-per-pass"),
+        (["--max-events-per-pass", "10", "--streaming"], "--max-events-per-pass"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "2", "--streaming"], "--workers"),
+    ],
 )
-def test_passes_refuse_what_they_cannot_do(generated, tmp_path, extra, capsys):
+def test_passes_refuse_what_they_cannot_do(generated, tmp_path, extra, flag, capsys):
     _, src = generated
     rc = main(["run", "--input", str(src), "--output", str(tmp_path / "o"), *extra])
     assert rc == 2
-    assert "--max-events-per-pass" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
 
 
 def test_passes_archive_the_raw_input_as_one_run_does(generated, tmp_path):
