@@ -4,7 +4,7 @@
 
 1. Generates ``--events`` events in chunks of ``--chunk`` (seeds 1, 2, ...: each chunk its own
    persons, so no chunk's generator holds more than one chunk in memory), one NDJSON file.
-2. Runs ``cdi run --max-events-per-pass N`` on it, measured in a child process: wall time,
+2. Runs ``cdi run --max-events-per-pass N [--workers W]`` on it, measured in a child process: wall time,
    events/s, the peak RSS of the job's processes summed.
 3. Samples ``--sample`` persons of the generator's ground truth (among those sharing no
    identifier with a person of another chunk), takes every line that carries
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--chunk", type=int, default=1_000_000)
     ap.add_argument("--max-events-per-pass", type=int, default=250_000)
+    ap.add_argument("--workers", type=int, default=1, help="cdi run --workers (passes at once)")
     ap.add_argument("--sample", type=int, default=1000)
     ap.add_argument("--workdir", help="keep files here (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(big),
                 "--max-events-per-pass",
                 str(args.max_events_per_pass),
+                "--workers",
+                str(args.workers),
             ]  # fmt: skip
         )
         report = json.loads((big / "run_report.json").read_text())
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "events": args.events,
             "persons": len(persons),
             "max_events_per_pass": args.max_events_per_pass,
+            "workers": args.workers,
             "passes": report["passes"],
             "wall_s": round(job["wall"], 1),
             "events_per_s": round(args.events / job["wall"]),

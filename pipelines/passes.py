@@ -18,9 +18,12 @@ appearance, none split (a part bigger than N is a pass of its own). A second rea
 raw event, untouched (source, origin, payload), to its pass's file in the raw-input archive
 format; each pass is then the ordinary job over those files (``archive_globs``), all passes
 writing to the same output directory and store (each pass's record files named by pass), their
-counters summed into one run report. Events that fail validation take a part of their own: the
-pass that reads them quarantines them exactly as one run would. Every pass judges event times
-against the planning time, so the verdicts cannot drift between planning and the passes.
+counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
+a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass
+size the parts are balanced over W passes (each to the lightest). Events that fail validation
+take a part of their own: the pass that reads them quarantines them exactly as one run would.
+Every pass judges event times against the planning time, so the verdicts cannot drift between
+planning and the passes.
 
 Planning memory is one union-find entry per idempotency key and per distinct identifier (a
 64-bit hash each: a collision only puts two parts in one pass, which changes no result), and 8
