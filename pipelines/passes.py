@@ -26,7 +26,7 @@ Every pass judges event times against the planning time, so the verdicts cannot 
 planning and the passes.
 
 Planning memory is one union-find entry per idempotency key and per distinct identifier (a
-64-bit hash each: a collision only puts two parts in one pass, which changes no result), and 8
+64-bit hash each: a collision only puts two parts in one pass, which changes no result), and 16
 bytes per event.
 """
 
@@ -131,33 +131,64 @@ def event_nodes(env, config: PipelineConfig) -> list[str]:
     return nodes
 
 
-class _InOrder:
-    """Parts in order of first appearance, a new pass when the next part would not fit."""
-
-    def __init__(self, max_events: int):
-        self.max_events = max_events
-        self.loads = [0]
-
-    def place(self, size: int) -> int:
-        if self.loads[-1] and self.loads[-1] + size > self.max_events:
-            self.loads.append(0)
-        self.loads[-1] += size
-        return len(self.loads) - 1
+def _in_order(sizes: list[int], max_events: int) -> list[int]:
+    """Each part's pass: in order of first appearance, a new pass when the next would not fit."""
+    assign, load, k = [], 0, 0
+    for size in sizes:
+        if load and load + size > max_events:
+            k, load = k + 1, 0
+        load += size
+        assign.append(k)
+    return assign
 
 
-class _Balanced:
-    """Each part to the pass with the fewest events so far: ``n`` passes of near-equal size,
-    for ``n`` processes that run at once (parts are small: a person's events)."""
+def _balanced(sizes: list[int], n: int) -> list[int]:
+    """Each part's pass: the one with the fewest events so far, over ``n`` passes (the largest
+    ends at most one part above the mean)."""
+    heap = [(0, k) for k in range(n)]
+    assign = []
+    for size in sizes:
+        load, k = heapq.heappop(heap)
+        heapq.heappush(heap, (load + size, k))
+        assign.append(k)
+    return assign
 
-    def __init__(self, n: int):
-        self.loads = [0] * n
-        self._heap = [(0, k) for k in range(n)]
 
-    def place(self, size: int) -> int:
-        load, k = heapq.heappop(self._heap)
-        self.loads[k] = load + size
-        heapq.heappush(self._heap, (load + size, k))
-        return k
+def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> list[int]:
+    """The pass of each part (``sizes``: events per part, in order of first appearance).
+
+    - one process (``workers`` 1): passes of at most ``max_events``, in order (a part bigger
+      than that is a pass of its own);
+    - ``workers`` W, no ``max_events``: W passes of near-equal size;
+    - both: passes of at most ``max_events`` in a number that is a multiple of W, near-equal,
+      so that every wave of W passes keeps every process busy; a part bigger than
+      ``max_events`` is a pass of its own.
+    Pass numbers are dense from 0 (no empty pass)."""
+    if max_events is None:
+        assign = _balanced(sizes, max(workers, 1))
+    elif workers <= 1:
+        assign = _in_order(sizes, max_events)
+    else:
+        small = [i for i, n in enumerate(sizes) if n <= max_events]
+        total = sum(sizes[i] for i in small)
+        n = max(workers, -(-total // max_events))
+        n = -(-n // workers) * workers
+        while True:
+            placed = _balanced([sizes[i] for i in small], n)
+            loads = [0] * n
+            for i, k in zip(small, placed, strict=True):
+                loads[k] += sizes[i]
+            if max(loads, default=0) <= max_events or n >= len(small):
+                break
+            n += workers
+        assign = [-1] * len(sizes)
+        for i, k in zip(small, placed, strict=True):
+            assign[i] = k
+        for i, size in enumerate(sizes):
+            if size > max_events:
+                assign[i], n = n, n + 1
+    renumber: dict[int, int] = {}
+    return [renumber.setdefault(k, len(renumber)) for k in assign]
 
 
 def plan_passes(
@@ -168,9 +199,8 @@ def plan_passes(
     *,
     balanced: int | None = None,
 ) -> PassPlan:
-    """Read the input twice: parts by union-find, then each raw event to its pass's file.
-    Passes of at most ``max_events`` in order of first appearance, or, without it, ``balanced``
-    passes of near-equal size."""
+    """Read the input twice: parts by union-find, then each raw event to its pass's file, the
+    passes as :func:`pack_parts` makes them (``balanced``: the number of processes)."""
     import fastavro
 
     from pipelines.governed_profiles import _validate, tracking_plans
@@ -185,42 +215,34 @@ def plan_passes(
     judge = _validate(config, tracking_plans(config)).judge_locally()
     uf = _UnionFind()
     event_node = array("q")  # per raw event: its node, or -1 (invalid: a part of its own)
-    invalid = 0
     for raw in read_raw(config, inputs):
         env, _ = judge(raw, now_ms)
         if env is None:
             event_node.append(-1)
-            invalid += 1
             continue
         ids = [uf.node(n) for n in event_nodes(env, config)]
         for other in ids[1:]:
             uf.union(ids[0], other)
         event_node.append(ids[0])
-    sizes: dict[int, int] = {}
-    for i in event_node:
-        if i >= 0:
-            root = uf.find(i)
-            sizes[root] = sizes.get(root, 0) + 1
-    # Parts in order of first appearance, each placed whole.
-    packer = _InOrder(max_events) if max_events is not None else _Balanced(balanced)
-    pass_of_root: dict[int, int] = {}
-    event_pass = array("l")
-    for i in event_node:
-        root = uf.find(i) if i >= 0 else -1
-        if root >= 0 and root in pass_of_root:
-            event_pass.append(pass_of_root[root])
-            continue
-        k = packer.place(sizes[root] if root >= 0 else 1)
-        if root >= 0:
-            pass_of_root[root] = k
-        event_pass.append(k)
-    # Fewer parts than balanced passes: no empty pass (but one pass for an empty input).
-    kept = [k for k, n in enumerate(packer.loads) if n] or [0]
-    loads = [packer.loads[k] for k in kept]
-    if len(kept) < len(packer.loads):
-        renumber = {k: j for j, k in enumerate(kept)}
-        event_pass = array("l", (renumber[k] for k in event_pass))
-    del uf, event_node, pass_of_root
+    # Parts in order of first appearance (an invalid event: a part of its own, key -1 - index).
+    part_of: dict[int, int] = {}
+    sizes: list[int] = []
+    event_part = array("q")
+    for n, i in enumerate(event_node):
+        root = uf.find(i) if i >= 0 else -1 - n
+        part = part_of.get(root)
+        if part is None:
+            part = part_of[root] = len(sizes)
+            sizes.append(0)
+        sizes[part] += 1
+        event_part.append(part)
+    del part_of, uf, event_node
+    pass_of_part = pack_parts(sizes, max_events, balanced or 1)
+    event_pass = array("l", (pass_of_part[part] for part in event_part))
+    loads = [0] * (max(pass_of_part, default=0) + 1)  # an empty input: one empty pass
+    for part, k in enumerate(pass_of_part):
+        loads[k] += sizes[part]
+    del event_part
     workdir.mkdir(parents=True, exist_ok=True)
     schema = fastavro.parse_schema(ARCHIVE_SCHEMA)
     paths = [workdir / f"{PASS_PREFIX}-{k:04d}.avro" for k in range(len(loads))]
@@ -237,8 +259,8 @@ def plan_passes(
     return PassPlan(
         files=[[str(p)] for p in paths],
         events=len(event_pass),
-        parts=len(sizes) + invalid,
-        largest_part=max(sizes.values(), default=1),
+        parts=len(sizes),
+        largest_part=max(sizes, default=1),
         pass_sizes=loads,
         now_ms=now_ms,
         seconds=time.perf_counter() - started,

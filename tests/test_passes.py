@@ -11,12 +11,14 @@ from pathlib import Path
 import fastavro
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.cli import main
 from pipelines.config import load_default_config
 from pipelines.generate import write
 from pipelines.governed_profiles import _validate, tracking_plans
-from pipelines.passes import _UnionFind, event_nodes, plan_passes, read_raw
+from pipelines.passes import _UnionFind, event_nodes, pack_parts, plan_passes, read_raw
 from transforms.envelope import Envelope
 from transforms.io.files import raw_from_archive
 
@@ -111,6 +113,57 @@ def test_plan_keeps_parts_whole_and_passes_small(generated, tmp_path):
                     table = key_pass if node.startswith("k") else id_pass
                     assert table.setdefault(node, k) == k, node  # never in two passes
     assert seen == collections.Counter(raw)
+
+
+def _loads(sizes, assign):
+    loads = collections.Counter()
+    for size, k in zip(sizes, assign, strict=True):
+        loads[k] += size
+    return [loads[k] for k in range(len(loads))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(1, 40), max_size=200),
+    st.one_of(st.none(), st.integers(1, 120)),
+    st.integers(1, 4),
+)
+def test_packing_keeps_its_promises(sizes, max_events, workers):
+    assign = pack_parts(sizes, max_events, workers)
+    assert len(assign) == len(sizes)
+    loads = _loads(sizes, assign)
+    assert sorted(set(assign)) == list(range(len(loads)))  # dense, no empty pass
+    if max_events is not None:
+        # At most max_events per pass, but a part bigger than that is a pass of its own.
+        for k, load in enumerate(loads):
+            members = [n for n, a in zip(sizes, assign, strict=True) if a == k]
+            assert load <= max_events or len(members) == 1, (k, members)
+    if max_events is None or workers > 1:
+        # Near-equal: the fullest pass is at most one part above the lightest.
+        small = [n for n in sizes if max_events is None or n <= max_events]
+        small_loads = [
+            sum(n for n, a in zip(sizes, assign, strict=True) if a == k and n in small)
+            for k in range(len(loads))
+        ]
+        nonzero = [x for x in small_loads if x]
+        if len(nonzero) > 1:
+            assert max(nonzero) - min(nonzero) <= max(small)
+    if workers > 1 and max_events is not None and sum(sizes) > max_events * workers:
+        # Enough work for every process: the passes of small parts fill whole waves.
+        passes_of_small = {a for n, a in zip(sizes, assign, strict=True) if n <= max_events}
+        assert len(passes_of_small) % workers == 0 or len(passes_of_small) == sum(
+            1 for n in sizes if n <= max_events
+        )
+
+
+def test_packing_in_order_and_for_two_processes():
+    assert pack_parts([3, 3, 3, 3], 6) == [0, 0, 1, 1]  # one process: in order
+    assert pack_parts([10, 1, 1], 5) == [0, 1, 1]  # a big part alone
+    # Two processes, one pass size's worth of events: still two passes, one per process.
+    assert sorted(_loads([1] * 10, pack_parts([1] * 10, 100, 2))) == [5, 5]
+    # 3 passes' worth on 2 processes: 4 passes, two waves.
+    assert _loads([1] * 30, pack_parts([1] * 30, 10, 2)) == [8, 8, 7, 7]
+    assert pack_parts([], 10, 2) == [] and pack_parts([], None, 3) == []
 
 
 def test_balanced_plan_splits_into_near_equal_whole_parts(generated, tmp_path):
