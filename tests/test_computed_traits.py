@@ -154,6 +154,37 @@ def test_early_panes_on_processing_time():
         assert_that(panes(out), equal_to([("k", "n", 0, 1), ("k", "n", 1, 2), ("k", "n", 2, 2)]))
 
 
+def test_each_trait_has_its_own_early_period():
+    """Two traits, early every 5 s and every hour: after 20 s of processing time only the fast
+    one has early panes (one timer per key, due times per trait)."""
+    fast = spec(name="fast", size_ms=1000 * S, early_ms=5 * S)
+    slow = spec(name="slow", size_ms=1000 * S, early_ms=3600 * S)
+    clock = [0.0]
+    stream = (
+        TestStream()
+        .add_elements([at("a", 1)])
+        .advance_processing_time(10)
+        .add_elements([at("b", 2)])
+        .advance_processing_time(10)
+        .advance_watermark_to_infinity()
+    )
+    with make_pipeline(streaming=True) as p:
+        out = (
+            p | stream | ComputeTraits([fast, slow], allowed_lateness_ms=0, clock=lambda: clock[0])
+        )
+        assert_that(
+            panes(out),
+            equal_to(
+                [
+                    ("k", "fast", 0, 1),  # EARLY after 5 s
+                    ("k", "fast", 1, 2),  # EARLY after the second event
+                    ("k", "fast", 2, 2),  # ON_TIME
+                    ("k", "slow", 0, 2),  # ON_TIME only: its hour never passed
+                ]
+            ),
+        )
+
+
 def test_lifetime_and_sliding_in_batch():
     """Both paths: the stateful shell over a batch, and the grouped history bounded runs use."""
     specs = [

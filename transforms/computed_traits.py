@@ -272,14 +272,14 @@ class _ComputeTraitsFn(beam.DoFn):
     WINDOWS_STATE = ReadModifyWriteStateSpec("windows", FastPrimitivesCoder())
     WATERMARK_STATE = ReadModifyWriteStateSpec("watermark_lb", VarIntCoder())
     ARMED_STATE = ReadModifyWriteStateSpec("armed", VarIntCoder())
-    EARLY_ARMED_STATE = ReadModifyWriteStateSpec("early_armed", VarIntCoder())
+    # {trait: when (processing time, ms) its next EARLY pane is due}: each trait its own period.
+    EARLY_DUE_STATE = ReadModifyWriteStateSpec("early_due", FastPrimitivesCoder())
     WINDOW_TIMER = TimerSpec("window", TimeDomain.WATERMARK)
     EARLY_TIMER = TimerSpec("early", TimeDomain.REAL_TIME)
 
     def __init__(self, specs: tuple[ComputedTraitSpec, ...], allowed_lateness_ms: int, clock=None):
         self._specs = specs
         self._lateness = allowed_lateness_ms
-        self._early_ms = min((s.early_ms for s in specs if s.early_ms), default=None)
         # Processing time source; injectable because TestStream's clock is not the wall clock.
         self._clock = clock
         self._late = Metrics.counter("cdi", "late")
@@ -296,11 +296,12 @@ class _ComputeTraitsFn(beam.DoFn):
         windows_state=beam.DoFn.StateParam(WINDOWS_STATE),
         wm_state=beam.DoFn.StateParam(WATERMARK_STATE),
         armed_state=beam.DoFn.StateParam(ARMED_STATE),
-        early_state=beam.DoFn.StateParam(EARLY_ARMED_STATE),
+        early_state=beam.DoFn.StateParam(EARLY_DUE_STATE),
         window_timer=beam.DoFn.TimerParam(WINDOW_TIMER),
         early_timer=beam.DoFn.TimerParam(EARLY_TIMER),
     ):
         profile_key, env = element
+        early_changed = []
         ts_ms = env.event_time_ms
         wm = wm_state.read()
         state = windows_state.read() or {}
@@ -330,6 +331,8 @@ class _ComputeTraitsFn(beam.DoFn):
                         w["dirty"] = True
                 else:
                     w["dirty"] = True
+                    if spec.early_ms:
+                        early_changed.append(spec)
         if too_late:
             self._late.inc()
             yield beam.pvalue.TaggedOutput(
@@ -338,9 +341,13 @@ class _ComputeTraitsFn(beam.DoFn):
         if changed:
             windows_state.write(state)
             self._arm(state, wm, armed_state, window_timer)
-            if self._early_ms and early_state.read() is None:
-                early_state.write(1)
-                early_timer.set(self._now() + self._early_ms / 1000)
+            if early_changed:
+                due = early_state.read() or {}
+                now_ms = self._now().micros // 1000
+                for spec in early_changed:
+                    due.setdefault(spec.name, now_ms + int(spec.early_ms))
+                early_state.write(due)
+                early_timer.set(Timestamp.of(min(due.values()) / 1000))
 
     def _emit(self, profile_key: str, spec: ComputedTraitSpec, key: str, w: dict):
         pane = _pane(spec, key, w)
@@ -411,17 +418,26 @@ class _ComputeTraitsFn(beam.DoFn):
         self,
         key=beam.DoFn.KeyParam,
         windows_state=beam.DoFn.StateParam(WINDOWS_STATE),
-        early_state=beam.DoFn.StateParam(EARLY_ARMED_STATE),
+        early_state=beam.DoFn.StateParam(EARLY_DUE_STATE),
+        early_timer=beam.DoFn.TimerParam(EARLY_TIMER),
+        fired_at=beam.DoFn.TimestampParam,
     ):
-        early_state.clear()
+        due = early_state.read() or {}
+        now_ms = fired_at.micros // 1000  # the time this timer was set for
         state = windows_state.read() or {}
         for spec in self._specs:
-            if not spec.early_ms:
-                continue
+            if not spec.early_ms or due.get(spec.name, now_ms + 1) > now_ms:
+                continue  # not this trait's turn: its own period has not passed
+            del due[spec.name]
             for wkey, w in state.get(spec.name, {}).items():
                 if w["dirty"] and not w["fired"]:
                     yield self._emit(key, spec, wkey, w)  # an EARLY pane
         windows_state.write(state)
+        if due:
+            early_state.write(due)
+            early_timer.set(Timestamp.of(min(due.values()) / 1000))
+        else:
+            early_state.clear()
 
 
 class ComputeTraits(beam.PTransform):
