@@ -214,6 +214,7 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     policies = pii_policies(config)
     salt = pii_salt(config)
     redaction = Redaction(rules_, {PROFILES_DESTINATION: policies[PROFILES_DESTINATION]}, salt)
+    redact = identifier_redactor(config, rules_, *policies[PROFILES_DESTINATION], salt)
     destinations = tuple(destination_rules(config))
     specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
     trait_rules = TraitRules(
@@ -254,7 +255,8 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
             continue
         acc = empty_profile()
         for ev, env in folded:
-            fold_event(acc, ev, env.event_time_ms, extract_identifiers(ev, identity), trait_rules)
+            ids = redact.pairs(identifiers_of(env, identity))
+            fold_event(acc, ev, env.event_time_ms, ids, trait_rules)
         for spec in specs:
             feeds = []
             for ev, env in folded:
@@ -271,7 +273,6 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     for key, frag in fragments.items():
         persons[res.person_of.get(key, key)][key] = frag
     kinds = {c.name: c.aggregate for c in config.computed_traits}
-    redact = identifier_redactor(config, rules_, *policies[PROFILES_DESTINATION], salt)
     profiles = {}
     for person, frags in persons.items():
         row = unify_profile(person, frags, list(res.members.get(person, ())), kinds, redact)

@@ -218,7 +218,8 @@ def cmd_serve(args) -> int:
 
 
 def _load(config_path: str | None):
-    from pipelines.config import load_config, load_default_config
+    from pipelines.config import ConfigError, load_config, load_default_config
+    from pipelines.governed_profiles import pii_salt
     from transforms.tracking_plan import PlanError, load_plan
 
     cfg = load_config(config_path) if config_path else load_default_config()
@@ -226,21 +227,27 @@ def _load(config_path: str | None):
         try:
             load_plan(cfg.resolve(ref.path))
         except PlanError as e:
-            from pipelines.config import ConfigError
-
-            raise ConfigError([f"tracking_plans.{name}: {e}"]) from None
+            raise ConfigError([f"{cfg.filename}: tracking_plans.{name}: {e}"]) from None
+    try:
+        pii_salt(cfg)  # a policy that hashes needs a salt: refused here, before anything runs
+    except ValueError as e:
+        raise ConfigError([f"{cfg.filename}: pii.salt: {e}"]) from None
     return cfg
 
 
-def _check_inputs(inputs: dict[str, list[str]]) -> None:
+def _check_inputs(inputs: dict[str, list[str]], cfg) -> None:
     from apache_beam.io.filesystems import FileSystems
 
     from pipelines.config import ConfigError
 
     problems = []
+    index = {s.name: i for i, s in enumerate(cfg.sources)}
     for source, globs in inputs.items():
         if not globs:
-            problems.append(f"sources.{source}.paths: no input given (set paths or pass --input)")
+            problems.append(
+                f"{cfg.filename}: sources[{index[source]}].paths: no input given (set paths or "
+                "pass --input)"
+            )
         for g in globs:
             try:
                 found = FileSystems.match([g])[0].metadata_list
@@ -280,7 +287,7 @@ def cmd_run(args, beam_args: list[str]) -> int:
     cfg = getattr(args, "replay_config", None) or _load(args.config)
     globs = getattr(args, "archive_globs", None)
     inputs = {} if globs is not None else job.source_inputs(cfg, getattr(args, "input", None))
-    _check_inputs(inputs)
+    _check_inputs(inputs, cfg)
     output_dir = Path(args.output or cfg.sinks.output_dir)
     paths = job.output_paths(cfg, output_dir)
     activate = getattr(args, "activate", True)
@@ -292,9 +299,9 @@ def cmd_run(args, beam_args: list[str]) -> int:
     # (versions keep it from going back) and adds record files next to the earlier ones (each
     # file's name is its own). A continuous run from `earliest` re-derives everything, so it
     # replaces them: a row an earlier run wrote for a person this run merges away before ever
-    # seeing it alone would otherwise stay.
-    if not (streaming and any(s.resumes for s in cfg.sources)):
-        _clear_outputs(paths)
+    # seeing it alone would otherwise stay. They go only once the job is built (or planned):
+    # a usage or configuration error (exit 2) leaves the previous run's outputs as they were.
+    replaces = not (streaming and any(s.resumes for s in cfg.sources))
     try:
         runner = runner_args(args.runner, streaming=streaming)
     except FileNotFoundError as e:
@@ -332,6 +339,8 @@ def cmd_run(args, beam_args: list[str]) -> int:
                 p, cfg, inputs, archive_globs=globs, drain_file=str(drain_file.resolve())
             )
             job.write_outputs(outputs, cfg, output_dir, activate=activate)
+            if replaces:
+                _clear_outputs(paths)
             if continuous:
                 from pipelines.continuous import run_continuously
 
@@ -376,6 +385,7 @@ def _run_in_passes(cfg, inputs, output_dir, paths, beam_args, per_pass, workers)
     workdir = output_dir / ".cdi-passes"
     shutil.rmtree(workdir, ignore_errors=True)
     plan = plan_passes(cfg, inputs, per_pass, workdir, balanced=workers)
+    _clear_outputs(paths)  # planned: the input is readable and every source is a file source
     at_once = f", {workers} at a time" if workers > 1 else ""
     print(
         f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most "

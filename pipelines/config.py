@@ -221,6 +221,12 @@ class ComputedTraitConfig:
             raise ValueError(
                 "discarding panes are additive deltas: only count and sum support them"
             )
+        if self.trigger.accumulation == "discarding" and self.window.type == "session":
+            # Merging two sessions makes a new window whose first pane would have to carry both
+            # sessions' deltas already emitted: the profile would keep only the new pane's.
+            raise ValueError(
+                "discarding panes cannot follow session windows (sessions merge); use accumulating"
+            )
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,10 @@ class ProfileConfig:
     increment: tuple[str, ...] = ()
     # Streaming: emit updated profiles this often (processing time). Batch: once, at the end.
     update_every: Duration | None = None
+
+    def __post_init__(self):
+        if self.update_every is not None and self.update_every <= 0:
+            raise ValueError("update_every: must be positive (or null: on every change)")
 
 
 @dataclass(frozen=True)
@@ -473,6 +483,8 @@ class PipelineConfig:
     sinks: SinksConfig = SinksConfig()
     # Directory the config file lives in: relative paths resolve against it. Not a YAML key.
     base_dir: str = field(default=".", metadata={"internal": True})
+    # The file it was read from, as given: the first word of every configuration error.
+    filename: str = field(default="config", metadata={"internal": True})
 
     def __post_init__(self):
         if not self.sources:
@@ -507,6 +519,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _instants_as_text(data: Any) -> Any:
+    """YAML reads an unquoted instant (``2015-01-01``, ``2024-01-01T00:00:00Z``) as a date or
+    datetime; what the key means is the instant as written (YAML's naive times are UTC)."""
+    if isinstance(data, dt.date):
+        if isinstance(data, dt.datetime) and data.tzinfo is None:
+            data = data.replace(tzinfo=dt.timezone.utc)
+        return data.isoformat()
+    if isinstance(data, dict):
+        return {k: _instants_as_text(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_instants_as_text(v) for v in data]
+    return data
+
+
 class _Loader:
     """Walks YAML data against the dataclass type hints, collecting every problem with its path."""
 
@@ -525,7 +551,7 @@ class _Loader:
                 return None
             return self.build(args[0], data, path)
         if tp is Any:
-            return data
+            return _instants_as_text(data)
         if dataclasses.is_dataclass(tp):
             return self.build_dataclass(tp, data, path)
         if origin is Literal:
@@ -567,6 +593,8 @@ class _Loader:
         elif tp is bool or tp is str:
             if isinstance(data, tp):
                 return data
+            if tp is str and isinstance(data, dt.date):
+                return _instants_as_text(data)
         else:  # pragma: no cover - a model type the loader does not know is a programming error
             raise TypeError(f"unsupported config type {tp!r} at {path}")
         self.problem(path, f"expected {_type_name(tp)}, got {type(data).__name__} {data!r}")
@@ -614,7 +642,7 @@ def load_config_text(text: str, filename: str, base_dir: str | Path) -> Pipeline
         data = {}
     cfg = loader.build(PipelineConfig, data, "")
     if cfg is not None:
-        cfg = dataclasses.replace(cfg, base_dir=str(base_dir))
+        cfg = dataclasses.replace(cfg, base_dir=str(base_dir), filename=filename)
         _check_references(cfg, loader)
     if loader.problems:
         raise ConfigError(loader.problems)

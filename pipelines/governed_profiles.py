@@ -99,13 +99,10 @@ def kafka_read(p: beam.Pipeline, src, bounded: bool, drain_file: str | None) -> 
 
 def pubsub_read(p: beam.Pipeline, src, drain_file: str | None = None) -> beam.PTransform:
     """Beam's ReadFromPubSub on Dataflow, the native reader on any other runner; streaming runs
-    only (transforms/io/pubsub.py)."""
-    from pipelines.config import ConfigError
+    only (transforms/io/pubsub.py; :func:`build` refuses a pubsub source in a batch run)."""
     from transforms.io.pubsub import ReadPubSubNative, ReadPubSubSource
 
     options = p.options.view_as(StandardOptions)
-    if not options.streaming:
-        raise ConfigError([f"sources.{src.name}: a pubsub source is read with --streaming"])
     if "Dataflow" in str(options.runner or ""):
         return ReadPubSubSource(src.name, src.pubsub)
     return ReadPubSubNative(src.name, src.pubsub, drain_file)
@@ -159,8 +156,7 @@ def pii_salt(config: PipelineConfig) -> str:
 
 def identifier_redactor(config: PipelineConfig, rules, policy, default, salt):
     """The profile row's identity list as the profile sink's PII policy allows it."""
-    paths = {t.name: t.paths[0] for t in config.identity.types}
-    return IdentifierRedactor(paths, rules, policy, default, salt)
+    return IdentifierRedactor.for_identity(config.identity, rules, policy, default, salt)
 
 
 def key_by_profile(env, identity) -> tuple[str, Any]:
@@ -210,6 +206,11 @@ def build(
             if src.type == "kafka":
                 read = kafka_read(p, src, bounded, drain_file)
             elif src.type == "pubsub":
+                if bounded:
+                    from pipelines.config import ConfigError
+
+                    where = f"{config.filename}: sources[{config.sources.index(src)}]"
+                    raise ConfigError([f"{where}: a pubsub source is read with --streaming"])
                 read = pubsub_read(p, src, drain_file)
             else:
                 read = ReadFileSource(src.name, src.format, inputs[src.name])
@@ -417,7 +418,11 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
     else:
         late = keyed.pipeline | "NoLateEvents" >> beam.Create([])
     built = fragments | "BuildProfiles" >> BuildProfiles(
-        identity, trait_rules, config.profile.update_every, as_rows=False
+        identity,
+        trait_rules,
+        config.profile.update_every,
+        as_rows=False,
+        redact=identifier_redactor(config, pii[0], *pii[1][PROFILES_DESTINATION], pii[2]),
     )
     failed.append(("profile", built[FAILED]))
     destinations = {name: delivered[name] for name in config.consent.destinations}

@@ -13,8 +13,8 @@ the dedup fingerprint does not change); ``messageId`` and everything else are un
 event that was already accepted is caught as a duplicate on re-submission, never counted twice.
 Payloads that still do not parse are counted and reported, not written.
 
-Caveat: the pipeline's dedup key reads the *configured* source name of the input, not the
-payload's ``source`` field, so feed each source's replayed events through that same source.
+The pipeline's dedup key reads the payload's ``source`` field (the configured source name only
+when the payload has none), so a replayed event keeps its key through any input.
 
 Exit codes follow ``cdi``: 0 success, 2 nothing found or an unreadable quarantine file.
 """

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import main
-from pipelines.config import ConfigError, Duration, load_config, load_default_config
+from pipelines.config import (
+    ConfigError,
+    Duration,
+    load_config,
+    load_default_config,
+    parse_instant,
+)
 from tests.conftest import PLAN, REPO, config_from
 
 CONFIGS = REPO / "schemas" / "configs"
@@ -134,6 +140,16 @@ def _base(extra: str) -> str:
         ),
         ("identity: {rounds: 1}", "test.yaml: identity: rounds: must be between 2 and 30"),
         (
+            "profile: {update_every: 0s}",
+            "test.yaml: profile: update_every: must be positive (or null: on every change)",
+        ),
+        (
+            "computed_traits: [{name: s, aggregate: count, window: {type: session, gap: 30m}, "
+            "trigger: {accumulation: discarding}}]",
+            "test.yaml: computed_traits[0]: discarding panes cannot follow session windows "
+            "(sessions merge); use accumulating",
+        ),
+        (
             "consent: {destinations: {crm: {delivery: {type: kafka}}}}",
             "test.yaml: consent.destinations.crm.delivery: kafka: a delivery of type kafka needs its `kafka` section",
         ),
@@ -227,6 +243,53 @@ def test_run_with_unmatched_input_exits_2(tmp_path, capsys):
         == 2
     )
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_unquoted_yaml_instants_are_instants():
+    """YAML reads ``2015-01-01`` and ``2024-01-01T00:00:00Z`` as dates and datetimes; the keys
+    that take an instant take them as written (naive YAML times are UTC)."""
+    cfg = config_from(
+        _base(
+            "event_time: {min_event_time: 2015-01-01}\n"
+            "sources: [{name: web}, {name: k, type: kafka, kafka: {topics: [t], bootstrap_servers: h, "
+            "start: 2024-01-01T00:00:00Z, stop: 2024-01-02 00:00:00}}]\n"
+        ).replace("sources: [{name: web}]\n", "", 1)
+    )
+    assert cfg.event_time.min_event_time == "2015-01-01"
+    kafka = cfg.sources[1].kafka
+    assert parse_instant(kafka.start) == parse_instant("2024-01-01T00:00:00Z")
+    assert parse_instant(kafka.stop) == parse_instant("2024-01-02T00:00:00Z")
+
+
+def test_a_hashing_policy_without_a_salt_is_a_config_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CDI_PII_SALT", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "sources: [{name: web, paths: [events.ndjson]}]\n"
+        "consent: {purposes: [marketing], destinations: {crm: {purposes: [marketing], "
+        "pii: {email: hash}}}}\n"
+    )
+    (tmp_path / "events.ndjson").write_text("{}\n")
+    expected = f"config error: {cfg}: pii.salt: a PII policy hashes values but no salt is set"
+    assert main(["validate-config", str(cfg)]) == 2
+    assert expected in capsys.readouterr().err
+    out = tmp_path / "out"
+    (out / "duplicates").mkdir(parents=True)
+    assert main(["run", "--config", str(cfg), "--output", str(out)]) == 2
+    assert expected in capsys.readouterr().err
+    assert (out / "duplicates").is_dir()  # nothing ran, nothing of an earlier run removed
+    monkeypatch.setenv("CDI_PII_SALT", "s3cret")
+    assert main(["validate-config", str(cfg)]) == 0
+
+
+def test_a_source_without_input_names_the_file_and_the_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sources: [{name: web}]\n")
+    assert main(["run", "--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"config error: {cfg}: sources[0].paths: no input given (set paths or pass --input)" in err
+    )
 
 
 def test_unknown_subcommand_exits_2(capsys):

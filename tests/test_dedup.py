@@ -44,6 +44,19 @@ def test_decide_and_key():
     assert dedup_key("web", event(properties={"order_id": "o1"}), ("properties.order_id",)) == "o1"
 
 
+def test_events_without_the_business_key_are_keyed_by_their_message_id():
+    """Under ``[source, properties.order_id]``, two orders with one id are copies; a page view
+    and an identify (no order id) are neither copies of each other nor of any order."""
+    key = ("source", "properties.order_id")
+    order = event(properties={"order_id": "o1"})
+    assert dedup_key("web", order, key) == dedup_key("web", dict(order, messageId="m9"), key)
+    lacking = [dedup_key("web", dict(event(), messageId=m, properties={}), key) for m in "abc"]
+    assert len(set(lacking)) == 3
+    assert dedup_key("web", order, key) not in lacking
+    # The event's own source field wins over the input's name (a replay keeps its key).
+    assert dedup_key("web", dict(order, source="ios"), key) == dedup_key("ios", order, key)
+
+
 @pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-copies"])
 def test_pipeline_duplicates_collisions_and_sources(bounded):
     items = [

@@ -67,8 +67,14 @@ def test_a_batch_run_refuses_a_pubsub_source(tmp_path, capsys):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG)
-    assert main(["run", "--config", str(cfg), "--output", str(tmp_path / "o")]) == 2
-    assert "a pubsub source is read with --streaming" in capsys.readouterr().err
+    out = tmp_path / "o"
+    (out / "quarantine").mkdir(parents=True)
+    (out / "quarantine" / "part-0").write_text("an earlier run's record\n")
+    assert main(["run", "--config", str(cfg), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{cfg}: sources[0]: a pubsub source is read with --streaming" in err
+    # Refused before anything ran: the earlier run's outputs are still there.
+    assert (out / "quarantine" / "part-0").read_text() == "an earlier run's record\n"
 
 
 def test_event_time_from_the_attribute_else_the_publish_time():

@@ -49,11 +49,18 @@ def fingerprint(event: dict[str, Any]) -> str:
 
 def dedup_key(source: str, event: dict[str, Any], key_paths: tuple[str, ...]) -> str:
     """The idempotency key. ``source`` is the event's own ``source`` field when it has one (so a
-    quarantine replay through another input keeps its key), else the configured source name."""
+    quarantine replay through another input keeps its key), else the configured source name.
+
+    An event without a value at one of the other paths (a page view under a key of
+    ``properties.order_id``) is keyed by its source and ``messageId`` instead, apart from every
+    business key: events that lack the business key are not copies of each other."""
+    src = event.get("source") or source
     parts = []
     for path in key_paths:
-        v = (event.get("source") or source) if path == "source" else get_path(event, path)
-        parts.append("" if v is None else str(v))
+        v = src if path == "source" else get_path(event, path)
+        if v is None:
+            return "\x1e".join(("", "messageId", str(src), str(event.get("messageId"))))
+        parts.append(str(v))
     return "\x1f".join(parts)
 
 

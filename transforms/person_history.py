@@ -43,9 +43,10 @@ from transforms.consent import (
 )
 from transforms.dead_letter import FAILED, guarded
 from transforms.envelope import Envelope, format_iso_ms, pack, unpack
-from transforms.identity import extract_identifiers
+from transforms.identity import identifiers_of
 from transforms.pii import PiiRule, Redaction
 from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
+from transforms.unify import IdentifierRedactor
 
 FRAGMENTS = "fragments"
 
@@ -72,6 +73,9 @@ class _PersonHistoryFn(beam.DoFn):
         trait_rules: TraitRules,
     ):
         self._destinations = destinations
+        rules, policies, salt = pii
+        policy, default = policies.get(profiles_destination, ({}, "keep"))
+        self._redact_ids = IdentifierRedactor.for_identity(identity, rules, policy, default, salt)
         self._deleted_ids = deleted_identifiers
         self._identity = identity
         self._redaction = Redaction(*pii)
@@ -106,6 +110,7 @@ class _PersonHistoryFn(beam.DoFn):
             )
         batches: dict[str, list[dict]] = {}
         kept: list[tuple[int, dict[str, Any]]] = []  # what the profile store may keep
+        kept_ids: list = []  # the identifiers of each, as the profile keeps them
         delivered = 0
         for allowed, env in deliveries:
             delivered += len(allowed)
@@ -113,6 +118,7 @@ class _PersonHistoryFn(beam.DoFn):
             for name in allowed:
                 if name == self._profiles:
                     kept.append((env.event_time_ms, events[name]))
+                    kept_ids.append(self._redact_ids.pairs(identifiers_of(env, self._identity)))
                 else:
                     batches.setdefault(name, []).append(
                         delivery_record(name, key, env._replace(event=events[name]))
@@ -121,8 +127,7 @@ class _PersonHistoryFn(beam.DoFn):
         panes = []
         if kept:
             profile = empty_profile()
-            for ts_ms, event in kept:
-                ids = extract_identifiers(event, self._identity)
+            for (ts_ms, event), ids in zip(kept, kept_ids, strict=True):
                 fold_event(profile, event, ts_ms, ids, self._trait_rules)
             if self._specs:
                 panes = history_panes(self._specs, kept)

@@ -342,9 +342,14 @@ class BuildProfiles(beam.PTransform):
         rules: TraitRules = TraitRules(),
         update_every: float | None = None,
         as_rows: bool = True,
+        redact=None,
     ):
+        """``redact``: the profile store's :class:`~transforms.unify.IdentifierRedactor`, when
+        the events come in redacted (each event's identifiers are then folded under their
+        redacted keys, those of the person's member list); None: as validation read them."""
         super().__init__()
         self._as_rows = as_rows
+        self._redact = redact
         if update_every is not None and update_every <= 0:
             raise ValueError("update_every must be positive")
         self._identity = identity
@@ -354,9 +359,10 @@ class BuildProfiles(beam.PTransform):
     def expand(self, inputs):
         from apache_beam.transforms import trigger, window
 
-        from transforms.identity import extract_identifiers
+        from transforms.identity import identifiers_of
 
         identity = self._identity
+        redact = self._redact
 
         rules = self._rules
 
@@ -365,7 +371,9 @@ class BuildProfiles(beam.PTransform):
             # the fold raise is then one dead letter, not a failed combine. Folding then merging
             # is what combiner lifting does anyway (merge_profiles is the CombineFn's merge).
             key, env = element
-            ids = extract_identifiers(env.event, identity)
+            ids = identifiers_of(env, identity)
+            if redact is not None:
+                ids = redact.pairs(ids)
             return key, (
                 FOLDED,
                 fold_event(empty_profile(), env.event, env.event_time_ms, ids, rules),

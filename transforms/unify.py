@@ -137,6 +137,23 @@ class IdentifierRedactor:
             self._memo[key] = self._redact(key)
         return self._memo[key]
 
+    @classmethod
+    def for_identity(cls, identity, rules, policy, default: str, salt: str) -> IdentifierRedactor:
+        """Each identifier type read from its first path (``identity``: the identity config)."""
+        return cls({t.name: t.paths[0] for t in identity.types}, rules, policy, default, salt)
+
+    def pairs(self, identifiers) -> list[tuple[str, str]]:
+        """An event's ``(type, value)`` identifiers (as validation read them: normalized, raw)
+        as the profile keeps them: the keys a fragment's first/last seen are recorded under
+        must be the person's member keys after this same redaction (a hashed identifier read
+        back from the redacted event would be normalized again, and hashed from the raw text)."""
+        out = []
+        for t, v in identifiers:
+            key = self(id_key(t, v))
+            if key is not None:
+                out.append(split_key(key))
+        return out
+
     def _redact(self, key: str) -> str | None:
         id_type, value = split_key(key)
         path = self._paths.get(id_type)
