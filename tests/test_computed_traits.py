@@ -135,12 +135,9 @@ def test_sessions_merge_when_a_gap_is_filled():
         )
 
 
-def test_early_panes_on_processing_time():
-    s = ComputedTraitSpec(
-        name="n", aggregate="count", window="fixed", size_ms=100 * S, early_ms=5 * S
-    )
-    clock = [0.0]
-    stream = (
+def _two_events_ten_seconds_apart() -> TestStream:
+    """Events at 1 s and 2 s of event time, 10 s of processing time after each."""
+    return (
         TestStream()
         .add_elements([at("a", 1)])
         .advance_processing_time(10)
@@ -148,6 +145,14 @@ def test_early_panes_on_processing_time():
         .advance_processing_time(10)
         .advance_watermark_to_infinity()
     )
+
+
+def test_early_panes_on_processing_time():
+    s = ComputedTraitSpec(
+        name="n", aggregate="count", window="fixed", size_ms=100 * S, early_ms=5 * S
+    )
+    clock = [0.0]
+    stream = _two_events_ten_seconds_apart()
     with make_pipeline(streaming=True) as p:
         out = p | stream | ComputeTraits([s], allowed_lateness_ms=0, clock=lambda: clock[0])
         # Early panes count 1 then 2, then the ON_TIME pane with 2.
@@ -160,14 +165,7 @@ def test_each_trait_has_its_own_early_period():
     fast = spec(name="fast", size_ms=1000 * S, early_ms=5 * S)
     slow = spec(name="slow", size_ms=1000 * S, early_ms=3600 * S)
     clock = [0.0]
-    stream = (
-        TestStream()
-        .add_elements([at("a", 1)])
-        .advance_processing_time(10)
-        .add_elements([at("b", 2)])
-        .advance_processing_time(10)
-        .advance_watermark_to_infinity()
-    )
+    stream = _two_events_ten_seconds_apart()
     with make_pipeline(streaming=True) as p:
         out = (
             p | stream | ComputeTraits([fast, slow], allowed_lateness_ms=0, clock=lambda: clock[0])
