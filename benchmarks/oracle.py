@@ -60,7 +60,13 @@ from transforms.dedup import dedup_key as make_dedup_key
 from transforms.identity import extract_identifiers, identifiers_of, primary_profile_key
 from transforms.identity_graph import StitchRules, earlier, event_links, id_key, resolve
 from transforms.pii import Redaction
-from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
+from transforms.profile import (
+    TraitRules,
+    empty_profile,
+    fold_computed,
+    fold_consent,
+    fold_event,
+)
 from transforms.stitching import DELETE_TYPE, UNLINK_TYPE, unlink_target
 from transforms.tracking_plan import compile_plan, load_plan
 from transforms.unify import unify_profile
@@ -251,9 +257,11 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
                 folded.append(
                     (redaction.apply(env.event, (PROFILES_DESTINATION,))[PROFILES_DESTINATION], env)
                 )
-        if not folded:
-            continue
         acc = empty_profile()
+        for env in envs:  # every event's consent snapshot, kept by the store or not
+            fold_consent(acc, env.event, env.event_time_ms)
+        if not folded and not acc["consent"]:
+            continue
         for ev, env in folded:
             ids = redact.pairs(identifiers_of(env, identity))
             fold_event(acc, ev, env.event_time_ms, ids, trait_rules)

@@ -542,6 +542,11 @@ def cmd_replay(args, beam_args: list[str]) -> int:
     cfg = _load(args.config)
     if (args.source is None) == (args.archive is None):
         raise UsageError("cdi replay: give --source (a kafka source) or --from-archive PATH")
+    # Replays never archive again: the history is already where it was read from.
+    sinks = dataclasses.replace(
+        cfg.sinks, archive=dataclasses.replace(cfg.sinks.archive, path=None)
+    )
+    cfg = dataclasses.replace(cfg, sinks=sinks)
     if args.archive is None:
         args.replay_config = replay_config(cfg, args.source, args.start, args.stop)
         return cmd_run(args, beam_args)
@@ -553,11 +558,8 @@ def cmd_replay(args, beam_args: list[str]) -> int:
     if not FileSystems.exists(args.archive):
         raise ConfigError([f"--from-archive {args.archive}: no such archive"])
     found = archive_files(args.archive, [s.name for s in cfg.sources], start, stop)
-    # Replays never archive again; an empty range is a run with no input, not an error.
-    sinks = dataclasses.replace(
-        cfg.sinks, archive=dataclasses.replace(cfg.sinks.archive, path=None)
-    )
-    args.replay_config = dataclasses.replace(cfg, sinks=sinks)
+    # An empty range is a run with no input, not an error.
+    args.replay_config = cfg
     args.archive_globs = found
     return cmd_run(args, beam_args)
 

@@ -34,7 +34,13 @@ from transforms.audiences import (
     TriggerEvents,
 )
 from transforms.computed_traits import LATE, ComputedTraitSpec, ComputeTraits
-from transforms.consent import DELETED, PROFILES_DELETE, DestinationRule, EnforceConsent
+from transforms.consent import (
+    DELETED,
+    PROFILES_CONSENT,
+    PROFILES_DELETE,
+    DestinationRule,
+    EnforceConsent,
+)
 from transforms.consent import DENIED as CONSENT_DENIED
 from transforms.dead_letter import (
     FAILED,
@@ -380,7 +386,10 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
     redaction = Redaction(*pii)
     identity = config.identity
     consent = keyed | "EnforceConsent" >> EnforceConsent(
-        destination_rules(config), config.privacy.deleted_identifiers, identity
+        destination_rules(config),
+        config.privacy.deleted_identifiers,
+        identity,
+        profiles=PROFILES_DESTINATION,
     )
 
     def redact_per_destination(delivery):
@@ -389,6 +398,9 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
         names, key, env = delivery
         if env is None:
             yield beam.pvalue.TaggedOutput(PROFILES_DELETE, (key, None))
+            return
+        if names == (PROFILES_CONSENT,):
+            yield beam.pvalue.TaggedOutput(PROFILES_CONSENT, (key, env))
             return
         events = redaction.apply(env.event, names)
         for name in names:
@@ -402,12 +414,17 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
         beam.FlatMap(redact_per_destination),
         PROFILES_DESTINATION,
         PROFILES_DELETE,
+        PROFILES_CONSENT,
         *config.consent.destinations,
         main="main",
     )
     failed = [("consent", consent[FAILED]), ("pii", delivered[FAILED])]
     to_profiles = delivered[PROFILES_DESTINATION]
-    fragments = {"events": to_profiles, "deletes": delivered[PROFILES_DELETE]}
+    fragments = {
+        "events": to_profiles,
+        "deletes": delivered[PROFILES_DELETE],
+        "consent": delivered[PROFILES_CONSENT],
+    }
     if specs:
         traits = to_profiles | "ComputeTraits" >> ComputeTraits(
             specs, int(config.windows.allowed_lateness * 1000)

@@ -115,3 +115,23 @@ def test_archiving_a_streaming_run_is_refused_with_a_config_error(tmp_path, caps
     code = main(["run", "--config", str(cfg), "--output", str(tmp_path / "o"), "--streaming"])
     assert code == 2
     assert "sinks.archive.path: archives bounded runs only" in capsys.readouterr().err
+
+
+def test_a_kafka_replay_archives_nothing(tmp_path, monkeypatch):
+    """`cdi replay --source` re-reads a topic: its events are already in the archive, so the
+    replay's job has no archive sink (a later replay from the archive would read them twice)."""
+    from pipelines import cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "sources: [{name: k, type: kafka, kafka: {topics: [t], bootstrap_servers: h}}]\n"
+        f"sinks: {{archive: {{path: {tmp_path / 'archive'}}}}}\n"
+    )
+    seen = {}
+    monkeypatch.setattr(
+        cli, "cmd_run", lambda args, rest: seen.setdefault("cfg", args.replay_config) and 0
+    )
+    args = ["replay", "--config", str(cfg), "--source", "k", "--from", "2026-11-01T00:00:00Z"]
+    assert main([*args, "--to", "2026-11-02T00:00:00Z", "--output", str(tmp_path / "o")]) == 0
+    assert seen["cfg"].sinks.archive.path is None
+    assert seen["cfg"].sources[0].kafka.stop == "2026-11-02T00:00:00Z"

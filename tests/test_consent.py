@@ -1,6 +1,8 @@
 """Consent by event time: grant, withdraw, late and out-of-order arrivals, deletion and replay."""
 
 import apache_beam as beam
+import orjson
+import pytest
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
@@ -8,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.config import IdentityConfig
-from tests.conftest import event, make_pipeline
+from tests.conftest import config_from, event, make_pipeline, run_job
 from transforms.consent import (  # noqa: I001
     DELETED,
     DENIED,
@@ -256,3 +258,33 @@ def test_config_listed_identifier_is_deleted():
     items = [("u9", env("a", 1, key_user="u9", context=prefs(analytics=True)))]
     for out in run(items, deleted_ids=("user_id:u9",)):
         assert_that(out[DELETED] | beam.Map(lambda r: r["message_id"]), equal_to(["a"]))
+
+
+WITHDRAWN = """
+sources: [{name: web, paths: []}]
+sinks: {profiles: {purposes: [analytics]}}
+consent:
+  purposes: [analytics, marketing, advertising]
+  destinations: {crm: {purposes: [marketing]}}
+"""
+
+
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "streaming"])
+def test_a_withdrawal_the_store_may_not_keep_still_reaches_the_profile(tmp_path, bounded):
+    """The profile store keeps events under `analytics`; a "reject all" event is refused for the
+    store itself, yet the profile's consent must show the withdrawal (audiences are judged on
+    it), and nothing else of that event reaches the profile."""
+    grant = {"consent": {"categoryPreferences": {"analytics": True, "marketing": True}}}
+    lines = [
+        event(messageId="1", type="identify", userId="u1", event=None, properties=None,
+              traits={"plan": "pro"}, context=grant),
+        event(messageId="2", userId="u1", event="Consent Updated", originalTimestamp="2026-11-01T11:00:00.000Z",
+              properties={"categoryPreferences": {"analytics": False, "marketing": False}}),
+        # A person who only ever refused the store: no profile row at all.
+        event(messageId="3", userId="u2", event="Consent Updated",
+              properties={"categoryPreferences": {"analytics": False}}),
+    ]  # fmt: skip
+    run = run_job(tmp_path, [orjson.dumps(e) for e in lines], config_from(WITHDRAWN), bounded)
+    (row,) = run["rows"].values()
+    assert orjson.loads(row["consent"]) == {"analytics": False, "marketing": False}
+    assert orjson.loads(row["event_counts"]) == {"type:identify": 1}  # the withdrawal not stored

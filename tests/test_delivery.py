@@ -77,9 +77,10 @@ def deliver(config, batches):
         return p, ids
 
 
-def test_webhook_retries_5xx_and_each_record_is_accepted_once(hook_factory, monkeypatch):
+@pytest.mark.parametrize("status", [500, 520])
+def test_webhook_retries_5xx_and_each_record_is_accepted_once(hook_factory, monkeypatch, status):
     monkeypatch.setenv("CDI_TEST_HOOK_SECRET", "s3cret")
-    hook = hook_factory(fail_first=3, status=500)
+    hook = hook_factory(fail_first=3, status=status)
     config = WebhookConfig(
         hook.url,
         batch_size=10,
@@ -92,7 +93,7 @@ def test_webhook_retries_5xx_and_each_record_is_accepted_once(hook_factory, monk
         failed = p | beam.Create(batches) | DeliverToWebhook(config)
         assert_that(failed, equal_to([]))
     assert sorted(e["messageId"] for e in hook.accepted) == ["m0", "m1", "m2", "m3"]
-    assert [a for a, _, _ in hook.requests].count(500) == 3
+    assert [a for a, _, _ in hook.requests].count(status) == 3
     for _, headers, body in hook.requests:  # every try signed, with the batch's stable key
         assert verify(b"s3cret", headers, body, time.time())
         assert not verify(b"wrong", headers, body, time.time())

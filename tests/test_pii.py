@@ -62,6 +62,9 @@ def test_hash_is_deterministic_salted_and_strips():
     assert hash_value(4915123, SALT) == hash_value("4915123", SALT)
     assert is_hash(hash_value(10**30, SALT))
     assert hash_value({"b": 1, "a": 2}, SALT) == hash_value({"a": 2, "b": 1}, SALT)
+    # Hashing a hash changes nothing: an already hashed trait keeps its value (joinable).
+    assert hash_value(h, SALT) == h == hash_value(h, "other-salt")
+    assert hash_value(h.upper(), SALT) != h.upper()  # only our exact form counts as hashed
 
 
 def test_hash_needs_a_salt():

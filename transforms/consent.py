@@ -49,6 +49,8 @@ DELETED = "deleted"
 DELETE_TYPE = "delete"
 # The main output's instruction to remove a deleted person's profile.
 PROFILES_DELETE = "profiles-delete"
+# An event the profile store may not keep but whose consent snapshot the profile must know.
+PROFILES_CONSENT = "profiles-consent"
 
 
 @dataclass(frozen=True)
@@ -171,9 +173,14 @@ class _EnforceConsentFn(beam.DoFn):
     RELEASE_TIMER = TimerSpec("release", TimeDomain.WATERMARK)
 
     def __init__(
-        self, destinations: tuple[DestinationRule, ...], deleted_identifiers: frozenset, identity
+        self,
+        destinations: tuple[DestinationRule, ...],
+        deleted_identifiers: frozenset,
+        identity,
+        profiles: str | None = None,
     ):
         self._destinations = destinations
+        self._profiles = profiles
         self._deleted_ids = deleted_identifiers
         self._identity = identity
         self._denied = Metrics.counter("cdi", "consent.denied")
@@ -256,6 +263,12 @@ class _EnforceConsentFn(beam.DoFn):
                 # classifies the event once for all of them.
                 self._delivered.inc(len(allowed))
                 yield (tuple(allowed), key, env)
+            if (
+                self._profiles is not None
+                and self._profiles not in allowed
+                and consent_observation(env.event) is not None
+            ):
+                yield ((PROFILES_CONSENT,), key, env)  # only its consent reaches the profile
             self._denied.inc(len(records))
             for record in records:
                 yield beam.pvalue.TaggedOutput(DENIED, record)
@@ -303,8 +316,13 @@ class EnforceConsent(beam.PTransform):
     None)`` for deleted persons; tagged ``consent_denied`` and ``deleted`` records, and
     ``failed`` dead letters (``(profile_key, envelope)`` the step raised on)."""
 
-    def __init__(self, destinations, deleted_identifiers=(), identity=None):
+    def __init__(self, destinations, deleted_identifiers=(), identity=None, profiles=None):
+        """``profiles``: the profile store's destination name; an event it may not keep but
+        that carries a consent snapshot then also goes out as ``(("profiles-consent",),
+        profile_key, envelope)``: the profile learns a withdrawal it may not store the event
+        of."""
         super().__init__()
+        self._profiles = profiles
         self._destinations = tuple(destinations)
         names = [d.name for d in self._destinations]
         if len(set(names)) != len(names):
@@ -316,5 +334,5 @@ class EnforceConsent(beam.PTransform):
 
     def expand(self, keyed):
         return keyed | "Judge" >> beam.ParDo(
-            _EnforceConsentFn(self._destinations, self._deleted, self._identity)
+            _EnforceConsentFn(self._destinations, self._deleted, self._identity, self._profiles)
         ).with_outputs(DENIED, DELETED, FAILED, main="delivered")

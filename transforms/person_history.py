@@ -45,7 +45,13 @@ from transforms.dead_letter import FAILED, guarded
 from transforms.envelope import Envelope, format_iso_ms, pack, unpack
 from transforms.identity import identifiers_of
 from transforms.pii import PiiRule, Redaction
-from transforms.profile import TraitRules, empty_profile, fold_computed, fold_event
+from transforms.profile import (
+    TraitRules,
+    empty_profile,
+    fold_computed,
+    fold_consent,
+    fold_event,
+)
 from transforms.unify import IdentifierRedactor
 
 FRAGMENTS = "fragments"
@@ -125,14 +131,17 @@ class _PersonHistoryFn(beam.DoFn):
                     )
         out += [beam.pvalue.TaggedOutput(name, records) for name, records in batches.items()]
         panes = []
+        profile = empty_profile()
+        for env in envelopes:  # every event's consent snapshot, kept by the store or not
+            fold_consent(profile, env.event, env.event_time_ms)
         if kept:
-            profile = empty_profile()
             for (ts_ms, event), ids in zip(kept, kept_ids, strict=True):
                 fold_event(profile, event, ts_ms, ids, self._trait_rules)
             if self._specs:
                 panes = history_panes(self._specs, kept)
                 for name, pane in panes:
                     fold_computed(profile, name, pane)
+        if kept or profile["consent"]:
             out.append((key, profile))
         self._denied.inc(len(denials))
         self._delivered.inc(delivered)

@@ -122,15 +122,24 @@ DEFAULT_RULES: tuple[PiiRule, ...] = (
 # --- hashing and the salt ----------------------------------------------------------------------
 
 
+_ALREADY_HASHED = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
 def hash_value(value: Any, salt: str) -> str:
     """``sha256:`` + hex HMAC-SHA256 of the value keyed by ``salt``. Deterministic.
 
     Strings are hashed stripped and otherwise as given (no lowercasing: normalising identifiers is
     the caller's business); other values as their compact, key-sorted JSON text, so ``5`` and
     ``"5"`` hash alike. HMAC rather than ``sha256(salt + value)``: no ambiguity where salt ends.
+
+    A value that already is such a hash is returned as it is: a trait the profile store hashed
+    and an activation record hashes again (a destination that hashes e-mails) must carry the
+    same hash as that destination's events, not a hash of the hash.
     """
     if not isinstance(salt, str) or not salt:
         raise ValueError("hashing PII needs a non-empty salt")
+    if isinstance(value, str) and _ALREADY_HASHED.match(value):
+        return value
     if isinstance(value, str):
         text = value.strip()
     elif isinstance(value, int) and not isinstance(value, bool):

@@ -101,6 +101,24 @@ def _trait_sources(event: dict[str, Any]) -> list[dict]:
     return out
 
 
+def fold_consent(acc: dict[str, Any], event: dict[str, Any], event_time_ms: int) -> None:
+    """The consent snapshot an event carries, into the profile (the latest per purpose wins).
+    Also for an event the profile store may not keep (its consent refused the store's purposes):
+    a withdrawal must reach the profile that audiences are judged on, and consent preferences
+    are governance, not the event's content."""
+    prefs = consent_observation(event)
+    if prefs:
+        consent = acc.setdefault("consent", {})
+        mid = event.get("messageId", "")
+        for purpose, granted in prefs.items():
+            _set_trait(consent, purpose, [event_time_ms, mid, granted])
+
+
+def only_consent(acc: dict[str, Any]) -> bool:
+    """Whether a profile holds nothing but consent snapshots (no event the store may keep)."""
+    return not (acc["events"] or acc["traits"] or acc["once"] or acc["incr"] or acc["computed"])
+
+
 def fold_event(
     acc: dict[str, Any],
     event: dict[str, Any],
@@ -128,11 +146,7 @@ def fold_event(
                     _set_once(acc["once"], name, [event_time_ms, mid, value])
             else:
                 _set_trait(acc["traits"], name, [event_time_ms, mid, value])
-    prefs = consent_observation(event)
-    if prefs:
-        consent = acc.setdefault("consent", {})
-        for purpose, granted in prefs.items():
-            _set_trait(consent, purpose, [event_time_ms, mid, granted])
+    fold_consent(acc, event, event_time_ms)
     first, last = acc["first_seen_ms"], acc["last_seen_ms"]
     acc["first_seen_ms"] = event_time_ms if first is None else min(first, event_time_ms)
     acc["last_seen_ms"] = event_time_ms if last is None else max(last, event_time_ms)
@@ -390,6 +404,21 @@ class BuildProfiles(beam.PTransform):
             parts.append(
                 inputs["deletes"] | "DeleteFragments" >> beam.MapTuple(lambda k, _: (k, (DELETE,)))
             )
+        failed = [folded[FAILED]]
+        if inputs.get("consent") is not None:
+            # Events the store may not keep: only their consent snapshot (fold_consent).
+
+            def consent_fragment(element):
+                key, env = element
+                acc = empty_profile()
+                fold_consent(acc, env.event, env.event_time_ms)
+                return key, (FOLDED, acc)
+
+            consented = inputs["consent"] | "ConsentFragments" >> guarded(
+                beam.Map(consent_fragment)
+            )
+            parts.append(consented.good)
+            failed.append(consented[FAILED])
         fragments = parts[0] if len(parts) == 1 else tuple(parts) | "Fragments" >> beam.Flatten()
         if self._update_every:
             # Streaming on Dataflow/Flink: speculative panes on processing time, and a final pane
@@ -415,7 +444,10 @@ class BuildProfiles(beam.PTransform):
         aggregated = fragments | "Aggregate" >> beam.CombinePerKey(ProfileCombineFn())
         if not self._as_rows:
             # (key, accumulator): per-identifier fragments for UnifyProfiles
-            return {PROFILES: aggregated, FAILED: folded[FAILED]}
+            failed_ = (
+                failed[0] if len(failed) == 1 else tuple(failed) | "MergeFailed" >> beam.Flatten()
+            )
+            return {PROFILES: aggregated, FAILED: failed_}
         rows = aggregated | "ToRow" >> guarded(beam.Map(lambda kv: profile_row(*kv)))
-        failed = (folded[FAILED], rows[FAILED]) | "MergeFailed" >> beam.Flatten()
-        return {PROFILES: rows.good, FAILED: failed}
+        failed_ = (*failed, rows[FAILED]) | "MergeFailed" >> beam.Flatten()
+        return {PROFILES: rows.good, FAILED: failed_}

@@ -36,7 +36,13 @@ from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.envelope import get_path
 from transforms.identity_graph import id_key, split_key
 from transforms.pii import apply_policy
-from transforms.profile import empty_profile, merge_profiles, next_version, profile_row
+from transforms.profile import (
+    empty_profile,
+    merge_profiles,
+    next_version,
+    only_consent,
+    profile_row,
+)
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS, TRIGGER = "f", "r", "a", "m", "t"
 TRIGGERED = "triggered"  # (current profile row, trigger record) pairs
@@ -105,6 +111,8 @@ def unify_profile(
         merge_profiles(merged, {**frag, "computed": {}})
     if merged.get("deleted"):
         return profile_row(person, merged)  # a tombstone, versioned by the events it removes
+    if only_consent(merged):
+        return None  # nothing the store may keep: consent snapshots only amend a profile
     merged["computed"] = {name: c["pane"] for name, c in computed.items()}
     raw = set(members) | set(fragments)
     keys = raw if redact is None else {r for r in map(redact, raw) if r is not None}

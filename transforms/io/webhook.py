@@ -14,8 +14,11 @@ Redirects are not followed (a 3xx is a failure: requests would re-send the POST 
 without its body). Retries: 429 and 5xx answers and connection errors are retried with exponential backoff
 (``backoff_seconds`` x 2^n, honouring ``Retry-After``) up to ``max_attempts`` tries in all
 (urllib3's ``Retry``: no retry loop of our own); a 4xx other than 429, or the last failed try,
-makes every record of the batch a dead letter (``quarantine/part-sink-*``, stage ``delivery``),
-never a silent drop. Batches are cut per bundle, which is also the retry unit of the runner.
+makes every record of the batch a dead letter (``quarantine/part-delivery-*``, stage
+``delivery``), never a silent drop. Every try carries the headers signed for the first one: a
+receiver that checks the timestamp (:func:`verify`, 300 s) refuses a retry sent after a longer
+wait (a long ``Retry-After``); re-signing each try needs a retry loop of our own (not done).
+Batches are cut per bundle, which is also the retry unit of the runner.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ import orjson
 from apache_beam.metrics import Metrics
 
 SIGNATURE, TIMESTAMP = "X-CDI-Signature", "X-CDI-Timestamp"
+
+
+# Retried: too many requests and every server error (a 501 or a proxy's 520 too: the receiver
+# may answer differently on the next try; a 4xx other than 429 is the request's fault).
+_RETRIED = (429, *range(500, 600))
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class _PostFn(beam.DoFn):
             read=c.max_attempts - 1,
             status=c.max_attempts - 1,
             backoff_factor=c.backoff_seconds,
-            status_forcelist=(429, 500, 502, 503, 504),
+            status_forcelist=_RETRIED,
             allowed_methods=None,  # POST too: the Idempotency-Key makes a retry safe
             respect_retry_after_header=True,
             raise_on_status=False,
