@@ -22,8 +22,10 @@ from transforms.io.kafka import (
     PartitionFacts,
     consumer_settings,
     decode_value,
+    in_time_range,
     origin_of,
     plan_range,
+    time_bounds,
 )
 
 
@@ -48,6 +50,20 @@ FACTS = PartitionFacts(low=10, high=100, committed=40, start_time_offset=55, sto
 )
 def test_plan_range(kw, expected):
     assert plan_range(cfg(**kw), 0, FACTS) == expected
+
+
+def test_a_range_by_record_time_reads_only_records_inside_it():
+    """Offsets come from offsets_for_times; with producer timestamps out of order, the records
+    between the two offsets that fall outside [start, stop) are not read."""
+    bounds = time_bounds(cfg(start="2026-11-01T09:00:00Z", stop="2026-11-01T10:00:00Z"))
+    t = {h: 1793523600000 + (h - 9) * 3_600_000 for h in (8, 9, 10)}  # 08:00, 09:00, 10:00
+    assert in_time_range(t[9], bounds) and in_time_range(t[10] - 1, bounds)
+    assert not in_time_range(t[8] + 1_800_000, bounds)  # 08:30, stored after 09:30
+    assert not in_time_range(t[10], bounds)
+    assert in_time_range(None, bounds) and in_time_range(-1, bounds)  # no timestamp: read
+    # Offsets and group positions are not times: every planned record is read.
+    assert time_bounds(cfg(start="earliest")) == (None, None)
+    assert time_bounds(cfg(start="committed", group_id="g", stop="end")) == (None, None)
 
 
 def test_plan_range_edges():

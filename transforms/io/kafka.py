@@ -184,6 +184,31 @@ def plan_range(config: KafkaSourceConfig, partition: int, facts: PartitionFacts)
     return start, max(start, stop)
 
 
+def time_bounds(config: KafkaSourceConfig) -> tuple[int | None, int | None]:
+    """``[start, stop)`` as epoch ms where the range is given by record time, else None."""
+    start = config.start
+    lo = (
+        parse_instant_ms(start)
+        if isinstance(start, str) and start not in (EARLIEST, LATEST, COMMITTED)
+        else None
+    )
+    hi = parse_instant_ms(config.stop) if config.stop not in (END, None) else None
+    return lo, hi
+
+
+def in_time_range(timestamp_ms: int | None, bounds: tuple[int | None, int | None]) -> bool:
+    """Whether a record of the planned offsets belongs to a range given by record time. The
+    offsets come from ``offsets_for_times`` (the first record at or after each time), so with
+    producer timestamps out of order some records between them are outside the range: those are
+    not read. (Records inside the range but stored after the stop offset are not reached: with
+    the broker's log-append time, offsets and times agree and the range is exact.) A record
+    without a timestamp is read."""
+    if timestamp_ms is None or timestamp_ms <= 0:
+        return True
+    lo, hi = bounds
+    return (lo is None or timestamp_ms >= lo) and (hi is None or timestamp_ms < hi)
+
+
 def origin_of(topic: str, partition: int, offset: int, timestamp_ms: int | None) -> str:
     where = f"kafka:{topic}/{partition}@{offset}"
     if timestamp_ms is None or timestamp_ms <= 0:
@@ -303,6 +328,7 @@ class _ReadRangeFn(beam.DoFn):
     def __init__(self, source_name: str, config: KafkaSourceConfig):
         self._name, self._config = source_name, config
         self._records = Metrics.counter("cdi", "kafka.records_read")
+        self._outside = Metrics.counter("cdi", "kafka.records_outside_time_range")
 
     def process(self, planned):
         import os
@@ -311,6 +337,7 @@ class _ReadRangeFn(beam.DoFn):
 
         topic, partition, start, stop = planned
         config = self._config
+        bounds = time_bounds(config)
         schema = _avro_schema(config)
         consumer = Consumer(consumer_settings(config, os.environ))
         try:
@@ -338,6 +365,9 @@ class _ReadRangeFn(beam.DoFn):
                 if msg.offset() >= stop:
                     break
                 _, ts = msg.timestamp()
+                if not in_time_range(ts, bounds):
+                    self._outside.inc()
+                    continue
                 payload = decode_value(
                     msg.value(), config.value_format, config.confluent_wire_format, schema
                 )
