@@ -45,7 +45,7 @@ def test_skipped_size_is_reported_and_left_out_of_growth():
         {"events": 1_000_000, "skipped": "not run: too big"},
     ]
     lines = rb.check_targets(rows)
-    assert lines[2] == "1,000,000 local       : not run: too big"
+    assert lines[2] == "1,000,000 local                : not run: too big"
     assert lines[3] == "time(500,000)/time(250,000) = 2.10 PASS (<= 2.2)"
     assert len(lines) == 4
 

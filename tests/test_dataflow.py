@@ -82,8 +82,9 @@ def test_flex_template_metadata_names_every_cdi_run_parameter():
     options = {a.dest for a in run._actions if a.dest != "help"}
     # runner and detach are fixed by the template itself (Dataflow, detached launcher), a
     # detached launcher prints no status lines, and passes are for the in-process runner's
-    # memory (Dataflow shuffles to its service; cdi run refuses passes with --detach)
-    local_only = {"runner", "detach", "status_every", "max_events_per_pass"}
+    # memory and its processes (Dataflow shuffles to its service and brings its own workers;
+    # cdi run refuses passes with --detach)
+    local_only = {"runner", "detach", "status_every", "max_events_per_pass", "workers"}
     assert options - local_only <= params, options - params
     assert "streaming" in params
     for p in meta["parameters"]:
