@@ -261,14 +261,8 @@ def _check_inputs(inputs: dict[str, list[str]], cfg) -> None:
 
 
 def _clear_outputs(paths: dict[str, Path]) -> None:
-    """A batch run owns its output artifacts: remove ours (only ours) from a previous run. The
-    SQLite store's activation ledger stays (transforms/io/sqlite.py): what was delivered
-    stays delivered."""
-    from transforms.io.sqlite import clear_keeping_ledger
-
+    """A batch run owns its output artifacts: remove ours (only ours) from a previous run."""
     for key, path in paths.items():
-        if key == "profiles" and clear_keeping_ledger(path):
-            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():

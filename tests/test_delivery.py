@@ -4,7 +4,6 @@ broker) and Pub/Sub (at the client boundary: no server can run here)."""
 from __future__ import annotations
 
 import http.server
-import sqlite3
 import threading
 import time
 import uuid
@@ -280,28 +279,6 @@ def test_a_rerun_sharing_the_ledger_delivers_no_activation_again(
         assert run["report"]["accounted"]
         counts.append(sum(e.get("event") == "Audience Entered" for e in hook.accepted))
     assert counts[0] > 0 and counts[1] == 0, counts
-
-
-def test_a_rerun_into_the_same_directory_keeps_the_sqlite_ledger(tmp_path, hook_factory):
-    """The SQLite store is the ledger when no database store is configured: a re-run of `cdi
-    run` into the same output directory replaces the profile rows and keeps the ledger, so the
-    CRM gets no `Audience Entered` twice."""
-    from pipelines.cli import main
-    from pipelines.generate import write
-
-    src = tmp_path / "events.ndjson"
-    write(str(src), 500, 50, seed=9)
-    counts, rows = [], []
-    for _ in range(2):
-        hook = hook_factory()
-        cfg = tmp_path / "c.yaml"
-        cfg.write_text(JOB.format(url=hook.url).replace("format: ndjson}", f"paths: [{src}]}}"))
-        assert main(["run", "--config", str(cfg), "--output", str(tmp_path / "out")]) == 0
-        counts.append(sum(e.get("event") == "Audience Entered" for e in hook.accepted))
-        with sqlite3.connect(tmp_path / "out" / "profiles.sqlite") as conn:
-            rows.append(sorted(conn.execute("SELECT profile_id, version FROM profiles")))
-    assert counts[0] > 0 and counts[1] == 0, counts
-    assert rows[0] == rows[1] and rows[0]  # the profile rows rewritten, the same
 
 
 def test_webhook_redirects_are_failures_not_deliveries(hook_factory):

@@ -106,33 +106,6 @@ class Reader:
         self._conns.clear()
 
 
-def clear_keeping_ledger(path: str | Path) -> bool:
-    """A re-run's reset of a SQLite store file that holds an activation ledger: every table
-    but the ledger dropped (the run rewrites the profiles), the ledger kept, so a re-run into the
-    same directory delivers no activation an earlier run delivered. False when there is no such
-    file or no ledger in it (the caller removes the file)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        conn = sqlite3.connect(str(path), timeout=60)
-    except sqlite3.Error:
-        return False
-    try:
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        if "activation_ledger" not in tables:
-            return False
-        with conn:
-            for table in tables:
-                if table != "activation_ledger" and not table.startswith("sqlite_"):
-                    conn.execute(f'DROP TABLE IF EXISTS "{table}"')
-        return True
-    except sqlite3.DatabaseError:  # not a database: the caller removes it
-        return False
-    finally:
-        conn.close()
-
-
 class Ledger:
     """The activation ledger (transforms/audiences.py): a key is claimed by one run; the same
     run may claim it again (a retried bundle), another run may not."""
