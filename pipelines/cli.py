@@ -319,7 +319,9 @@ def cmd_run(args, beam_args: list[str]) -> int:
         if value < 1:
             raise ConfigError([f"{flag}: must be at least 1"])
     if per_pass is not None or (workers or 1) > 1:
-        return _run_in_passes(cfg, inputs, output_dir, paths, runner + beam_args, per_pass, workers)
+        return _run_in_passes(
+            cfg, inputs, output_dir, paths, runner + beam_args, per_pass, workers, args.runner
+        )
     # The continuous shell (status line, drain by a drain file the workers can see) is for the
     # local runner; Dataflow and Flink jobs are drained with their own tools.
     continuous = streaming and not detach and "--runner=PrismRunner" in runner
@@ -373,7 +375,9 @@ def cmd_run(args, beam_args: list[str]) -> int:
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
-def _run_in_passes(cfg, inputs, output_dir, paths, beam_args, per_pass, workers) -> int:
+def _run_in_passes(
+    cfg, inputs, output_dir, paths, beam_args, per_pass, workers, runner_name=None
+) -> int:
     """``cdi run --max-events-per-pass N`` and ``--workers W`` (pipelines/passes.py): plan,
     run the passes (W at a time, each in a fresh process, when W > 1) into the same outputs, one
     report with the counters of all passes."""
@@ -399,7 +403,7 @@ def _run_in_passes(cfg, inputs, output_dir, paths, beam_args, per_pass, workers)
         for k, files in enumerate(plan.files)
     ]
     try:
-        for k, outcome in _each_pass(jobs, workers):
+        for k, outcome in _each_pass(jobs, workers, runner_name):
             if isinstance(outcome, str):
                 print(
                     f"cdi run: pass {k + 1} of {len(plan.files)} failed: {outcome}", file=sys.stderr
@@ -428,7 +432,17 @@ def _run_in_passes(cfg, inputs, output_dir, paths, beam_args, per_pass, workers)
     return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
-def _each_pass(jobs: list[tuple], workers: int):
+def _pass_worker(runner_name: str | None) -> None:
+    """A pass process's start: it dies with ``cdi run`` (a SIGKILL, an OOM kill or a SIGTERM
+    of the parent leaves no pass running on, writing into the outputs), and the runner is set
+    up as in ``cdi run`` itself (the settings runner_args makes live in the process)."""
+    from runners.local import die_with_parent, runner_args
+
+    die_with_parent()
+    runner_args(runner_name)
+
+
+def _each_pass(jobs: list[tuple], workers: int, runner_name: str | None = None):
     """``(k, counters or the failure's text)`` of each pass as it ends: in this process when
     W is 1, else in W processes at once. Each pass gets a fresh process (spawned: no forked
     runner threads; what a pass's shuffles held goes back to the system with it). The first
@@ -444,6 +458,8 @@ def _each_pass(jobs: list[tuple], workers: int):
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         max_tasks_per_child=1,
+        initializer=_pass_worker,
+        initargs=(runner_name,),
     ) as pool:
         pending = {pool.submit(_run_pass, *job): job[4] for job in jobs}
         try:

@@ -94,7 +94,7 @@ def runner_flag(name: str | None, streaming: bool = False) -> str:
     return resolved
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: Linux delivers SIGKILL to it when the process that started it
     dies, however it dies (a SIGKILL or an OOM kill of `cdi run` leaves no runner behind)."""
     import ctypes
@@ -137,7 +137,7 @@ class PrismJobServer:
             + [f"--log_level={self._log_level}", "--idle_shutdown_timeout=-1s"],
             start_new_session=True,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -262,3 +262,58 @@ def test_passes_archive_the_raw_input_as_one_run_does(generated, tmp_path):
         archives[name] = got
     assert sum(archives["one"].values()) > 2000
     assert archives["passes"] == archives["one"]
+
+
+def test_pass_processes_die_with_cdi_run(generated, tmp_path):
+    """A SIGKILL of `cdi run --workers 2` (an OOM kill, a supervisor) leaves no pass process
+    running on and writing into the outputs: each dies with its parent (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, src = generated
+    big = tmp_path / "big.ndjson"
+    big.write_bytes(src.read_bytes() * 5)  # long enough to be killed mid-pass
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "run", "--input", str(big), "--output",
+         str(tmp_path / "o"), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def pass_workers():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == proc.pid and b"spawn_main" in cmd:
+                found.append(int(pid))
+        return found
+
+    deadline = time.monotonic() + 120
+    workers = []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = pass_workers()
+        time.sleep(0.2)
+    assert workers, "no pass process started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in _state(w)]
+        time.sleep(0.2)
+    assert not alive, f"pass processes outlived cdi run: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
