@@ -154,15 +154,33 @@ def _balanced(sizes: list[int], n: int) -> list[int]:
     return assign
 
 
+def _filled(sizes: list[int], order: list[int], n: int, max_events: int) -> list[int]:
+    """Parts in ``order`` (largest first), each to the lightest of ``n`` passes when it fits
+    there (else to a new pass: nothing fits anywhere else either), so no pass exceeds
+    ``max_events`` and the passes stay near-equal. O(parts x log passes)."""
+    heap = [(0, k) for k in range(n)]
+    assign = [0] * len(sizes)
+    for i in order:
+        load, k = heap[0]
+        if load and load + sizes[i] > max_events:
+            k, load = n, 0
+            n += 1
+        else:
+            heapq.heappop(heap)
+        assign[i] = k
+        heapq.heappush(heap, (load + sizes[i], k))
+    return assign
+
+
 def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> list[int]:
     """The pass of each part (``sizes``: events per part, in order of first appearance).
 
     - one process (``workers`` 1): passes of at most ``max_events``, in order (a part bigger
       than that is a pass of its own);
     - ``workers`` W, no ``max_events``: W passes of near-equal size;
-    - both: passes of at most ``max_events`` in a number that is a multiple of W, near-equal,
-      so that every wave of W passes keeps every process busy; a part bigger than
-      ``max_events`` is a pass of its own.
+    - both: near-equal passes of at most ``max_events``, at least as many as the events need
+      rounded up to a multiple of W (so every wave of W passes keeps every process busy),
+      parts placed largest first; a part bigger than ``max_events`` is a pass of its own.
     Pass numbers are dense from 0 (no empty pass)."""
     if max_events is None:
         assign = _balanced(sizes, max(workers, 1))
@@ -173,17 +191,9 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
         total = sum(sizes[i] for i in small)
         n = max(workers, -(-total // max_events))
         n = -(-n // workers) * workers
-        while True:
-            placed = _balanced([sizes[i] for i in small], n)
-            loads = [0] * n
-            for i, k in zip(small, placed, strict=True):
-                loads[k] += sizes[i]
-            if max(loads, default=0) <= max_events or n >= len(small):
-                break
-            n += workers
-        assign = [-1] * len(sizes)
-        for i, k in zip(small, placed, strict=True):
-            assign[i] = k
+        largest_first = sorted(small, key=lambda i: -sizes[i])
+        assign = _filled(sizes, largest_first, n, max_events)
+        n = max(assign, default=-1) + 1
         for i, size in enumerate(sizes):
             if size > max_events:
                 assign[i], n = n, n + 1
