@@ -258,8 +258,10 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
                     (redaction.apply(env.event, (PROFILES_DESTINATION,))[PROFILES_DESTINATION], env)
                 )
         acc = empty_profile()
-        for env in envs:  # every event's consent snapshot, kept by the store or not
-            fold_consent(acc, env.event, env.event_time_ms)
+        kept = {id(env) for _, env in folded}
+        for env in envs:  # the consent snapshot of each event the store may not keep
+            if id(env) not in kept:
+                fold_consent(acc, env.event, env.event_time_ms)
         if not folded and not acc["consent"]:
             continue
         for ev, env in folded:

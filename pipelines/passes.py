@@ -64,8 +64,9 @@ def read_raw(config: PipelineConfig, inputs: dict[str, list[str]]) -> Iterator[t
 
     for src in config.sources:
         if src.type != "files":
+            where = f"{config.filename}: sources[{config.sources.index(src)}]"
             raise ConfigError(
-                [f"sources.{src.name}: --max-events-per-pass reads file sources, not {src.type}"]
+                [f"{where}: --max-events-per-pass and --workers read file sources, not {src.type}"]
             )
         globs = inputs.get(src.name, [])
         for result in FileSystems.match(list(globs)):

@@ -20,6 +20,8 @@ from transforms.computed_traits import (
     assign_windows,
     extract_value,
     history_panes,
+    open_window,
+    window_key,
 )
 from transforms.envelope import Envelope
 
@@ -181,6 +183,66 @@ def test_each_trait_has_its_own_early_period():
                 ]
             ),
         )
+
+
+class _Cell:
+    def __init__(self, value=None):
+        self.value = value
+
+    def read(self):
+        return self.value
+
+    def write(self, value):
+        self.value = value
+
+    def clear(self):
+        self.value = None
+
+
+class _Timer:
+    def __init__(self):
+        self.set_to = []
+
+    def set(self, t):
+        self.set_to.append(t)
+
+
+def test_an_early_timer_left_by_an_earlier_job_does_not_fire_for_ever():
+    """After an update: a due time for a trait that no longer has early panes is dropped (not
+    re-armed in the past for ever), and a timer armed before due times per trait (no due
+    times in state) fires every early trait's dirty windows once."""
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.computed_traits import _ComputeTraitsFn
+
+    no_early = _ComputeTraitsFn((spec(name="fast", size_ms=100 * S),), 0)
+    due, timer = _Cell({"fast": 5000}), _Timer()
+    out = list(
+        no_early.on_early_timer(
+            key="k",
+            windows_state=_Cell({}),
+            early_state=due,
+            early_timer=timer,
+            fired_at=Timestamp.of(5.0),
+        )  # fmt: skip
+    )
+    assert out == [] and due.value is None and timer.set_to == []
+    early = _ComputeTraitsFn((spec(name="fast", size_ms=100 * S, early_ms=5 * S),), 0)
+    windows = {"fast": {}}
+    w = open_window(windows["fast"], window_key(0, 100 * S), "count")
+    w["acc"], w["dirty"] = agg_add("count", w["acc"], 1, 0), True
+    legacy, timer = _Cell(None), _Timer()
+    out = list(
+        early.on_early_timer(
+            key="k",
+            windows_state=_Cell(windows),
+            early_state=legacy,
+            early_timer=timer,
+            fired_at=Timestamp.of(5.0),
+        )  # fmt: skip
+    )
+    assert [(k, name, pane[2], pane[3]) for k, (name, pane) in out] == [("k", "fast", 0, 1)]
+    assert legacy.value is None and timer.set_to == []
 
 
 def test_lifetime_and_sliding_in_batch():

@@ -422,8 +422,14 @@ class _ComputeTraitsFn(beam.DoFn):
         early_timer=beam.DoFn.TimerParam(EARLY_TIMER),
         fired_at=beam.DoFn.TimestampParam,
     ):
-        due = early_state.read() or {}
         now_ms = fired_at.micros // 1000  # the time this timer was set for
+        early = {s.name for s in self._specs if s.early_ms}
+        # Only traits that still have early panes (a trait renamed, removed or without
+        # `trigger.early` since an update must not re-arm the timer for ever); a timer armed by
+        # a job before due times per trait (no due times) fires every early trait once.
+        due = {n: t for n, t in (early_state.read() or {}).items() if n in early}
+        if not early_state.read():
+            due = dict.fromkeys(early, now_ms)
         state = windows_state.read() or {}
         for spec in self._specs:
             if not spec.early_ms or due.get(spec.name, now_ms + 1) > now_ms:

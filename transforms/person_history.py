@@ -117,12 +117,14 @@ class _PersonHistoryFn(beam.DoFn):
         batches: dict[str, list[dict]] = {}
         kept: list[tuple[int, dict[str, Any]]] = []  # what the profile store may keep
         kept_ids: list = []  # the identifiers of each, as the profile keeps them
+        kept_envs: set[int] = set()
         delivered = 0
         for allowed, env in deliveries:
             delivered += len(allowed)
             events = self._redaction.apply(env.event, allowed)
             for name in allowed:
                 if name == self._profiles:
+                    kept_envs.add(id(env))
                     kept.append((env.event_time_ms, events[name]))
                     kept_ids.append(self._redact_ids.pairs(identifiers_of(env, self._identity)))
                 else:
@@ -132,8 +134,9 @@ class _PersonHistoryFn(beam.DoFn):
         out += [beam.pvalue.TaggedOutput(name, records) for name, records in batches.items()]
         panes = []
         profile = empty_profile()
-        for env in envelopes:  # every event's consent snapshot, kept by the store or not
-            fold_consent(profile, env.event, env.event_time_ms)
+        for env in envelopes:  # the consent snapshot of each event the store may not keep
+            if id(env) not in kept_envs:  # (a kept one's comes with it, as the store keeps it)
+                fold_consent(profile, env.event, env.event_time_ms)
         if kept:
             for (ts_ms, event), ids in zip(kept, kept_ids, strict=True):
                 fold_event(profile, event, ts_ms, ids, self._trait_rules)
