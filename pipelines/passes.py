@@ -194,6 +194,9 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
         n = -(-n // workers) * workers
         largest_first = sorted(small, key=lambda i: -sizes[i])
         assign = _filled(sizes, largest_first, n, max_events)
+        used = max(assign, default=-1) + 1
+        if used % workers:  # parts that fit nowhere opened passes: whole waves again, once
+            assign = _filled(sizes, largest_first, -(-used // workers) * workers, max_events)
         n = max(assign, default=-1) + 1
         for i, size in enumerate(sizes):
             if size > max_events:
