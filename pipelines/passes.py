@@ -33,6 +33,7 @@ bytes per event.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from array import array
 from collections.abc import Iterator
@@ -143,22 +144,11 @@ def _in_order(sizes: list[int], max_events: int) -> list[int]:
     return assign
 
 
-def _balanced(sizes: list[int], n: int) -> list[int]:
-    """Each part's pass: the one with the fewest events so far, over ``n`` passes (the largest
-    ends at most one part above the mean)."""
-    heap = [(0, k) for k in range(n)]
-    assign = []
-    for size in sizes:
-        load, k = heapq.heappop(heap)
-        heapq.heappush(heap, (load + size, k))
-        assign.append(k)
-    return assign
-
-
-def _filled(sizes: list[int], order: list[int], n: int, max_events: int) -> list[int]:
-    """Parts in ``order`` (largest first), each to the lightest of ``n`` passes when it fits
-    there (else to a new pass: nothing fits anywhere else either), so no pass exceeds
-    ``max_events`` and the passes stay near-equal. O(parts x log passes)."""
+def _filled(sizes: list[int], order, n: int, max_events: float = math.inf) -> list[int]:
+    """Parts in ``order``, each to the lightest of ``n`` passes when it fits there (else to a
+    new pass: placed largest first, nothing fits anywhere else either), so no pass exceeds
+    ``max_events`` and the passes stay near-equal (without a cap: ``n`` passes, the largest at
+    most one part above the mean). O(parts x log passes)."""
     heap = [(0, k) for k in range(n)]
     assign = [0] * len(sizes)
     for i in order:
@@ -184,7 +174,7 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
       parts placed largest first; a part bigger than ``max_events`` is a pass of its own.
     Pass numbers are dense from 0 (no empty pass)."""
     if max_events is None:
-        assign = _balanced(sizes, max(workers, 1))
+        assign = _filled(sizes, range(len(sizes)), max(workers, 1))
     elif workers <= 1:
         assign = _in_order(sizes, max_events)
     else:

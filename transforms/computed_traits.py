@@ -427,8 +427,10 @@ class _ComputeTraitsFn(beam.DoFn):
         # Only traits that still have early panes (a trait renamed, removed or without
         # `trigger.early` since an update must not re-arm the timer for ever); a timer armed by
         # a job before due times per trait (no due times) fires every early trait once.
-        due = {n: t for n, t in (early_state.read() or {}).items() if n in early}
-        if not early_state.read():
+        stored = early_state.read()
+        if stored:
+            due = {n: t for n, t in stored.items() if n in early}
+        else:
             due = dict.fromkeys(early, now_ms)
         state = windows_state.read() or {}
         for spec in self._specs:
