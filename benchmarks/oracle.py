@@ -341,6 +341,9 @@ def differences(expected: dict[str, dict], actual: dict[str, dict], limit: int =
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.cli import _load
+    from runners.local import tune_gc
+
+    tune_gc()  # as the in-process runner does: the same footing
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -14,7 +14,14 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.conftest import make_pipeline, service_address, service_unavailable
-from transforms.io.webhook import DeliverToWebhook, WebhookConfig, verify
+from transforms.io.webhook import (
+    SIGNATURE,
+    TIMESTAMP,
+    DeliverToWebhook,
+    WebhookConfig,
+    retry_wait,
+    verify,
+)
 
 
 def record(i: int, person: str = "user:u1") -> dict:
@@ -30,7 +37,7 @@ def record(i: int, person: str = "user:u1") -> dict:
 class Hook:
     """A local webhook receiver: answers ``fail_first`` requests with ``status``, then 200."""
 
-    def __init__(self, fail_first: int = 0, status: int = 500):
+    def __init__(self, fail_first: int = 0, status: int = 500, retry_after: str | None = None):
         self.requests: list[tuple[int, dict, bytes]] = []  # (answer, headers, body)
         self.accepted: list[dict] = []
         hook = self
@@ -43,6 +50,8 @@ class Hook:
                 if answer == 200:
                     hook.accepted.extend(orjson.loads(body)["batch"])
                 self.send_response(answer)
+                if answer != 200 and retry_after is not None:
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -99,6 +108,46 @@ def test_webhook_retries_5xx_and_each_record_is_accepted_once(hook_factory, monk
         assert not verify(b"wrong", headers, body, time.time())
     keys = {h["Idempotency-Key"] for _, h, b in hook.requests if b == hook.requests[-1][2]}
     assert len(keys) == 1
+
+
+def test_retry_waits_back_off_from_the_first_retry_honour_retry_after_and_stop():
+    c = WebhookConfig("http://h/x", max_attempts=4, backoff_seconds=0.5, max_wait_seconds=30)
+    now = 1_800_000_000.0
+    # Exponential from the first retry on (urllib3 retries the first time at once).
+    assert [retry_wait(c, n, 503, None, now) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert retry_wait(c, 4, 503, None, now) is None  # the last try
+    assert retry_wait(c, 1, None, None, now) == 0.5  # no answer at all: retried
+    assert retry_wait(c, 1, 429, None, now) == 0.5
+    assert retry_wait(c, 1, 400, "5", now) is None  # the request's fault: not retried
+    assert retry_wait(c, 1, 503, "7", now) == 7.0  # Retry-After longer than the backoff wins
+    assert retry_wait(c, 3, 503, "1", now) == 2.0  # ...and shorter does not shorten it
+    assert retry_wait(c, 1, 503, "3600", now) == 30.0  # capped at max_wait_seconds
+    date = "Wed, 15 Jan 2027 08:00:12 GMT"  # 12 s after now
+    assert retry_wait(c, 1, 503, date, 1_800_000_000.0) == pytest.approx(12.0)
+    assert retry_wait(c, 1, 503, "Wed, 15 Jan 2027 07:00:00 GMT", now) == 0.5  # past: backoff
+    assert retry_wait(c, 1, 503, "soon", now) == 0.5  # unreadable: backoff
+    with pytest.raises(ValueError):
+        WebhookConfig("http://h/x", max_wait_seconds=-1)
+
+
+def test_each_webhook_try_is_signed_when_sent_after_the_wait_retry_after_asks(
+    hook_factory, monkeypatch
+):
+    monkeypatch.setenv("CDI_TEST_HOOK_SECRET", "s3cret")
+    hook = hook_factory(fail_first=1, status=503, retry_after="1")
+    config = WebhookConfig(
+        hook.url, max_attempts=2, backoff_seconds=0, secret_env="CDI_TEST_HOOK_SECRET"
+    )
+    with make_pipeline() as p:
+        failed = p | beam.Create([[record(1)]]) | DeliverToWebhook(config)
+        assert_that(failed, equal_to([]))
+    (a1, h1, b1), (a2, h2, b2) = hook.requests
+    assert (a1, a2) == (503, 200) and b1 == b2
+    # The retry waited the second Retry-After asked and carries its own timestamp and signature.
+    assert int(h2[TIMESTAMP]) >= int(h1[TIMESTAMP]) + 1
+    assert h2[SIGNATURE] != h1[SIGNATURE]
+    assert verify(b"s3cret", h2, b2, int(h2[TIMESTAMP]))
+    assert [e["messageId"] for e in hook.accepted] == ["m1"]
 
 
 def test_webhook_dead_letters_after_the_last_try_and_at_once_on_4xx(hook_factory):

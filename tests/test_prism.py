@@ -106,3 +106,25 @@ def test_prism_runner_flags(tmp_path, monkeypatch):
     assert PipelineOptions(args).view_as(PortableOptions).job_server_timeout == 30 * 86400
     mine = PipelineOptions([*args, "--job_server_timeout=60"])
     assert mine.view_as(PortableOptions).job_server_timeout == 60
+
+
+def test_the_in_process_runner_turns_off_the_state_cache_and_collects_less_often():
+    """`--runner local` sets what its speed was measured with: no state cache (as production
+    harnesses) and the raised garbage collector thresholds; other runners leave the process's
+    collector alone."""
+    import gc
+
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    from runners.local import GC_THRESHOLDS, runner_flag
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert runner_flag("local-streaming") == "BundleBasedDirectRunner"
+        assert gc.get_threshold() == (700, 10, 10)
+        assert runner_flag("local") == "FnApiRunner"
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert worker_handlers.STATE_CACHE_SIZE_MB == 0
+    finally:
+        gc.set_threshold(*before)

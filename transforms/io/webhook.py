@@ -11,13 +11,15 @@ policy already applied), plus:
 - ``Idempotency-Key``: a hash of the batch's message ids, the same on every retry of the batch.
 
 Redirects are not followed (a 3xx is a failure: requests would re-send the POST as a GET
-without its body). Retries: 429 and 5xx answers and connection errors are retried with exponential backoff
-(``backoff_seconds`` x 2^n, honouring ``Retry-After``) up to ``max_attempts`` tries in all
-(urllib3's ``Retry``: no retry loop of our own); a 4xx other than 429, or the last failed try,
-makes every record of the batch a dead letter (``quarantine/part-delivery-*``, stage
-``delivery``), never a silent drop. Every try carries the headers signed for the first one: a
-receiver that checks the timestamp (:func:`verify`, 300 s) refuses a retry sent after a longer
-wait (a long ``Retry-After``); re-signing each try needs a retry loop of our own (not done).
+without its body). Retries: 429 and 5xx answers and connection errors are retried up to
+``max_attempts`` tries in all, after ``backoff_seconds`` x 2^(n-1) before the n-th retry, or
+the answer's ``Retry-After`` (seconds or an HTTP date) when that is longer, at most
+``max_wait_seconds`` (:func:`retry_wait`); a 4xx other than 429, or the last failed try, makes
+every record of the batch a dead letter (``quarantine/part-delivery-*``, stage ``delivery``),
+never a silent drop. Each try is signed when it is sent, so a retry after a long wait still
+passes the receiver's freshness check (:func:`verify`, 300 s). The retry loop is ours, not
+urllib3's ``Retry`` (which the requests adapter offers): that one re-sends the prepared
+request, headers signed for the first try included, and retries the first time at once.
 Batches are cut per bundle, which is also the retry unit of the runner.
 """
 
@@ -28,6 +30,7 @@ import hmac
 import os
 import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 import apache_beam as beam
 import orjson
@@ -50,6 +53,8 @@ class WebhookConfig:
     max_attempts: int = 5
     backoff_seconds: float = 0.5
     timeout_seconds: float = 10.0
+    # The longest wait before a retry, whatever Retry-After asks: a bundle is not held longer.
+    max_wait_seconds: float = 60.0
     # The environment variable holding the HMAC secret (unsigned requests if unset).
     secret_env: str | None = None
 
@@ -60,6 +65,40 @@ class WebhookConfig:
             raise ValueError("batch_size and max_attempts: at least 1")
         if self.backoff_seconds < 0 or self.timeout_seconds <= 0:
             raise ValueError("backoff_seconds >= 0 and timeout_seconds > 0")
+        if self.max_wait_seconds < 0:
+            raise ValueError("max_wait_seconds >= 0")
+
+
+def retry_wait(
+    config: WebhookConfig, tries: int, status: int | None, retry_after: str | None, now: float
+) -> float | None:
+    """Seconds to wait before the next try, after ``tries`` tries of which the last was answered
+    ``status`` (None: no answer, a connection error or timeout) with the ``Retry-After`` header
+    ``retry_after``; None when the batch is not tried again."""
+    if tries >= config.max_attempts or (status is not None and status not in _RETRIED):
+        return None
+    wait = config.backoff_seconds * 2 ** (tries - 1)
+    asked = _retry_after_seconds(retry_after, now)
+    if asked is not None:
+        wait = max(wait, asked)
+    return min(wait, config.max_wait_seconds)
+
+
+def _retry_after_seconds(value: str | None, now: float) -> float | None:
+    """``Retry-After`` as seconds from ``now``: delay-seconds or an HTTP date (RFC 9110 10.2.3);
+    None when absent or unreadable (the backoff applies)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        return None
+    return max(when.timestamp() - now, 0.0)
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -90,24 +129,9 @@ class _PostFn(beam.DoFn):
 
     def setup(self):
         import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
 
         c = self._config
-        retry = Retry(
-            total=c.max_attempts - 1,
-            connect=c.max_attempts - 1,
-            read=c.max_attempts - 1,
-            status=c.max_attempts - 1,
-            backoff_factor=c.backoff_seconds,
-            status_forcelist=_RETRIED,
-            allowed_methods=None,  # POST too: the Idempotency-Key makes a retry safe
-            respect_retry_after_header=True,
-            raise_on_status=False,
-        )
-        self._session = requests.Session()
-        self._session.mount("http://", HTTPAdapter(max_retries=retry))
-        self._session.mount("https://", HTTPAdapter(max_retries=retry))
+        self._session = requests.Session()  # no adapter retries: _post retries, re-signing
         secret = os.environ.get(c.secret_env) if c.secret_env else None
         if c.secret_env and not secret:  # never send unsigned what the receiver expects signed
             raise RuntimeError(f"webhook: the secret variable {c.secret_env} is not set")
@@ -134,12 +158,29 @@ class _PostFn(beam.DoFn):
         from transforms.dead_letter import dead_letter
 
         body, key = batch_body(batch)
+        tries = 0
+        while True:
+            tries += 1
+            status, retry_after, error = self._try(body, key)
+            if error is None:
+                self._delivered.inc(len(batch))
+                return
+            wait = retry_wait(self._config, tries, status, retry_after, time.time())
+            if wait is None:
+                break
+            time.sleep(wait)
+        error = f"{error} after {tries} {'try' if tries == 1 else 'tries'}"
+        self._failed.inc(len(batch))
+        for record in batch:
+            yield dead_letter(record, ValueError(f"webhook delivery failed: {error}"))
+
+    def _try(self, body: bytes, key: str) -> tuple[int | None, str | None, str | None]:
+        """One POST, signed now: ``(status or None, Retry-After, error or None)``."""
         headers = {"Content-Type": "application/json", "Idempotency-Key": key}
         if self._secret is not None:
             ts = str(int(time.time()))
             headers[TIMESTAMP] = ts
             headers[SIGNATURE] = sign(self._secret, ts, body)
-        error = None
         try:
             # No redirects: requests would re-send a 301/302/303 as a GET without the body,
             # and a 200 on that GET would count the batch as delivered.
@@ -150,16 +191,11 @@ class _PostFn(beam.DoFn):
                 timeout=self._config.timeout_seconds,
                 allow_redirects=False,
             )
-            if not 200 <= r.status_code < 300:
-                error = f"HTTP {r.status_code} after retries"
-        except Exception as e:  # connection refused/reset after the last retry
-            error = f"{type(e).__name__}: {e}"
-        if error is None:
-            self._delivered.inc(len(batch))
-            return
-        self._failed.inc(len(batch))
-        for record in batch:
-            yield dead_letter(record, ValueError(f"webhook delivery failed: {error}"))
+        except Exception as e:  # connection refused or reset, a timeout: retried
+            return None, None, f"{type(e).__name__}: {e}"
+        if 200 <= r.status_code < 300:
+            return r.status_code, None, None
+        return r.status_code, r.headers.get("Retry-After"), f"HTTP {r.status_code}"
 
     def teardown(self):
         session = getattr(self, "_session", None)
