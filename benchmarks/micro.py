@@ -112,7 +112,7 @@ def main() -> None:
 
     from pipelines.config import load_default_config
     from pipelines.governed_profiles import pii_policies, pii_rules
-    from transforms.pii import apply_policies
+    from transforms.pii import Redaction
 
     config = load_default_config()
     policies = pii_policies(config)
@@ -123,10 +123,12 @@ def main() -> None:
         for e in es:
             extract_identifiers(e, identity)
 
+    redaction = Redaction(rules, policies, salt)  # held, as the job's stages hold one
+
     def pii_only(es):
         # Every event redacted for every destination, one classification each (as the job does).
         for e in es:
-            apply_policies(e, rules, policies, salt)
+            redaction.apply(e)
 
     d = _time(decode_only, lines)
     v = _time(decode_validate, lines)

@@ -47,7 +47,9 @@ from transforms.dead_letter import (
     CountEventsOnce,
     ElementDeadLetters,
     EventDeadLetters,
+    all_or_dead_letter,
     guarded,
+    one_or_dead_letter,
 )
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
@@ -242,7 +244,9 @@ def build(
         lambda env: env.event.get("type") != UNLINK_TYPE
     )
     keyed = behaviour | "KeyByProfile" >> guarded(
-        beam.Map(key_by_profile, identity).with_output_types(beam.typehints.KV[str, Any])
+        beam.FlatMap(one_or_dead_letter(key_by_profile), identity).with_output_types(
+            beam.typehints.KV[str, Any]
+        )
     )
     # Dead letters of the steps after dedup that carry events (stage, dead letters).
     failed_events = [("key", keyed[FAILED]), ("stitching", stitched[FAILED_EVENTS])]
@@ -411,7 +415,7 @@ def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):
                 yield beam.pvalue.TaggedOutput(name, [delivery_record(name, key, redacted)])
 
     delivered = consent.delivered | "RedactPerDestination" >> guarded(
-        beam.FlatMap(redact_per_destination),
+        beam.FlatMap(all_or_dead_letter(redact_per_destination)),
         PROFILES_DESTINATION,
         PROFILES_DELETE,
         PROFILES_CONSENT,

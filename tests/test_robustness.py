@@ -327,3 +327,65 @@ def test_a_held_event_consent_fails_on_costs_its_own_record(tmp_path, monkeypatc
         assert [r["message_id"] for r in records] == [POISON]
         delivered = {r["event"]["messageId"] for r in run["outputs"]["destinations"]["warehouse"]}
         assert delivered == {"1", "3"}
+
+
+def test_a_step_without_dead_letters_is_refused_when_the_job_is_built():
+    """`guarded` takes only steps whose failures become dead letters: a plain Map or DoFn
+    would stop the run on one bad element."""
+    import apache_beam as beam
+
+    from transforms.dead_letter import guarded, one_or_dead_letter
+
+    class Plain(beam.DoFn):
+        def process(self, element):
+            yield element
+
+    for step in (beam.Map(len), beam.FlatMap(lambda x: [x]), beam.ParDo(Plain())):
+        with pytest.raises(TypeError, match="dead_letter_on_raise"):
+            guarded(step)
+    guarded(beam.FlatMap(one_or_dead_letter(len)))  # accepted
+
+
+def test_an_element_that_raises_midway_emits_only_its_dead_letter():
+    """Outputs are held until the element is done: one that raises after yielding some emits
+    none of them, only its dead letter in Beam's shape (element, (type, repr, traceback))."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tests.conftest import make_pipeline
+    from transforms.dead_letter import (
+        FAILED,
+        all_or_dead_letter,
+        dead_letter_on_raise,
+        guarded,
+        one_or_dead_letter,
+    )
+
+    def twice_unless_three(x):
+        yield x
+        if x == 3:
+            raise ValueError("three")
+        yield x
+
+    class Halves(beam.DoFn):
+        @dead_letter_on_raise
+        def process(self, x):
+            yield beam.pvalue.TaggedOutput("odd", x) if x % 2 else x
+            yield 10 // (x - 2)
+
+    with make_pipeline() as p:
+        xs = p | beam.Create([1, 2, 3])
+        many = xs | "Many" >> guarded(beam.FlatMap(all_or_dead_letter(twice_unless_three)))
+        one = xs | "One" >> guarded(beam.FlatMap(one_or_dead_letter(lambda x: 6 // (x - 1))))
+        fn = xs | "Fn" >> guarded(beam.ParDo(Halves()), "odd", main="even")
+
+        def letters(pcoll, label):
+            return pcoll[FAILED] | label >> beam.Map(lambda d: (d[0], d[1][0].__name__))
+
+        assert_that(many.good, equal_to([1, 1, 2, 2]), label="many")
+        assert_that(letters(many, "M"), equal_to([(3, "ValueError")]), label="many dead")
+        assert_that(one.good, equal_to([6, 3]), label="one")
+        assert_that(letters(one, "O"), equal_to([(1, "ZeroDivisionError")]), label="one dead")
+        assert_that(fn.even, equal_to([-10, 10]), label="fn")
+        assert_that(fn.odd, equal_to([1, 3]), label="fn odd")
+        assert_that(letters(fn, "F"), equal_to([(2, "ZeroDivisionError")]), label="fn dead")

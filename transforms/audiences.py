@@ -507,6 +507,7 @@ class _ActivateBoundedFn(beam.DoFn):
     def __init__(self, activator: _Activator):
         self._a = activator
 
+    @dead_letter_on_raise
     def process(self, element):
         person, row = element
         changes = transitions(frozenset(), self._a.members_of(row), {})
@@ -619,6 +620,7 @@ class _FireFn(beam.DoFn):
         self._redactor = redactor
         self._fired = Metrics.counter("cdi", "trigger.fired")
 
+    @dead_letter_on_raise
     def process(self, element):
         row, payload = element
         record = payload["record"]

@@ -31,7 +31,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Duration as BeamDuration
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded, one_or_dead_letter
 from transforms.envelope import Envelope, format_iso_ms, get_path, pack, parse_iso_ms, unpack
 from transforms.quarantine import DUPLICATES, QUARANTINE, Violation, quarantine_record
 
@@ -176,6 +176,7 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
     def __init__(self):
         self._count()
 
+    @dead_letter_on_raise
     def process(self, element):
         key, packed = element
         state = None
@@ -220,8 +221,10 @@ class DeduplicateEvents(beam.PTransform):
         # same step that keys them.
         value = pack if self._bounded else (lambda env: env)
         keyed = envelopes | "KeyByIdempotencyKey" >> guarded(
-            beam.Map(
-                lambda env: (dedup_key(env.source, env.event, key_paths), value(env))
+            beam.FlatMap(
+                one_or_dead_letter(
+                    lambda env: (dedup_key(env.source, env.event, key_paths), value(env))
+                )
             ).with_output_types(beam.typehints.KV[str, Any])
         )
         if self._bounded:

@@ -41,7 +41,7 @@ from transforms.consent import (
     denied_record,
     judge_history,
 )
-from transforms.dead_letter import FAILED, guarded
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded, one_or_dead_letter
 from transforms.envelope import Envelope, format_iso_ms, pack, unpack
 from transforms.identity import identifiers_of
 from transforms.pii import PiiRule, Redaction
@@ -93,6 +93,7 @@ class _PersonHistoryFn(beam.DoFn):
         self._delivered = Metrics.counter("cdi", "delivered")
         self._panes = Metrics.counter("cdi", "computed_trait_panes")
 
+    @dead_letter_on_raise
     def process(self, element):
         """All of a person's outputs, made before any is emitted or counted: a person whose
         history raises goes to the dead letters whole (every event of it, see
@@ -188,7 +189,7 @@ class PersonHistory(beam.PTransform):
         if not keyed.is_bounded:
             raise ValueError("PersonHistory needs a bounded input; streaming runs keep state")
         packed = keyed | "Pack" >> guarded(  # waits as bytes
-            beam.Map(lambda kv: (kv[0], pack(kv[1])))
+            beam.FlatMap(one_or_dead_letter(lambda kv: (kv[0], pack(kv[1]))))
         )
         history = (
             packed.good

@@ -28,7 +28,7 @@ import orjson
 
 from transforms import exact_sum
 from transforms.consent import consent_observation
-from transforms.dead_letter import FAILED, guarded
+from transforms.dead_letter import FAILED, guarded, one_or_dead_letter
 from transforms.envelope import format_iso_ms
 
 _SEP = "\x1f"
@@ -393,7 +393,9 @@ class BuildProfiles(beam.PTransform):
                 fold_event(empty_profile(), env.event, env.event_time_ms, ids, rules),
             )
 
-        folded = inputs["events"] | "EventFragments" >> guarded(beam.Map(fragment))
+        folded = inputs["events"] | "EventFragments" >> guarded(
+            beam.FlatMap(one_or_dead_letter(fragment))
+        )
         parts = [folded.good]
         if inputs.get("computed") is not None:
             parts.append(
@@ -415,7 +417,7 @@ class BuildProfiles(beam.PTransform):
                 return key, (FOLDED, acc)
 
             consented = inputs["consent"] | "ConsentFragments" >> guarded(
-                beam.Map(consent_fragment)
+                beam.FlatMap(one_or_dead_letter(consent_fragment))
             )
             parts.append(consented.good)
             failed.append(consented[FAILED])
@@ -448,6 +450,8 @@ class BuildProfiles(beam.PTransform):
                 failed[0] if len(failed) == 1 else tuple(failed) | "MergeFailed" >> beam.Flatten()
             )
             return {PROFILES: aggregated, FAILED: failed_}
-        rows = aggregated | "ToRow" >> guarded(beam.Map(lambda kv: profile_row(*kv)))
+        rows = aggregated | "ToRow" >> guarded(
+            beam.FlatMap(one_or_dead_letter(lambda kv: profile_row(*kv)))
+        )
         failed_ = (*failed, rows[FAILED]) | "MergeFailed" >> beam.Flatten()
         return {PROFILES: rows.good, FAILED: failed_}

@@ -41,7 +41,7 @@ import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
 
-from transforms.dead_letter import FAILED, guarded
+from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
 from transforms.identity import id_key
 
 PROFILE_COLUMNS = (
@@ -232,6 +232,7 @@ class _WriteProfilesFn(beam.DoFn):
     def start_bundle(self):
         self._rows: list[dict] = []
 
+    @dead_letter_on_raise
     def process(self, row: dict):
         # Checked here, per row: a bad row is its own dead letter; what fails at the write
         # (the store) fails the bundle, which the runner retries, and then the run.
@@ -239,7 +240,7 @@ class _WriteProfilesFn(beam.DoFn):
         if self._check is not None:
             self._check(row)
         self._rows.append(row)
-        return ()  # no output; Beam's dead-letter wrapper iterates what process returns
+        return ()  # no output (dead_letter_on_raise lists what process returns)
 
     def finish_bundle(self):
         # Written here, outside the per-row dead-letter wrapper: a store failure fails the

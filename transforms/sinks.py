@@ -10,7 +10,13 @@ from pathlib import Path
 import apache_beam as beam
 import orjson
 
-from transforms.dead_letter import FAILED, guarded, json_text
+from transforms.dead_letter import (
+    FAILED,
+    all_or_dead_letter,
+    guarded,
+    json_text,
+    one_or_dead_letter,
+)
 
 # Unbounded runs (a topic read continuously) write each record output as files cut every minute
 # of processing time, and once more when the run drains.
@@ -53,9 +59,9 @@ class WriteRecordsAsJson(beam.PTransform):
     def expand(self, records):
         encode = json_text if self._lenient else (lambda r: orjson.dumps(r).decode())
         if self._batched:
-            to_json = beam.FlatMap(lambda batch: _lines(batch, encode))
+            to_json = beam.FlatMap(all_or_dead_letter(lambda batch: _lines(batch, encode)))
         else:
-            to_json = beam.Map(encode)
+            to_json = beam.FlatMap(one_or_dead_letter(encode))
         encoded = records | "ToJson" >> guarded(to_json)
         if records.is_bounded:
             encoded.good | "Write" >> beam.io.WriteToText(

@@ -50,7 +50,7 @@ from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.components import absorb, final_label, first_round, settle
-from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
+from transforms.dead_letter import FAILED, all_or_dead_letter, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
     Link,
@@ -268,6 +268,7 @@ class _LinkGroupedFn(_LinkFn):
     own rule (``_step``) in :func:`_message_order`; the settled identifier goes out once: to
     ``Route``, and its acceptance of each neighbour to ``Pair``."""
 
+    @dead_letter_on_raise
     def process(self, element):
         x, messages = element
         nbrs, attrs = {}, {}
@@ -357,6 +358,7 @@ class _ConnectGroupedFn(beam.DoFn):
     def __init__(self, last: bool):
         self._last = last
 
+    @dead_letter_on_raise
     def process(self, element):
         v, messages = element
         if self._last:
@@ -601,6 +603,7 @@ class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
     def __init__(self, rules: StitchRules, deleted: frozenset[str]):
         _GroupResolver.__init__(self, rules, deleted)
 
+    @dead_letter_on_raise
     def process(self, element):
         key, messages = element
         nodes = {x: (nbrs, attrs) for _, (x, nbrs, attrs) in messages}
@@ -688,15 +691,19 @@ class StitchIdentities(beam.PTransform):
         bounded = self._bounded
 
         def dead_lettered(pardo, *tags, main):
-            """Beam's dead-letter wrapper where the step keeps no state; the stateful DoFns
-            route their own (``dead_letter_on_raise``), as Beam's cannot carry timers."""
+            """A bounded step's dead letters declared with its tags; a stateful DoFn's
+            (``dead_letter_on_raise`` as well) as they were."""
             if bounded:
                 return guarded(pardo, *tags, main=main)
             return pardo.with_outputs(*tags, FAILED, main=main)
 
         messages = envelopes | "StitchMessages" >> guarded(
             beam.FlatMap(
-                lambda env: stitch_messages(env.event, env.event_time_ms, identity, env.identifiers)
+                all_or_dead_letter(
+                    lambda env: stitch_messages(
+                        env.event, env.event_time_ms, identity, env.identifiers
+                    )
+                )
             ).with_output_types(KV[str, Any])
         )
         failed_events = [messages[FAILED]]
@@ -771,8 +778,14 @@ class StitchIdentities(beam.PTransform):
         failed.append(resolved[FAILED])
         blocked_links_ = envelopes | "BlockedLinks" >> guarded(
             beam.FlatMap(
-                lambda env: blocked_links(
-                    env.event, env.event_time_ms, identity, env.identifiers, env.junk_identifiers
+                all_or_dead_letter(
+                    lambda env: blocked_links(
+                        env.event,
+                        env.event_time_ms,
+                        identity,
+                        env.identifiers,
+                        env.junk_identifiers,
+                    )
                 )
             ).with_output_types(KV[str, Any])
         )

@@ -228,6 +228,7 @@ class _RouteGroupedFn(beam.DoFn):
     """Bounded runs: ``(identifier, its fragment and assignments)`` in, the fragment sent once
     to its final person (a bounded run's PersonHistory emits one fragment per profile key)."""
 
+    @dead_letter_on_raise
     def process(self, element):
         x, messages = element
         groups: dict = {}
@@ -270,6 +271,7 @@ class _UnifyGroupedFn(beam.DoFn):
         self._kinds = trait_kinds
         self._redact = redact
 
+    @dead_letter_on_raise
     def process(self, element):
         person, messages = element
         frags: dict = {}
@@ -359,8 +361,8 @@ class UnifyProfiles(beam.PTransform):
         bounded = self._bounded
 
         def dead_lettered(pardo, main, *tags):
-            """Beam's dead-letter wrapper where the step keeps no state; the stateful DoFns
-            route their own (``dead_letter_on_raise``)."""
+            """A bounded step's dead letters declared with its tags; a stateful DoFn's
+            (``dead_letter_on_raise`` as well) as they were."""
             if bounded:
                 return guarded(pardo, *tags, main=main)
             return pardo.with_outputs(FAILED, *tags, main=main)

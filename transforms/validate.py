@@ -16,7 +16,7 @@ import apache_beam as beam
 import orjson
 from apache_beam.metrics import Metrics
 
-from transforms.dead_letter import guarded
+from transforms.dead_letter import dead_letter_on_raise, guarded
 from transforms.envelope import (
     CONTROL_TYPES,
     Envelope,
@@ -175,6 +175,7 @@ class _ValidateFn(beam.DoFn):
         }
         self._quarantined: dict[str, Any] = {}
 
+    @dead_letter_on_raise
     def process(self, raw: RawEvent):
         self._events_in.inc()
         env, record = judge(

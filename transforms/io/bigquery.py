@@ -123,10 +123,12 @@ class WriteProfilesToBigQuery(beam.PTransform):
     def expand(self, rows):
         from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 
-        from transforms.dead_letter import FAILED, guarded
+        from transforms.dead_letter import FAILED, guarded, one_or_dead_letter
 
         project, dataset, table = self._table
-        converted = rows | "ToBigQueryRow" >> guarded(beam.Map(to_bigquery_row))
+        converted = rows | "ToBigQueryRow" >> guarded(
+            beam.FlatMap(one_or_dead_letter(to_bigquery_row))
+        )
         converted.good | "Append" >> WriteToBigQuery(
             table=f"{project}:{dataset}.{table}_changes",
             schema=table_schema(),
