@@ -472,49 +472,36 @@ def _locate(
             else:
                 child_states, cls = (), None
             tv = type(v)
-            if cls is None and (tv is str or tv is int):
-                # The commonest case first, by exact type (decoded JSON and Avro give exact
-                # types; anything else takes the general branch below): an unclassified text
-                # or integer leaf, which only a value pattern can mark.
-                if has_patterns:
-                    text = v if tv is str else str(v)
-                    pats = for_key.get(k)
-                    if pats is None:
-                        pats = _key_patterns(k, c)
-                    hits = None
-                    for regex, cl, needed in pats:
-                        if (needed is None or needed in text) and regex.search(text):
-                            if hits is None:
-                                hits = [cl]
-                            elif cl not in hits:
-                                hits.append(cl)
-                    if hits is not None:
-                        found.append(((*loc, k), tuple(hits), False))
-                continue
-            if cls is None and (v is None or tv is float or tv is bool):
-                continue
-            if cls is None and not isinstance(v, (dict, list)):
+            if cls is None and tv is not dict and tv is not list:
                 # An unclassified leaf (most of an event): only a value pattern can mark it.
-                if has_patterns and v is not None and not isinstance(v, bool):
-                    if isinstance(v, str):
-                        text = v
-                    elif isinstance(v, int):
-                        text = str(v)
-                    else:
-                        continue
-                    pats = for_key.get(k)
-                    if pats is None:
-                        pats = _key_patterns(k, c)
-                    hits: list[str] | None = None
-                    for regex, cl, needed in pats:
-                        if (needed is None or needed in text) and regex.search(text):
-                            if hits is None:
-                                hits = [cl]
-                            elif cl not in hits:
-                                hits.append(cl)
-                    if hits is not None:
-                        found.append(((*loc, k), tuple(hits), False))
-                continue
+                # Exact types first (decoded JSON and Avro give exact types), then subclasses.
+                if tv is str:
+                    text = v
+                elif tv is int:
+                    text = str(v)
+                elif isinstance(v, (dict, list)):
+                    text = None  # a container after all: walked below
+                elif isinstance(v, str):
+                    text = v
+                elif isinstance(v, int) and not isinstance(v, bool):
+                    text = str(v)
+                else:
+                    continue  # None, a number with a fraction, a boolean: nothing to match
+                if text is not None:
+                    if has_patterns:
+                        pats = for_key.get(k)
+                        if pats is None:
+                            pats = _key_patterns(k, c)
+                        hits: list[str] | None = None
+                        for regex, cl, needed in pats:
+                            if (needed is None or needed in text) and regex.search(text):
+                                if hits is None:
+                                    hits = [cl]
+                                elif cl not in hits:
+                                    hits.append(cl)
+                        if hits is not None:
+                            found.append(((*loc, k), tuple(hits), False))
+                    continue
             _locate(v, k, (*loc, k), child_states, cls, c, found)
         return
     if isinstance(node, list):
