@@ -58,6 +58,44 @@ def test_events_without_the_business_key_are_keyed_by_their_message_id():
 
 
 @pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-copies"])
+def test_a_retried_order_with_a_new_message_id_is_a_duplicate_under_a_business_key(bounded):
+    """Under ``[source, properties.order_id]`` a server's retry of an order (same content, a new
+    ``messageId``, new transport times) is a duplicate of the first, not a collision; the same
+    order id with other content still is one."""
+    order = {"order_id": "o1", "revenue": 10}
+    items = [
+        env("m1", receivedAt="2026-11-01T00:00:00Z", properties=order),
+        env(
+            "m2", receivedAt="2026-11-01T00:00:05Z", sentAt="2026-11-01T00:00:04Z", properties=order
+        ),
+        env("m3", receivedAt="2026-11-01T00:00:09Z", properties={**order, "revenue": 12}),
+    ]
+    assert fingerprint(items[0].event) == fingerprint(items[1].event)
+    with make_pipeline() as p:
+        out = (
+            p
+            | beam.Create(items)
+            | beam.Map(lambda e: TimestampedValue(e, e.event_time_ms / 1000))
+            | DeduplicateEvents(("source", "properties.order_id"), bounded=bounded)
+        )
+        assert_that(
+            out["unique"] | "U" >> beam.Map(lambda e: e.event["messageId"]),
+            equal_to(["m1"]),
+            label="unique",
+        )
+        assert_that(
+            out[DUPLICATES] | "D" >> beam.Map(lambda r: (r["message_id"], r["first_message_id"])),
+            equal_to([("m2", "m1")]),
+            label="dups",
+        )
+        assert_that(
+            out[QUARANTINE] | "Q" >> beam.Map(lambda r: (r["reason"], r["message_id"])),
+            equal_to([("dedup.collision", "m3")]),
+            label="collisions",
+        )
+
+
+@pytest.mark.parametrize("bounded", [False, True], ids=["stateful", "grouped-copies"])
 def test_pipeline_duplicates_collisions_and_sources(bounded):
     items = [
         env("a", receivedAt="2026-11-01T00:00:00Z"),

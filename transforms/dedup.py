@@ -12,8 +12,12 @@ Stream contract:
   received them (``receivedAt``, then the payload text; :func:`arrival_order`), so "first" is the
   first one received whatever order the files list them in, and no state or timer is needed.
 
-The fingerprint ignores ``sentAt`` and ``receivedAt``: a client retry re-sends the same event with
-new transport times, and that is still the same event.
+The fingerprint ignores ``sentAt``, ``receivedAt`` and ``messageId``: a client retry re-sends
+the same event with new transport times, and a server that rebuilds a retried order under a
+business key (``properties.order_id``) gives it a new ``messageId``; both are still the same
+event. Under the default key the ``messageId`` is part of the key, so ignoring it there changes
+nothing. (State written by a version that still fingerprinted the ``messageId`` calls such a
+retry a collision until that key's TTL ends.)
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded, one_or
 from transforms.envelope import Envelope, format_iso_ms, get_path, pack, parse_iso_ms, unpack
 from transforms.quarantine import DUPLICATES, QUARANTINE, Violation, quarantine_record
 
-_TRANSPORT_FIELDS = frozenset({"sentAt", "receivedAt"})
+# Not content: transport times, and the id a sender gives each try (module doc).
+_NOT_CONTENT = frozenset({"sentAt", "receivedAt", "messageId"})
 
 FIRST, DUPLICATE, COLLISION = "first", "duplicate", "collision"
 
 
 def fingerprint(event: dict[str, Any]) -> str:
-    """A stable digest of the event's content, transport times excluded, key order irrelevant."""
-    content = {k: v for k, v in event.items() if k not in _TRANSPORT_FIELDS}
+    """A stable digest of the event's content (transport times and ``messageId`` excluded), key
+    order irrelevant."""
+    content = {k: v for k, v in event.items() if k not in _NOT_CONTENT}
     blob = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
