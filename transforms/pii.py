@@ -212,6 +212,8 @@ class _Compiled:
     # Memos of pure functions of (rules, states, key) and (rules, key): events of one stream
     # repeat the same keys, so stepping the path rules and matching key patterns is done once
     # per distinct key instead of once per value (classification is most of the PII cost).
+    # ``advanced`` is states -> {key: step}: a tuple of states is hashed once per object
+    # walked, not once per key (tuples do not keep their hash).
     advanced: dict = field(default_factory=dict, compare=False, repr=False)
     patterns_for_key: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -241,8 +243,10 @@ def _advance(
 ) -> tuple[tuple[_State, ...], str | None]:
     """Step the live path rules down into ``key``: the surviving states, and the class of the
     first rule (in rule order) that now matches completely, if any."""
-    memo = c.advanced
-    found = memo.get((states, key))
+    memo = c.advanced.get(states)
+    if memo is None:
+        memo = c.advanced[states] = {}  # one entry per reachable set of states: a handful
+    found = memo.get(key)
     if found is not None:
         return found
     nxt: list[_State] = []
@@ -257,7 +261,7 @@ def _advance(
     found = tuple(nxt), (c.path_rules[hit][1] if hit is not None else None)
     if len(memo) >= _MEMO_LIMIT:
         memo.clear()
-    memo[(states, key)] = found
+    memo[key] = found
     return found
 
 
@@ -462,10 +466,13 @@ def _locate(
     if isinstance(node, dict):
         if path_class is not None:
             found.append((loc, (path_class,), True))
-        advanced, for_key, has_patterns = c.advanced, c.patterns_for_key, bool(c.patterns)
+        for_key, has_patterns = c.patterns_for_key, bool(c.patterns)
+        steps = c.advanced.get(states) if states else None
+        if steps is None:
+            steps = {}
         for k, v in node.items():
             if states:
-                step = advanced.get((states, k))
+                step = steps.get(k)
                 if step is None:
                     step = _advance(states, k, c)
                 child_states, cls = step
