@@ -467,9 +467,7 @@ def _locate(
         if path_class is not None:
             found.append((loc, (path_class,), True))
         for_key, has_patterns = c.patterns_for_key, bool(c.patterns)
-        steps = c.advanced.get(states) if states else None
-        if steps is None:
-            steps = {}
+        steps = c.advanced.setdefault(states, {}) if states else None  # _advance fills it
         for k, v in node.items():
             if states:
                 step = steps.get(k)

@@ -690,13 +690,6 @@ class StitchIdentities(beam.PTransform):
         identity = self._identity
         bounded = self._bounded
 
-        def dead_lettered(pardo, *tags, main):
-            """A bounded step's dead letters declared with its tags; a stateful DoFn's
-            (``dead_letter_on_raise`` as well) as they were."""
-            if bounded:
-                return guarded(pardo, *tags, main=main)
-            return pardo.with_outputs(*tags, FAILED, main=main)
-
         messages = envelopes | "StitchMessages" >> guarded(
             beam.FlatMap(
                 all_or_dead_letter(
@@ -718,7 +711,7 @@ class StitchIdentities(beam.PTransform):
             link_fn = _LinkGroupedFn(cap)
         else:
             link_fn = _LinkFn(cap)
-        linked = messages | "Link" >> dead_lettered(
+        linked = messages | "Link" >> guarded(
             beam.ParDo(link_fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
             REVIEW,
             NODES,
@@ -736,7 +729,7 @@ class StitchIdentities(beam.PTransform):
                     | f"{name}Groups" >> beam.GroupByKey()
                     | name >> beam.FlatMap(grouped).with_output_types(KV[str, Any])
                 )
-            result = pcoll | name >> dead_lettered(
+            result = pcoll | name >> guarded(
                 beam.ParDo(stateful).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
                 main="next",
             )
@@ -753,7 +746,7 @@ class StitchIdentities(beam.PTransform):
             else:
                 fn = _ConnectFn(last)
             pardo = beam.ParDo(fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any])
-            result = stage | f"Connect[{k}]" >> dead_lettered(pardo, LABELS, main="next")
+            result = stage | f"Connect[{k}]" >> guarded(pardo, LABELS, main="next")
             failed.append(result[FAILED])
             labels.append(result["next"] if last and not bounded else result[LABELS])
             stage = result["next"]
@@ -767,7 +760,7 @@ class StitchIdentities(beam.PTransform):
             stage = stage | "Members" >> beam.GroupByKey()
         else:
             resolver = _ResolveGroupFn(self._rules, self._deleted)
-        resolved = stage | "ResolveGroup" >> dead_lettered(
+        resolved = stage | "ResolveGroup" >> guarded(
             beam.ParDo(resolver).with_input_types(KV[str, Any]),
             ASSIGNMENTS,
             IDENTITIES,

@@ -360,13 +360,6 @@ class UnifyProfiles(beam.PTransform):
         routed_in = tuple(parts) | "ToRouter" >> beam.Flatten()
         bounded = self._bounded
 
-        def dead_lettered(pardo, main, *tags):
-            """A bounded step's dead letters declared with its tags; a stateful DoFn's
-            (``dead_letter_on_raise`` as well) as they were."""
-            if bounded:
-                return guarded(pardo, *tags, main=main)
-            return pardo.with_outputs(FAILED, *tags, main=main)
-
         if bounded:
             # Each keyed step a GroupByKey and one call per key (no state, no timers).
             routed_in = routed_in | "Fragment+Assignments" >> beam.GroupByKey()
@@ -374,7 +367,7 @@ class UnifyProfiles(beam.PTransform):
         else:
             router = _RouteFragmentsFn()
             unifier = _UnifyProfilesFn(self._kinds, self._redact)
-        routed = routed_in | "RouteFragments" >> dead_lettered(
+        routed = routed_in | "RouteFragments" >> guarded(
             beam.ParDo(router).with_input_types(KV[str, Any]).with_output_types(KV[str, Any]),
             main="routed",
         )
@@ -384,8 +377,8 @@ class UnifyProfiles(beam.PTransform):
         to_unify = (routed.routed, members) | "ToUnify" >> beam.Flatten()
         if bounded:
             to_unify = to_unify | "Fragments+Members" >> beam.GroupByKey()
-        rows = to_unify | "UnifyProfiles" >> dead_lettered(
-            beam.ParDo(unifier).with_input_types(KV[str, Any]), "rows", TRIGGERED
+        rows = to_unify | "UnifyProfiles" >> guarded(
+            beam.ParDo(unifier).with_input_types(KV[str, Any]), TRIGGERED, main="rows"
         )
         failed = (routed[FAILED], rows[FAILED]) | "MergeFailed" >> beam.Flatten()
         return {ROWS: rows.rows, FAILED: failed, TRIGGERED: rows[TRIGGERED]}
