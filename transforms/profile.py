@@ -312,12 +312,17 @@ class ProfileCombineFn(beam.CombineFn):
     Inputs: ``("p", one event already folded)``, ``("c", trait_name, pane)`` or ``("d",)``
     (deleted). Events are folded before the combine (``BuildProfiles``), where one that raises is
     a dead letter instead of a failed combine.
+
+    The accumulator also counts its inputs (``inputs``): each accumulating pane of a key holds
+    more than the one before, so the count orders a key's panes wherever they are reordered on
+    the way (the fragment router keeps the newest, transforms/stamps.py).
     """
 
     def create_accumulator(self):
         return empty_profile()
 
     def add_input(self, acc, element):
+        acc["inputs"] = acc.get("inputs", 0) + 1
         if element[0] == FOLDED:
             return merge_profiles(acc, element[1])
         if element[0] == DELETE:
@@ -329,7 +334,9 @@ class ProfileCombineFn(beam.CombineFn):
         it = iter(accumulators)
         out = next(it)
         for other in it:
+            inputs = out.get("inputs", 0) + other.get("inputs", 0)
             out = merge_profiles(out, other)
+            out["inputs"] = inputs
         return out
 
     def extract_output(self, acc):

@@ -62,6 +62,7 @@ from transforms.identity_graph import (
     make_link,
     resolve,
 )
+from transforms.stamps import fresh
 
 MERGES = "merges"
 REVIEW = "identity_review"
@@ -163,11 +164,12 @@ class _LinkFn(beam.DoFn):
     """Keyed by identifier: its neighbours (with the earliest evidence of each pair, at most
     ``max_cluster_size``) and its unlink / delete / shared notices.
 
-    Out: ``(x, ("node", nbrs, attrs))`` to ``Route`` when they change, ``(x, (x, nbr))`` to
+    Out: ``(x, ("node", nbrs, attrs, stamp))`` to ``Route`` when they change (the stamp counts
+    the changes: ``Route`` keeps the newest, transforms/stamps.py), ``(x, (x, nbr))`` to
     ``Connect[1]`` for each new neighbour, shared-identifier refusals to ``identity_review``."""
 
-    # One state cell per identifier, ``(neighbours, attrs)``: on the local runner every cell
-    # costs a keyed entry of its own (and a round trip per read), so fewer is leaner.
+    # One state cell per identifier, ``(neighbours, attrs, changes)``: on the local runner every
+    # cell costs a keyed entry of its own (and a round trip per read), so fewer is leaner.
     NODE = ReadModifyWriteStateSpec("node", FastPrimitivesCoder())
 
     def __init__(self, cap: int):
@@ -177,13 +179,13 @@ class _LinkFn(beam.DoFn):
     @dead_letter_on_raise
     def process(self, element, node_state=beam.DoFn.StateParam(NODE)):
         x, msg = element
-        nbrs, attrs = node_state.read() or ({}, {})
+        nbrs, attrs, stamp = node_state.read() or ({}, {}, 0)
         changed, new_nbr, refused, review = self._step(x, msg, nbrs, attrs)
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
         if changed:
-            node_state.write((nbrs, attrs))
-            yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
+            node_state.write((nbrs, attrs, stamp + 1))
+            yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs, stamp + 1)))
         if new_nbr is not None:
             yield (pair_key(x, new_nbr), x)
         if refused is not None:
@@ -278,7 +280,7 @@ class _LinkGroupedFn(_LinkFn):
                 yield beam.pvalue.TaggedOutput(REVIEW, record)
             if refused is not None:
                 yield beam.pvalue.TaggedOutput(NODES, (refused, (ONE_WAY, x)))
-        yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs)))
+        yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs, 1)))
         for nbr in nbrs:
             yield (pair_key(x, nbr), x)
 
@@ -373,44 +375,65 @@ class _ConnectGroupedFn(beam.DoFn):
 # --- Route: each identifier's evidence to its group's resolver ------------------------------------
 
 
+def route_step(x: str, msg: tuple, state: tuple | None) -> tuple[tuple | None, list]:
+    """One message to an identifier's ``Route`` (pure): ``(new state or None when nothing
+    changed, messages to resolvers)``.
+
+    State: ``(label, group sent to, node, node stamp, messages sent)``. A label only ever
+    decreases (a component's minimum), so the smallest one seen is the group whatever the
+    arrival order; a node snapshot from ``Link`` replaces the held one only when its stamp is
+    newer; a one-way notice is added. Each message to a resolver carries the count of messages
+    this identifier sent, so a resolver keeps the newest ``node`` or ``drop`` of it."""
+    label, sent, node, node_stamp, out = state or (None, None, None, 0, 0)
+    if msg[0] == LABEL:
+        if label is not None and msg[1] >= label:
+            return None, []
+        label = msg[1]
+    elif msg[0] == ONE_WAY:
+        nbrs, attrs = node or ({}, {})
+        if msg[1] in attrs.get(ONE_WAY, ()):
+            return None, []
+        node = (nbrs, {**attrs, ONE_WAY: (*attrs.get(ONE_WAY, ()), msg[1])})
+    else:
+        if msg[3] <= node_stamp:
+            return None, []
+        node_stamp = msg[3]
+        old_way = node[1].get(ONE_WAY) if node else None
+        node = (msg[1], {**msg[2], ONE_WAY: old_way} if old_way else msg[2])
+    # Connect names the group of an identifier with a link both ends accepted; one whose
+    # every neighbour refused its link (past their cap) never gets a name: it is a group of
+    # its own. One still waiting for its name waits here, not in a group of its own.
+    group = label
+    if group is None and node is not None:
+        nbrs, attrs = node
+        if not set(nbrs).difference(attrs.get(ONE_WAY, ())):
+            group = x
+    messages = []
+    if group is not None and node is not None:
+        out += 1
+        messages.append((group, ("node", (x, *node, out))))
+        if sent is not None and sent != group:
+            out += 1
+            messages.append((sent, ("drop", (x, out))))
+        sent = group
+    return (label, sent, node, node_stamp, out), messages
+
+
 class _RouteFn(beam.DoFn):
     """Keyed by identifier: joins its evidence (from ``Link``, with the neighbours that refused
     its link past their cap) with its group (from the last ``Connect``) and hands the evidence to
-    the group's resolver, moving it when the group changes. An identifier without a link both
-    ends accepted has no group message: its group is itself."""
+    the group's resolver, moving it when the group changes (:func:`route_step`). An identifier
+    without a link both ends accepted has no group message: its group is itself."""
 
     STATE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
 
     @dead_letter_on_raise
     def process(self, element, state=beam.DoFn.StateParam(STATE)):
         x, msg = element
-        label, sent, node = state.read() or (None, None, None)
-        if msg[0] == LABEL:
-            if msg[1] == label:
-                return
-            label = msg[1]
-        elif msg[0] == ONE_WAY:
-            nbrs, attrs = node or ({}, {})
-            if msg[1] in attrs.get(ONE_WAY, ()):
-                return
-            node = (nbrs, {**attrs, ONE_WAY: (*attrs.get(ONE_WAY, ()), msg[1])})
-        else:
-            old_way = node[1].get(ONE_WAY) if node else None
-            node = (msg[1], {**msg[2], ONE_WAY: old_way} if old_way else msg[2])
-        # Connect names the group of an identifier with a link both ends accepted; one whose
-        # every neighbour refused its link (past their cap) never gets a name: it is a group of
-        # its own. One still waiting for its name waits here, not in a group of its own.
-        group = label
-        if group is None and node is not None:
-            nbrs, attrs = node
-            if not set(nbrs).difference(attrs.get(ONE_WAY, ())):
-                group = x
-        if group is not None and node is not None:
-            yield (group, ("node", (x, *node)))
-            if sent is not None and sent != group:
-                yield (sent, ("drop", x))
-            sent = group
-        state.write((label, sent, node))
+        after, messages = route_step(x, msg, state.read())
+        if after is not None:
+            state.write(after)
+        yield from messages
 
 
 def _route_grouped(element):
@@ -427,7 +450,7 @@ def _route_grouped(element):
     if node is not None:
         if one_way:
             node = (node[0], {**node[1], ONE_WAY: tuple(sorted(set(one_way)))})
-        yield (label, ("node", (x, *node)))
+        yield (label, ("node", (x, *node, 1)))
 
 
 class EarliestLinkPerPair(beam.PTransform):
@@ -473,9 +496,13 @@ class _GroupResolver:
         self._refused = Metrics.counter("cdi", "identity.links_refused")
         self._group_size = Metrics.distribution("cdi", "identity.group_size")
 
-    def _resolution(self, key: str, nodes: dict, before: dict[str, tuple], sent: set):
+    def _resolution(
+        self, key: str, nodes: dict, before: dict[str, tuple], sent: set, stamp: int = 1
+    ):
         """Resolve the group's nodes; returns ``(outputs, members per person, refusals sent)``,
-        the outputs being only what changed since ``before`` / ``sent``."""
+        the outputs being only what changed since ``before`` / ``sent``. Assignments and member
+        lists carry ``stamp``, the group's count of resolutions: a receiver keeps the newest
+        (transforms/stamps.py)."""
         # Deleted identifiers stay in the group as single persons without links, so the person
         # they leave is reported as split.
         owned = {
@@ -527,21 +554,38 @@ class _GroupResolver:
         old_person = {m: p for p, ms in before.items() for m in ms}
         for x, person in res.person_of.items():
             if old_person.get(x) != person:
-                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, person))))
+                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, person, stamp))))
         for x in old_person:
             if x not in res.person_of:
-                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, None))))
+                out.append(beam.pvalue.TaggedOutput(ASSIGNMENTS, (x, (key, None, stamp))))
         for person, members in res.members.items():
             if before.get(person) != members:
-                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, members))))
+                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, members, stamp))))
         for person in before:
             if person not in res.members:
-                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, None))))
+                out.append(beam.pvalue.TaggedOutput(IDENTITIES, (person, (key, None, stamp))))
         return out, dict(res.members), new_sent
 
 
+def apply_group_message(nodes: dict, stamps: dict, kind: str, payload: tuple) -> bool:
+    """A ``node`` (``(x, nbrs, attrs, stamp)``) or ``drop`` (``(x, stamp)``) from an identifier's
+    ``Route`` to a group (pure; mutates ``nodes`` and ``stamps``): applied only when newer than
+    the last one applied of that identifier (transforms/stamps.py). Returns whether it was."""
+    if not fresh(stamps, payload[0], payload[-1]):
+        return False
+    if kind == "node":
+        x, nbrs, attrs, _ = payload
+        nodes[x] = (nbrs, attrs)
+    else:
+        nodes.pop(payload[0], None)
+    return True
+
+
 class _ResolveGroupFn(beam.DoFn, _GroupResolver):
+    # ``(nodes by identifier, stamp of the newest message applied per identifier)``: a node
+    # or drop that is not newer than that (reordered on the way) changes nothing.
     NODES = ReadModifyWriteStateSpec("nodes", FastPrimitivesCoder())
+    # ``(members per person as last emitted, resolutions so far)``.
     EMITTED = ReadModifyWriteStateSpec("emitted", FastPrimitivesCoder())
     REFUSED = ReadModifyWriteStateSpec("refused", FastPrimitivesCoder())
     ARMED = ReadModifyWriteStateSpec("armed", VarIntCoder())
@@ -560,13 +604,10 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
         timer=beam.DoFn.TimerParam(RESOLVE_TIMER),
     ):
         _, (kind, payload) = element
-        nodes = nodes_state.read() or {}
-        if kind == "node":
-            x, nbrs, attrs = payload
-            nodes[x] = (nbrs, attrs)
-        else:
-            nodes.pop(payload, None)
-        nodes_state.write(nodes)
+        nodes, stamps = nodes_state.read() or ({}, {})
+        if not apply_group_message(nodes, stamps, kind, payload):
+            return
+        nodes_state.write((nodes, stamps))
         # Resolve once the watermark passes the newest evidence of the group.
         t = int(ts.micros // 1000)
         current = armed.read()
@@ -585,14 +626,16 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
         armed=beam.DoFn.StateParam(ARMED),
     ):
         armed.clear()
+        before, resolutions = emitted_state.read() or ({}, 0)
         outputs, members, sent = self._resolution(
             key,
-            nodes_state.read() or {},
-            emitted_state.read() or {},
+            (nodes_state.read() or ({}, {}))[0],
+            before,
             refused_state.read() or set(),
+            resolutions + 1,
         )
         refused_state.write(sent)
-        emitted_state.write(members)
+        emitted_state.write((members, resolutions + 1))
         yield from outputs
 
 
@@ -606,7 +649,7 @@ class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
     @dead_letter_on_raise
     def process(self, element):
         key, messages = element
-        nodes = {x: (nbrs, attrs) for _, (x, nbrs, attrs) in messages}
+        nodes = {x: (nbrs, attrs) for _, (x, nbrs, attrs, _) in messages}
         outputs, _, _ = self._resolution(key, nodes, {}, set())
         yield from outputs
 
@@ -666,9 +709,11 @@ def _blocked_record(key: str, link: Link) -> dict:
 class StitchIdentities(beam.PTransform):
     """Unique envelopes in; ``{assignments, identities, merges, identity_review}`` out.
 
-    - ``assignments``: ``(identifier, (group, person | None))`` whenever an identifier's person
-      changes (``None``: it left the group);
-    - ``identities``: ``(person, (group, members | None))`` whenever a person's members change;
+    - ``assignments``: ``(identifier, (group, person | None, stamp))`` whenever an identifier's
+      person changes (``None``: it left the group);
+    - ``identities``: ``(person, (group, members | None, stamp))`` whenever a person's members
+      change (``stamp``: the group's count of resolutions; receivers keep the newest message per
+      group, transforms/stamps.py);
     - ``merges``: ``profile_merged`` / ``profile_split`` records;
     - ``identity_review``: refused links with their evidence and rule;
     - ``failed_events``: dead letters of the per-event steps (envelopes the step raised on);

@@ -43,6 +43,7 @@ from transforms.profile import (
     only_consent,
     profile_row,
 )
+from transforms.stamps import fresh
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS, TRIGGER = "f", "r", "a", "m", "t"
 TRIGGERED = "triggered"  # (current profile row, trigger record) pairs
@@ -181,40 +182,59 @@ class IdentifierRedactor:
 # --- Beam shells -------------------------------------------------------------------------------
 
 
-class _RouteFragmentsFn(beam.DoFn):
-    """Keyed by identifier: its fragment and person; moves the fragment when the person changes."""
+def route_fragment(x: str, msg: tuple, state: tuple | None) -> tuple[tuple | None, list]:
+    """One message to an identifier's router (pure): ``(new state or None when nothing changed,
+    messages to persons)``.
 
-    # One cell per identifier, ``(person per group, fragment, person routed to)``.
+    State: ``(person per group, fragment, person routed to, stamps, messages sent)``. A fragment
+    (an accumulating pane: its ``inputs`` only grow) and a group's assignment (stamped with the
+    group's resolutions) replace what is held only when newer (transforms/stamps.py), so any
+    arrival order ends in the same state. When the person changes, the fragment is retracted from
+    the old one and sent to the new one; each message to a person carries the count of messages
+    this identifier sent, so a person keeps the newest fragment or retraction of it."""
+    groups, frag, routed, stamps, sent = state or ({}, None, None, {}, 0)
+    if msg[0] == ASSIGN:
+        group, person, stamp = msg[1]
+        if not fresh(stamps, group, stamp):
+            return None, []
+        if person is None:
+            groups.pop(group, None)
+        else:
+            groups[group] = person
+    else:
+        if not fresh(stamps, FRAGMENT, msg[1].get("inputs", 0)):
+            return None, []
+        frag = msg[1]
+    out = []
+    person = person_of(x, groups)
+    if frag is not None and (routed != person or msg[0] == FRAGMENT):
+        if routed is not None and routed != person:
+            sent += 1
+            out.append((routed, (RETRACT, x, sent)))
+        sent += 1
+        out.append((person, (FRAGMENT, x, frag, sent)))
+        routed = person
+    return (groups, frag, routed, stamps, sent), out
+
+
+class _RouteFragmentsFn(beam.DoFn):
+    """Keyed by identifier: its fragment and person; moves the fragment when the person changes
+    (:func:`route_fragment`)."""
+
+    # One cell per identifier: the state of :func:`route_fragment`.
     ROUTE = ReadModifyWriteStateSpec("route", FastPrimitivesCoder())
 
     @dead_letter_on_raise
     def process(self, element, route_state=beam.DoFn.StateParam(ROUTE)):
         x, msg = element
-        groups, frag, routed = route_state.read() or ({}, None, None)
+        state = route_state.read()
         if msg[0] == TRIGGER:  # an event trigger: to the identifier's person, as it is now
-            yield (person_of(x, groups), msg)
+            yield (person_of(x, state[0] if state else {}), msg)
             return
-        frag = _apply_route_message(msg, groups, frag)
-        if frag is None:
-            route_state.write((groups, frag, routed))
-            return
-        person = person_of(x, groups)
-        if routed is not None and routed != person:
-            yield (routed, (RETRACT, x))
-        route_state.write((groups, frag, person))
-        yield (person, (FRAGMENT, x, frag))
-
-
-def _apply_route_message(msg, groups: dict, frag):
-    """Apply an assignment (updating ``groups``) or take a new fragment; returns the fragment."""
-    if msg[0] != ASSIGN:
-        return msg[1]
-    group, person = msg[1]
-    if person is None:
-        groups.pop(group, None)
-    else:
-        groups[group] = person
-    return frag
+        after, out = route_fragment(x, msg, state)
+        if after is not None:
+            route_state.write(after)
+        yield from out
 
 
 def person_of(x: str, groups: dict[str, str]) -> str:
@@ -237,26 +257,42 @@ class _RouteGroupedFn(beam.DoFn):
         for msg in messages:
             if msg[0] == TRIGGER:
                 triggers.append(msg)
+            elif msg[0] == ASSIGN:
+                group, person, _ = msg[1]
+                if person is None:
+                    groups.pop(group, None)
+                else:
+                    groups[group] = person
             else:
-                frag = _apply_route_message(msg, groups, frag)
+                frag = msg[1]
         person = person_of(x, groups)
         if frag is not None:
-            yield (person, (FRAGMENT, x, frag))
+            yield (person, (FRAGMENT, x, frag, 1))
         for msg in triggers:
             yield (person, msg)
 
 
-def _apply_person_message(msg, frags: dict, by_group: dict) -> None:
-    if msg[0] == FRAGMENT:
-        frags[msg[1]] = msg[2]
-    elif msg[0] == RETRACT:
-        frags.pop(msg[1], None)
-    else:
-        group, members = msg[1]
+def apply_person_message(msg, frags: dict, by_group: dict, stamps: dict) -> bool:
+    """One message to a person (pure; mutates the three dicts): a fragment or retraction of an
+    identifier (stamped by its router) or a group's member list (stamped by its resolutions)
+    replaces what is held only when newer (transforms/stamps.py). Returns whether anything
+    changed."""
+    if msg[0] == MEMBERS:
+        group, members, stamp = msg[1]
+        if not fresh(stamps, (MEMBERS, group), stamp):
+            return False
         if members is None:
             by_group.pop(group, None)
         else:
             by_group[group] = list(members)
+        return True
+    if not fresh(stamps, (FRAGMENT, msg[1]), msg[-1]):
+        return False
+    if msg[0] == FRAGMENT:
+        frags[msg[1]] = msg[2]
+    else:
+        frags.pop(msg[1], None)
+    return True
 
 
 def _members(by_group: dict[str, list]) -> list[str]:
@@ -277,11 +313,12 @@ class _UnifyGroupedFn(beam.DoFn):
         frags: dict = {}
         by_group: dict = {}
         triggers = []
+        stamps: dict = {}
         for msg in messages:
             if msg[0] == TRIGGER:
                 triggers.append(msg[1])
             else:
-                _apply_person_message(msg, frags, by_group)
+                apply_person_message(msg, frags, by_group, stamps)
         row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
         if row is not None:  # None: never had a row, nothing to write or delete
             yield row
@@ -290,7 +327,8 @@ class _UnifyGroupedFn(beam.DoFn):
 
 
 class _UnifyProfilesFn(beam.DoFn):
-    # One cell per person, ``(fragments by identifier, members by group, row version)``.
+    # One cell per person, ``(fragments by identifier, members by group, row version, stamps of
+    # the newest message applied per identifier and group)``.
     PERSON = ReadModifyWriteStateSpec("person", FastPrimitivesCoder())
 
     def __init__(self, trait_kinds: dict[str, str], redact):
@@ -301,23 +339,21 @@ class _UnifyProfilesFn(beam.DoFn):
     def process(self, element, person_state=beam.DoFn.StateParam(PERSON)):
         """Streaming: a new row version at every change of the person."""
         person, msg = element
-        frags, by_group, version = person_state.read() or ({}, {}, 0)
+        frags, by_group, version, stamps = person_state.read() or ({}, {}, 0, {})
         if msg[0] == TRIGGER:  # enrich with the profile as it is now; nothing changes
             row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
             yield beam.pvalue.TaggedOutput(TRIGGERED, (row, msg[1]))
             return
-        _apply_person_message(msg, frags, by_group)
-        yield from self._emit(person, frags, by_group, version, person_state)
-
-    def _emit(self, person, frags, by_group, version, person_state):
+        if not apply_person_message(msg, frags, by_group, stamps):
+            return  # an older message than one applied: it changes nothing
         row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
         if row is None:
             if not version:
-                person_state.write((frags, by_group, version))
+                person_state.write((frags, by_group, version, stamps))
                 return  # never had a row: nothing to delete
             row = {"profile_id": person, "deleted": True, "version": 0}  # merged away
         version = next_version(version, row["version"])
-        person_state.write((frags, by_group, version))
+        person_state.write((frags, by_group, version, stamps))
         row["version"] = version
         yield row
 
