@@ -357,12 +357,18 @@ def _walk(
         return out_list
     if node is None:
         return None
+    classes = _leaf_classes(node, key, path_class, c)
+    if not classes:
+        return node
+    return _act(visit(path, classes, node), node, salt)
+
+
+def _leaf_classes(node: Any, key: str, path_class: str | None, c: _Compiled) -> tuple[str, ...]:
+    """A leaf's classes: its path's class first, then the patterns' in rule order."""
     classes = [path_class] if path_class is not None else []
     if c.patterns:
         classes += [p for p in _pattern_classes(node, key, c) if p != path_class]
-    if not classes:
-        return node
-    return _act(visit(path, tuple(classes), node), node, salt)
+    return tuple(classes)
 
 
 def _check_event(event: Any) -> None:
@@ -550,6 +556,59 @@ def _apply_actions(event: dict, actions: list[tuple[_Location, str]], salt: str)
         else:
             parent[last] = None  # a dropped list item: positions stay meaningful
     return root
+
+
+class PathRedactor:
+    """What :func:`apply_policy` leaves of one value at one path of an otherwise empty event
+    (``None``: dropped), for values such as identifiers that are redacted on their own, many
+    times over: the path's rule states are stepped once per path (memo) and a value costs only
+    its pattern tests, instead of building an event and walking it per value. An ancestor
+    object with a class of its own (a rule on ``context``, say) is left to
+    :func:`apply_policy` itself."""
+
+    def __init__(self, rules: Iterable[PiiRule], policy: Mapping[str, str], default: str, salt):
+        _check_policy(policy, default, salt)
+        self._rules, self._policy, self._default, self._salt = tuple(rules), policy, default, salt
+        self._c = _compile(self._rules)
+        self._paths: dict[str, str | None | bool] = {}  # path -> leaf class; False: walk it
+
+    def __reduce__(self):  # pickled without the memos
+        return (PathRedactor, (self._rules, self._policy, self._default, self._salt))
+
+    def __call__(self, path: str, value: Any) -> Any:
+        try:
+            leaf = self._paths[path]
+        except KeyError:
+            leaf = self._plan(path)
+        if leaf is False:
+            parts = path.split(".")
+            event: dict = {}
+            node = event
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+            out = apply_policy(event, self._rules, self._policy, self._salt, self._default)[0]
+            for part in parts:
+                out = out.get(part) if isinstance(out, dict) else None
+            return out
+        if value is None:
+            return None
+        classes = _leaf_classes(value, path.rsplit(".", 1)[-1], leaf, self._c)
+        if not classes:
+            return value
+        new = _act(_strictest(classes, self._policy, self._default)[1], value, self._salt)
+        return None if new is _DROPPED else new
+
+    def _plan(self, path: str) -> str | None | bool:
+        states, cls = self._c.start, None
+        parts = path.split(".")
+        for i, part in enumerate(parts):
+            states, cls = _advance(states, part, self._c) if states else ((), None)
+            if cls is not None and i < len(parts) - 1:
+                cls = False  # a classified ancestor: the whole walk decides
+                break
+        self._paths[path] = cls
+        return cls
 
 
 class Redaction:

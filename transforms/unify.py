@@ -33,9 +33,8 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.typehints import KV
 
 from transforms.dead_letter import FAILED, dead_letter_on_raise, guarded
-from transforms.envelope import get_path
 from transforms.identity_graph import id_key, split_key
-from transforms.pii import apply_policy
+from transforms.pii import PathRedactor
 from transforms.profile import (
     empty_profile,
     merge_profiles,
@@ -130,21 +129,22 @@ class IdentifierRedactor:
     """``identifier key -> key as a PII policy allows it`` (``None``: dropped).
 
     Stitching works on raw identifiers; a profile row must not carry them raw. The identifier is
-    put where its type is read from (its first path) in an otherwise empty event and run through
-    the same :func:`transforms.pii.apply_policy` as every event, so an email in the identity list
-    is hashed or dropped exactly as in the events (and hashed ones still match the fragments)."""
+    redacted as :func:`transforms.pii.apply_policy` would redact it where its type is read from
+    (its first path) in an otherwise empty event (:class:`transforms.pii.PathRedactor`), so an
+    email in the identity list is hashed or dropped exactly as in the events (and hashed ones
+    still match the fragments)."""
 
     def __init__(self, paths: dict[str, str], rules, policy, default: str, salt: str):
-        self._paths, self._rules = paths, rules
-        self._policy, self._default, self._salt = policy, default, salt
-        self._memo: dict[str, str | None] = {}  # a pure function's cache, not per-key state
+        self._paths = paths
+        self._at = PathRedactor(rules, policy, default, salt)
+        # A pure function's cache (not per-key state): an identifier recurs on every event of
+        # its person, and once more in the person's member list.
+        self._memo: dict[tuple[str, str], str | None] = {}
 
     def __call__(self, key: str) -> str | None:
-        if key not in self._memo:
-            if len(self._memo) > 100_000:
-                self._memo.clear()
-            self._memo[key] = self._redact(key)
-        return self._memo[key]
+        id_type, value = split_key(key)
+        redacted = self._value(id_type, value)
+        return None if redacted is None else id_key(id_type, redacted)
 
     @classmethod
     def for_identity(cls, identity, rules, policy, default: str, salt: str) -> IdentifierRedactor:
@@ -158,25 +158,22 @@ class IdentifierRedactor:
         back from the redacted event would be normalized again, and hashed from the raw text)."""
         out = []
         for t, v in identifiers:
-            key = self(id_key(t, v))
-            if key is not None:
-                out.append(split_key(key))
+            redacted = self._value(t, v)
+            if redacted is not None:
+                out.append((t, redacted))
         return out
 
-    def _redact(self, key: str) -> str | None:
-        id_type, value = split_key(key)
-        path = self._paths.get(id_type)
-        if path is None:
-            return key
-        event: dict = {}
-        node = event
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-        out = apply_policy(event, self._rules, self._policy, self._salt, self._default)[0]
-        redacted = get_path(out, path)
-        return id_key(id_type, redacted) if isinstance(redacted, str) and redacted else None
+    def _value(self, id_type: str, value: str) -> str | None:
+        memo = self._memo
+        found = memo.get((id_type, value), memo)
+        if found is memo:
+            path = self._paths.get(id_type)
+            redacted = value if path is None else self._at(path, value)
+            found = redacted if isinstance(redacted, str) and redacted else None
+            if len(memo) >= 100_000:
+                memo.clear()
+            memo[(id_type, value)] = found
+        return found
 
 
 # --- Beam shells -------------------------------------------------------------------------------
