@@ -184,14 +184,28 @@ def test_version_orders_by_event_time_then_count_then_deletion():
     assert as_of_version(2000, 3) > as_of_version(2000, 2)  # an older event added wins
     assert as_of_version(2000, 3, deleted=True) > as_of_version(2000, 3)  # deletion wins
     assert as_of_version(2000, 4) > as_of_version(2000, 3, deleted=True)  # then new events win
-    assert as_of_version(None, 0) == 0
+    assert as_of_version(None, 0) == as_of_version(0, 0) > 0
     # Saturates instead of spilling into the next field; fits a signed 64-bit column.
-    assert as_of_version(2000, 2**30) < as_of_version(2001, 0)
+    assert as_of_version(2000, 2**30) < as_of_version(3000, 0)
     assert as_of_version(2**60, 2**30, True) < 2**63
+    # Every version beats any the earlier layout (event time in ms << 21) wrote into a store.
+    old_layout_2038 = (2_145_916_800_000 << 21) | (2**20 - 1) << 1 | 1
+    assert as_of_version(0, 0) > old_layout_2038
+
+
+def test_a_run_that_adds_an_event_outranks_any_changes_of_another_run():
+    """A backfill that adds one event to a person outranks a streaming run's rows of that person
+    at the same newest event, however many merges and computed-trait panes moved them on
+    (before: they counted in the event field, so such a backfill was ignored)."""
+    streamed = as_of_version(5_000, 40)
+    for _ in range(255):  # changes without events: merges, splits, panes
+        streamed = next_version(streamed, as_of_version(5_000, 40))
+    assert streamed < as_of_version(5_000, 40, deleted=True) < as_of_version(5_000, 41)
+    assert as_of_version(4_000, 41) < streamed  # one second older is older, whatever the count
 
 
 def test_streaming_versions_strictly_increase_and_never_lag_the_events():
-    assert next_version(0, as_of_version(5, 1)) == as_of_version(5, 1)
-    same = as_of_version(5, 1)
+    assert next_version(0, as_of_version(5_000, 1)) == as_of_version(5_000, 1)
+    same = as_of_version(5_000, 1)
     assert next_version(same, same) == same + 1  # a split at the same events still moves on
-    assert next_version(same + 7, as_of_version(9, 1)) == as_of_version(9, 1)
+    assert next_version(same + 7, as_of_version(9_000, 1)) == as_of_version(9_000, 1)

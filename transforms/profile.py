@@ -10,10 +10,12 @@ profiles of the same person merge without recounting:
 - ``events``: how many distinct events were folded in.
 
 A row's ``version`` says how new it is, the same way in batch, streaming and replay runs
-(:func:`as_of_version`): first the newest event time folded in, then the number of events (and computed-trait panes) folded in, then
-whether it is a deletion. A store keeps the row with the higher version, so a replay of older
-history, a retried bundle or a re-run of the same input never moves a profile backwards, and a
-backfill that adds events (even old ones) moves it forward.
+(:func:`as_of_version`): first the newest event time folded in (to the second), then the number
+of events folded in, then whether it is a deletion; a streaming run's changes that leave that
+stamp (merges, computed-trait panes) count in a field below all three (:func:`next_version`). A
+store keeps the row with the higher version, so a replay of older history, a retried bundle or a
+re-run of the same input never moves a profile backwards, and a backfill that adds events (even
+old ones) moves it forward, whatever run wrote the store before.
 
 Traits come from identify ``traits`` and from ``context.traits`` on any event.
 """
@@ -260,7 +262,7 @@ def profile_row(
         return {
             "profile_id": profile_id,
             "deleted": True,
-            "version": as_of_version(seen, acc["events"] + acc["panes"], deleted=True),
+            "version": as_of_version(seen, acc["events"], deleted=True),
         }
     return {
         "profile_id": profile_id,
@@ -273,32 +275,51 @@ def profile_row(
         if acc["first_seen_ms"] is not None
         else None,
         "last_seen": format_iso_ms(seen) if seen is not None else None,
-        "version": as_of_version(seen, acc["events"] + acc["panes"]),
+        "version": as_of_version(seen, acc["events"]),
         # The event time of the newest event folded in: a pure function of the input, so a
         # replay writes byte-identical rows (wall-clock time would not).
         "updated_at": format_iso_ms(seen) if seen is not None else "",
     }
 
 
-# Version bits: 42 for the high-water event time in ms (to the year 2109), 20 for the event count
-# (saturating), 1 for deletion: 63 bits, a signed 64-bit column everywhere.
-_TIME_BITS, _COUNT_BITS = 42, 20
+# Version bits (63: a signed 64-bit column everywhere), high to low:
+# -  1 layout: set in every version of this layout, so that each beats any version the earlier
+#      layout wrote into an existing store (event time in ms << 21: below 2**62 until 2039);
+# - 33 newest event time, in seconds (to the year 2242);
+# - 20 event count (saturating);
+# -  1 deletion;
+# -  8 changes of a streaming run that leave the stamp where it was (a merge without events, a
+#      computed-trait pane, a merged-away tombstone; see next_version): the lowest field, so no
+#      number of such changes in one run outranks an event another run added.
+_LAYOUT = 1 << 62
+_TIME_BITS, _COUNT_BITS, _CHANGE_BITS = 33, 20, 8
+_COUNT_SHIFT = _CHANGE_BITS + 1
 
 
 def as_of_version(high_water_ms: int | None, events: int, deleted: bool = False) -> int:
-    """A profile state's version: ordered by its newest event time, then its event count, then
-    deletion (a tombstone of a person beats the live row of the same events). A pure function
-    of the events, so a re-run of the same input writes the same versions."""
-    t = min(max(int(high_water_ms or 0), 0), (1 << _TIME_BITS) - 1)
+    """A profile state's version: ordered by its newest event time (to the second), then its
+    event count, then deletion (a tombstone of a person beats the live row of the same events).
+    A pure function of the events, the same in batch, streaming and replay runs, so a re-run of
+    the same input writes the same versions and a run that adds events (even old ones) writes
+    higher ones, whatever another run wrote before."""
+    t = min(max(int(high_water_ms or 0) // 1000, 0), (1 << _TIME_BITS) - 1)
     n = min(max(int(events), 0), (1 << _COUNT_BITS) - 1)
-    return (t << (_COUNT_BITS + 1)) | (n << 1) | int(bool(deleted))
+    return (
+        _LAYOUT
+        | (t << (_COUNT_BITS + _COUNT_SHIFT))
+        | (n << _COUNT_SHIFT)
+        | (int(bool(deleted)) << _CHANGE_BITS)
+    )
 
 
 def next_version(previous: int, candidate: int) -> int:
     """A streaming run's next row version of a person: the row's as-of version (``candidate``),
     or one more than the previous row when a change leaves it where it was (a split, a merge of
-    identifiers without events, a merged-away person's tombstone), so a person's rows strictly
-    increase within a run and never fall below what its events say."""
+    identifiers without events, a computed-trait pane, a merged-away person's tombstone), so a
+    person's rows strictly increase within a run and never fall below what its events say. The
+    one more lands in the lowest field (below deletion and the event count): another run's row
+    with one more event still outranks it (past 255 such changes at one stamp it carries on,
+    still increasing)."""
     return max(previous + 1, candidate)
 
 
