@@ -155,3 +155,24 @@ def test_a_stamp_is_fresh_once():
     stamps: dict = {}
     assert fresh(stamps, "s", 2) and not fresh(stamps, "s", 2) and not fresh(stamps, "s", 1)
     assert fresh(stamps, "s", 3) and fresh(stamps, "t", 0)
+
+
+def test_state_written_before_stamps_is_read_and_goes_on():
+    """A job restored from a savepoint of the version without stamps: each stage's cell of that
+    shape is padded, its stamps start from nothing, and the next message applies."""
+    from transforms.stamps import upgraded
+
+    assert upgraded(None, ({}, 0)) == ({}, 0)
+    assert upgraded({"p": ["x"]}, ({}, 0)) == ({"p": ["x"]}, 0)  # ResolveGroup's bare dict
+    assert upgraded(({"n": 1}, {}), ({}, {}, 0)) == ({"n": 1}, {}, 0)  # Link's pair
+    # Route: (label, sent, node) -> a newer snapshot and the group's label apply
+    state, out = route_step("anon:x", (NODE_UPDATE, {"user:1": (1,)}, {}, 1),
+                            ("anon:b", "anon:b", ({}, {})))  # fmt: skip
+    assert state[2] == ({"user:1": (1,)}, {}) and out == [
+        ("anon:b", ("node", ("anon:x", {"user:1": (1,)}, {}, 1)))
+    ]
+    # Router: (groups, fragment, routed) -> a fragment pane applies and goes to the person
+    state, out = route_fragment(
+        "anon:x", (FRAGMENT, {"inputs": 1}), ({"g": "user:a"}, {}, "user:a")
+    )
+    assert state[1] == {"inputs": 1} and out == [("user:a", (FRAGMENT, "anon:x", {"inputs": 1}, 1))]

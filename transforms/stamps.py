@@ -29,3 +29,15 @@ def fresh(stamps: dict, subject: Hashable, stamp: int) -> bool:
         return False
     stamps[subject] = stamp
     return True
+
+
+def upgraded(state, empty: tuple) -> tuple:
+    """A stage's state cell as this version keeps it: ``empty`` when there is none yet, and a
+    cell an earlier version wrote (before stamps: a tuple with fewer fields, or the bare first
+    field) padded with ``empty``'s remaining fields, so a job restored from a savepoint of that
+    version goes on, its stamps starting from nothing (every sender's count restarts as well)."""
+    if state is None:
+        return empty
+    if not isinstance(state, tuple):
+        state = (state,)
+    return (*state, *empty[len(state) :]) if len(state) < len(empty) else state

@@ -62,7 +62,7 @@ from transforms.identity_graph import (
     make_link,
     resolve,
 )
-from transforms.stamps import fresh
+from transforms.stamps import fresh, upgraded
 
 MERGES = "merges"
 REVIEW = "identity_review"
@@ -179,7 +179,7 @@ class _LinkFn(beam.DoFn):
     @dead_letter_on_raise
     def process(self, element, node_state=beam.DoFn.StateParam(NODE)):
         x, msg = element
-        nbrs, attrs, stamp = node_state.read() or ({}, {}, 0)
+        nbrs, attrs, stamp = upgraded(node_state.read(), ({}, {}, 0))
         changed, new_nbr, refused, review = self._step(x, msg, nbrs, attrs)
         for record in review:
             yield beam.pvalue.TaggedOutput(REVIEW, record)
@@ -384,7 +384,7 @@ def route_step(x: str, msg: tuple, state: tuple | None) -> tuple[tuple | None, l
     arrival order; a node snapshot from ``Link`` replaces the held one only when its stamp is
     newer; a one-way notice is added. Each message to a resolver carries the count of messages
     this identifier sent, so a resolver keeps the newest ``node`` or ``drop`` of it."""
-    label, sent, node, node_stamp, out = state or (None, None, None, 0, 0)
+    label, sent, node, node_stamp, out = upgraded(state, (None, None, None, 0, 0))
     if msg[0] == LABEL:
         if label is not None and msg[1] >= label:
             return None, []
@@ -604,7 +604,7 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
         timer=beam.DoFn.TimerParam(RESOLVE_TIMER),
     ):
         _, (kind, payload) = element
-        nodes, stamps = nodes_state.read() or ({}, {})
+        nodes, stamps = upgraded(nodes_state.read(), ({}, {}))
         if not apply_group_message(nodes, stamps, kind, payload):
             return
         nodes_state.write((nodes, stamps))
@@ -626,10 +626,10 @@ class _ResolveGroupFn(beam.DoFn, _GroupResolver):
         armed=beam.DoFn.StateParam(ARMED),
     ):
         armed.clear()
-        before, resolutions = emitted_state.read() or ({}, 0)
+        before, resolutions = upgraded(emitted_state.read(), ({}, 0))
         outputs, members, sent = self._resolution(
             key,
-            (nodes_state.read() or ({}, {}))[0],
+            upgraded(nodes_state.read(), ({}, {}))[0],
             before,
             refused_state.read() or set(),
             resolutions + 1,

@@ -42,7 +42,7 @@ from transforms.profile import (
     only_consent,
     profile_row,
 )
-from transforms.stamps import fresh
+from transforms.stamps import fresh, upgraded
 
 FRAGMENT, RETRACT, ASSIGN, MEMBERS, TRIGGER = "f", "r", "a", "m", "t"
 TRIGGERED = "triggered"  # (current profile row, trigger record) pairs
@@ -189,7 +189,7 @@ def route_fragment(x: str, msg: tuple, state: tuple | None) -> tuple[tuple | Non
     arrival order ends in the same state. When the person changes, the fragment is retracted from
     the old one and sent to the new one; each message to a person carries the count of messages
     this identifier sent, so a person keeps the newest fragment or retraction of it."""
-    groups, frag, routed, stamps, sent = state or ({}, None, None, {}, 0)
+    groups, frag, routed, stamps, sent = upgraded(state, ({}, None, None, {}, 0))
     if msg[0] == ASSIGN:
         group, person, stamp = msg[1]
         if not fresh(stamps, group, stamp):
@@ -336,7 +336,7 @@ class _UnifyProfilesFn(beam.DoFn):
     def process(self, element, person_state=beam.DoFn.StateParam(PERSON)):
         """Streaming: a new row version at every change of the person."""
         person, msg = element
-        frags, by_group, version, stamps = person_state.read() or ({}, {}, 0, {})
+        frags, by_group, version, stamps = upgraded(person_state.read(), ({}, {}, 0, {}))
         if msg[0] == TRIGGER:  # enrich with the profile as it is now; nothing changes
             row = unify_profile(person, frags, _members(by_group), self._kinds, self._redact)
             yield beam.pvalue.TaggedOutput(TRIGGERED, (row, msg[1]))
