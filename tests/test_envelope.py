@@ -3,7 +3,7 @@ import io
 import fastavro
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import event
@@ -177,3 +177,18 @@ def test_pack_stores_a_validated_event_as_a_patch_over_its_payload():
     packed = pack(Envelope("web", "f", payload, validated, 5, "v"))
     assert len(packed) < len(payload) + 100  # the event is not stored a second time
     _assert_round_trip(Envelope("web", "f", payload, validated, 5, "v"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999))
+def test_formatted_times_are_datetimes_own_iso_text(ms):
+    """Years 1-9999 to the millisecond, before 1970 included: the same text as datetime's."""
+    import datetime as dt
+
+    t = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(milliseconds=ms)
+    assert format_iso_ms(ms) == t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_times_beyond_datetimes_years_are_said_not_raised():
+    assert format_iso_ms(253_402_300_800_000) == "+out-of-range(253402300800000ms)"
+    assert format_iso_ms(-62_135_596_800_001) == "-out-of-range(-62135596800001ms)"

@@ -211,14 +211,30 @@ def parse_iso_ms(value: Any) -> int | None:
     return int(round(t.timestamp() * 1000))
 
 
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+
+@lru_cache(maxsize=4096)
+def _iso_day(days: int) -> str:
+    return dt.date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
+
+
 def format_iso_ms(ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC text (``2026-11-01T10:02:00.200Z``). Integer
+    arithmetic on the time of day and a cached date: called for every first/last seen of every
+    identifier of every profile row and for every delivery, where a datetime per call was ~4%
+    of a run; exactly the datetime formatting (tested over the whole range)."""
+    days, rest = divmod(int(ms), 86_400_000)
     try:
-        t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
-    except (OverflowError, ValueError, OSError):
+        day = _iso_day(days)
+    except (OverflowError, ValueError):
         # Beyond datetime's years 1-9999: only a bound or a sentinel gets here, never an
         # accepted event time; say it rather than fail the bundle formatting it.
         return f"{'+' if ms > 0 else '-'}out-of-range({ms}ms)"
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    hours, rest = divmod(rest, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds, millis = divmod(rest, 1000)
+    return f"{day}T{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}Z"
 
 
 def corrected_event_time_ms(event: dict[str, Any]) -> int | None:
