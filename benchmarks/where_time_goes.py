@@ -7,6 +7,9 @@ Runs the job in-process on the FnApiRunner under cProfile and prints
 - DoFn calls per event that take runner-supplied arguments (state, timers, timestamps, side
   inputs): a stateful call costs the runner a key switch, state objects and a commit, whatever
   the DoFn does;
+- element-steps per top-level transform: how many elements each one's steps handled (the
+  runner's element counts per PCollection, named by the step that produced them). The
+  in-process runner's cost is mostly per element and step, whatever the DoFn does;
 - the state census at the end of the main stage: cells and bytes per transform and state name,
   from the runner's in-memory state store. The local runner executes a bounded stage as one
   bundle and keeps every touched cell's state objects until the bundle commits, so this census is
@@ -106,6 +109,19 @@ def state_census(state: dict) -> list[tuple[str, int, int]]:
     return sorted(((k, c, b) for k, (c, b) in agg.items()), key=lambda r: -r[2])
 
 
+def element_steps(counts: dict[str, int], producers: dict[str, str]) -> list[tuple[str, int]]:
+    """Elements per top-level transform (``Read[web]/ReadLines/...`` -> ``Read``), largest first:
+    ``counts`` is the runner's element count per PCollection id, ``producers`` the unique name
+    of the step that outputs each id. A count of an id no step names (a runner-made
+    PCollection, such as a lifted combiner's) goes under ``(runner)``."""
+    totals: collections.Counter = collections.Counter()
+    for pc, n in counts.items():
+        name = producers.get(pc) or producers.get(pc.removeprefix("ref_PCollection_"))
+        top = name.split("/", 1)[0].split("[", 1)[0] if name else "(runner)"
+        totals[top] += n
+    return totals.most_common()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", help="an NDJSON file (default: generate --events)")
@@ -127,6 +143,30 @@ def main(argv: list[str] | None = None) -> None:
         return result
 
     fn_runner.FnApiRunner._execute_bundle = execute_and_count
+
+    import apache_beam as beam
+
+    import pipelines.report as report
+
+    producers: dict[str, str] = {}
+    counts: collections.Counter = collections.Counter()
+    run, read_counters = beam.Pipeline.run, report.counters
+
+    def run_and_name(self, *a, **k):
+        for t in self.to_runner_api().components.transforms.values():
+            if not t.subtransforms:
+                producers.update({pc: t.unique_name for pc in t.outputs.values()})
+        return run(self, *a, **k)
+
+    def counters_and_elements(result):
+        from apache_beam.metrics.monitoring_infos import extract_counter_value
+
+        for info in result.monitoring_infos():
+            if info.urn == "beam:metric:element_count:v1":
+                counts[info.labels.get("PCOLLECTION")] += extract_counter_value(info)
+        return read_counters(result)
+
+    beam.Pipeline.run, report.counters = run_and_name, counters_and_elements
     with tempfile.TemporaryDirectory() as tmp:
         src = args.input
         if not src:
@@ -156,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         f"\nDoFn calls with state/timer/timestamp/side-input arguments: {calls:,} "
         f"({calls / events:.1f} per event)"
     )
+    steps = element_steps(counts, producers)
+    every = sum(n for _name, n in steps)
+    print(f"\nelement-steps: {every:,} ({every / events:.1f} per event)")
+    for name, n in steps[:10]:
+        print(f"  {n:>9,} {n / every:6.1%}  {name}")
     cells = sum(c for _k, c, _b in census)
     size = sum(b for _k, _c, b in census)
     print(

@@ -73,3 +73,24 @@ def test_lookup_benchmark_runs_end_to_end_and_every_lookup_finds_its_profile(tmp
     for phase in ("closed_1", "closed_16", "open"):
         assert res[phase]["requests"] > 0 and res[phase]["errors"] == 0
     assert res["write_profiles_per_s"] > 0
+
+
+def test_element_steps_are_summed_per_top_level_transform():
+    from benchmarks.where_time_goes import element_steps
+
+    producers = {
+        "PCollection_1": "Read[web]/ReadLines/ReadRange",
+        "PCollection_2": "StitchIdentities/Connect[1]/ParDo(_ConnectGroupedFn)",
+        "PCollection_3": "StitchIdentities/Pair",
+    }
+    counts = {
+        "ref_PCollection_PCollection_1": 100,
+        "ref_PCollection_PCollection_2": 250,
+        "PCollection_3": 50,
+        "pcollection_7": 9,  # made by the runner (a lifted combiner): no step names it
+    }
+    assert element_steps(counts, producers) == [
+        ("StitchIdentities", 300),
+        ("Read", 100),
+        ("(runner)", 9),
+    ]
