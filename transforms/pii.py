@@ -39,6 +39,8 @@ from typing import Any
 
 import orjson
 
+from transforms.envelope import get_path
+
 KEEP, HASH, DROP = "keep", "hash", "drop"
 ACTIONS = frozenset({KEEP, HASH, DROP})
 HASH_PREFIX = "sha256:"
@@ -570,7 +572,8 @@ class PathRedactor:
         _check_policy(policy, default, salt)
         self._rules, self._policy, self._default, self._salt = tuple(rules), policy, default, salt
         self._c = _compile(self._rules)
-        self._paths: dict[str, str | None | bool] = {}  # path -> leaf class; False: walk it
+        # path -> (its class or None, its last key); False: a classified ancestor, walk it
+        self._paths: dict[str, tuple[str | None, str] | bool] = {}
 
     def __reduce__(self):  # pickled without the memos
         return (PathRedactor, (self._rules, self._policy, self._default, self._salt))
@@ -581,34 +584,34 @@ class PathRedactor:
         except KeyError:
             leaf = self._plan(path)
         if leaf is False:
-            parts = path.split(".")
+            *parents, key = path.split(".")
             event: dict = {}
             node = event
-            for part in parts[:-1]:
+            for part in parents:
                 node = node.setdefault(part, {})
-            node[parts[-1]] = value
+            node[key] = value
             out = apply_policy(event, self._rules, self._policy, self._salt, self._default)[0]
-            for part in parts:
-                out = out.get(part) if isinstance(out, dict) else None
-            return out
+            return get_path(out, path)
         if value is None:
             return None
-        classes = _leaf_classes(value, path.rsplit(".", 1)[-1], leaf, self._c)
+        classes = _leaf_classes(value, leaf[1], leaf[0], self._c)
         if not classes:
             return value
         new = _act(_strictest(classes, self._policy, self._default)[1], value, self._salt)
         return None if new is _DROPPED else new
 
-    def _plan(self, path: str) -> str | None | bool:
+    def _plan(self, path: str) -> tuple[str | None, str] | bool:
         states, cls = self._c.start, None
         parts = path.split(".")
+        plan: tuple[str | None, str] | bool = False  # a classified ancestor: the walk decides
         for i, part in enumerate(parts):
             states, cls = _advance(states, part, self._c) if states else ((), None)
             if cls is not None and i < len(parts) - 1:
-                cls = False  # a classified ancestor: the whole walk decides
                 break
-        self._paths[path] = cls
-        return cls
+        else:
+            plan = (cls, parts[-1])
+        self._paths[path] = plan
+        return plan
 
 
 class Redaction:

@@ -191,13 +191,9 @@ def route_fragment(x: str, msg: tuple, state: tuple | None) -> tuple[tuple | Non
     this identifier sent, so a person keeps the newest fragment or retraction of it."""
     groups, frag, routed, stamps, sent = upgraded(state, ({}, None, None, {}, 0))
     if msg[0] == ASSIGN:
-        group, person, stamp = msg[1]
-        if not fresh(stamps, group, stamp):
+        if not fresh(stamps, msg[1][0], msg[1][2]):
             return None, []
-        if person is None:
-            groups.pop(group, None)
-        else:
-            groups[group] = person
+        _assign(groups, msg[1])
     else:
         if not fresh(stamps, FRAGMENT, msg[1].get("inputs", 0)):
             return None, []
@@ -234,6 +230,15 @@ class _RouteFragmentsFn(beam.DoFn):
         yield from out
 
 
+def _assign(groups: dict[str, str], assignment: tuple) -> None:
+    """Apply a group's ``(group, person or None, stamp)`` to an identifier's persons per group."""
+    group, person, _ = assignment
+    if person is None:
+        groups.pop(group, None)
+    else:
+        groups[group] = person
+
+
 def person_of(x: str, groups: dict[str, str]) -> str:
     """The person an identifier's fragment belongs to. While an identifier moves between
     candidate groups both may claim it for a moment; the smaller group label is where it is
@@ -255,11 +260,7 @@ class _RouteGroupedFn(beam.DoFn):
             if msg[0] == TRIGGER:
                 triggers.append(msg)
             elif msg[0] == ASSIGN:
-                group, person, _ = msg[1]
-                if person is None:
-                    groups.pop(group, None)
-                else:
-                    groups[group] = person
+                _assign(groups, msg[1])
             else:
                 frag = msg[1]
         person = person_of(x, groups)
