@@ -413,3 +413,44 @@ def test_identifiers_past_a_shared_identifiers_cap_are_not_glued_into_its_group(
                 + [(f"anon:k{i}", f"anon:k{i}") for i in range(3, 6)]
             ),
         )
+
+
+# --- bounded runs: links keyed once by pair, acceptances read at each end ----------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ids=st.lists(
+        st.sampled_from(["anonymousId", "userId", "device"]), min_size=0, max_size=3, unique=True
+    ),
+    etype=st.sampled_from(["track", "identify", "unlink", "delete"]),
+)
+def test_bounded_messages_are_the_streaming_ones_with_each_link_once(ids, etype):
+    """Sent to both ends, the bounded run's links are exactly the streaming run's NEIGHBOUR
+    messages, and its notices the rest: Link hears the same either way."""
+    from transforms.stitching import NEIGHBOUR, bounded_stitch_messages, stitch_messages
+
+    identity = config_from(CONFIG).identity
+    fields = {"anonymousId": "a1", "userId": "u1"}
+    ev = at(5, messageId="m", type=etype, **{k: fields[k] for k in ids if k in fields})
+    if "device" in ids:
+        ev["context"] = device("d1")
+    if etype == "unlink":
+        ev["properties"] = {"identifier": {"type": "anonymous_id", "value": "a9"}}
+    streaming = stitch_messages(ev, 5, identity)
+    links, notices = bounded_stitch_messages(ev, 5, identity)
+    both = [(a, (NEIGHBOUR, b, e)) for (a, b), e in links] + [
+        (b, (NEIGHBOUR, a, e)) for (a, b), e in links
+    ]
+    assert all(a < b for (a, b), _e in links)
+    assert sorted(both + notices) == sorted(streaming)
+
+
+def test_accepted_neighbours_are_the_links_both_ends_accepted():
+    from transforms.stitching import ACCEPTS, OWN, accepted_neighbours
+
+    heard = [(ACCEPTS, "b"), (ACCEPTS, "c"), (ACCEPTS, "b")]
+    assert accepted_neighbours("a", heard) == ("b", "c")  # not shared: every link it heard of
+    # Shared: only those it kept under its cap, of those that accepted it.
+    assert accepted_neighbours("a", [*heard, (OWN, ("c", "d"))]) == ("c",)
+    assert accepted_neighbours("a", [(OWN, ("c",))]) == ()

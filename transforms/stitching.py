@@ -15,7 +15,9 @@ Three steps (DESIGN.md section 4):
    are refused, so a junk id that escaped the blocklist cannot grow without bound. ``Pair``
    (keyed by link) lets a link into the component stages only when both ends accepted it: the
    links past a shared identifier's cap never glue groups, and the adjacency ``Connect`` sees
-   is symmetric.
+   is symmetric. (Bounded runs skip the pair's key: each end tells the other it accepted, and
+   ``Connect[1]`` keeps the neighbours that accepted an identifier it accepted itself,
+   :func:`accepted_neighbours`.)
 2. **Groups: connected components in a fixed number of stages.** ``Connect[1..R]`` (``R`` =
    ``identity.rounds``, default 16) run Hash-to-Min (``transforms/components.py``): each stage
    doubles the reach of the one before, so chains of ~2^(R-4) identifiers (measured: 5,000 at
@@ -86,6 +88,10 @@ NODE_UPDATE = "node"
 LABEL = "label"
 ONE_WAY = "w"  # (y, ("w", x)) into Route; attrs key: neighbours whose end refused the link
 PAIRS = "pairs"  # Link's acceptance of a neighbour, keyed by the pair: ("a\x1fb", acceptor)
+NOTICES = "notices"  # bounded runs: unlink / delete messages, beside the links keyed by pair
+# Bounded runs: Link's acceptances, keyed by the accepted identifier (``Connect[1]``'s input)
+ACCEPTS = "y"  # (y, ("y", x)): x accepted its link with y
+OWN = "o"  # (x, ("o", accepted neighbours)): sent by a shared x only (it refused some)
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -155,6 +161,22 @@ def blocked_links(
 
 def _ts(ms: int) -> Timestamp:
     return Timestamp(micros=ms * 1000)
+
+
+def bounded_stitch_messages(
+    event: dict[str, Any], time_ms: int, identity, identifiers=None
+) -> tuple[list[tuple[tuple[str, str], tuple]], list[tuple[str, tuple]]]:
+    """Bounded runs: what :func:`stitch_messages` says, with each link once, keyed by its pair
+    ``((a, b), evidence)`` with ``a < b``, instead of twice (once to each end): a bounded run
+    keeps the earliest evidence per pair before sending it to both ends
+    (:class:`EarliestLinkPerPair`). Returns ``(links, notices)``."""
+    links, notices = [], []
+    for key, msg in stitch_messages(event, time_ms, identity, identifiers):
+        if msg[0] != NEIGHBOUR:
+            notices.append((key, msg))
+        elif key < msg[1]:
+            links.append(((key, msg[1]), msg[2]))
+    return links, notices
 
 
 # --- Link: each identifier's neighbours and notices ---------------------------------------------
@@ -268,7 +290,8 @@ def _message_order(msg: tuple) -> tuple:
 class _LinkGroupedFn(_LinkFn):
     """Bounded runs: ``(identifier, all its messages)`` in, applied with the streaming stage's
     own rule (``_step``) in :func:`_message_order`; the settled identifier goes out once: to
-    ``Route``, and its acceptance of each neighbour to ``Pair``."""
+    ``Route``, and its acceptance of each neighbour to that neighbour in ``Connect[1]`` (a
+    shared identifier also tells itself which it accepted: :func:`accepted_neighbours`)."""
 
     @dead_letter_on_raise
     def process(self, element):
@@ -282,7 +305,9 @@ class _LinkGroupedFn(_LinkFn):
                 yield beam.pvalue.TaggedOutput(NODES, (refused, (ONE_WAY, x)))
         yield beam.pvalue.TaggedOutput(NODES, (x, (NODE_UPDATE, nbrs, attrs, 1)))
         for nbr in nbrs:
-            yield (pair_key(x, nbr), x)
+            yield (nbr, (ACCEPTS, x))
+        if attrs.get(SHARED):
+            yield (x, (OWN, tuple(nbrs)))
 
 
 # --- Pair: a link joins groups only when both ends accept it -------------------------------------
@@ -315,15 +340,25 @@ class _PairFn(beam.DoFn):
             yield (b, (a, b))
 
 
-def _pair_grouped(element):
-    """Bounded runs: ``(pair, accepting ends)`` -> the first round's messages of both ends,
-    when both accepted."""
-    key, ends = element
-    if len(set(ends)) < 2:
-        return
-    a, b = key.split("\x1f", 1)
-    yield from first_round(a, (b,))
-    yield from first_round(b, (a,))
+def accepted_neighbours(v: str, messages) -> tuple[str, ...]:
+    """Bounded runs, at identifier ``v``: its neighbours over links both ends accepted, from
+    Link's ``ACCEPTS`` (and, when ``v`` is shared, its own ``OWN``) messages. Both ends of a
+    link hear of it, and an identifier that is not shared accepts every link it hears of, so
+    the identifiers that accepted ``v`` are its neighbours, less, when ``v`` is shared, those
+    it refused itself (past its cap): what ``Pair`` lets through in a streaming run."""
+    accepted_by: set[str] = set()
+    own: set[str] | None = None
+    for kind, payload in messages:
+        if kind == ACCEPTS:
+            accepted_by.add(payload)
+        else:
+            own = set(payload)
+    return tuple(sorted(accepted_by if own is None else accepted_by & own))
+
+
+def _links_and_notices(split: tuple[list, list]) -> list:
+    links, notices = split
+    return [*links, *(beam.pvalue.TaggedOutput(NOTICES, n) for n in notices)]
 
 
 # --- Connect[1..R]: each identifier's component (transforms/components.py) ------------------------
@@ -357,12 +392,17 @@ class _ConnectGroupedFn(beam.DoFn):
     """One bounded Hash-to-Min round with early exit (:func:`transforms.components.settle`):
     ``(identifier, its messages)`` in; a node whose component is complete leaves to ``Route``."""
 
-    def __init__(self, last: bool):
-        self._last = last
+    def __init__(self, last: bool, first: bool = False):
+        self._last, self._first = last, first
 
     @dead_letter_on_raise
     def process(self, element):
         v, messages = element
+        if self._first:  # Link's acceptances: the round starts from v's closed neighbourhood
+            nbrs = accepted_neighbours(v, messages)
+            if not nbrs:
+                return
+            messages = [msg for _, msg in first_round(v, nbrs)]
         if self._last:
             yield beam.pvalue.TaggedOutput(LABELS, (v, (LABEL, final_label(v, messages))))
             return
@@ -453,31 +493,28 @@ def _route_grouped(element):
         yield (label, ("node", (x, *node, 1)))
 
 
+def _to_both_ends(kv):
+    (a, b), evidence = kv
+    return [(a, (NEIGHBOUR, b, evidence)), (b, (NEIGHBOUR, a, evidence))]
+
+
 class EarliestLinkPerPair(beam.PTransform):
-    """Bounded runs: one ``NEIGHBOUR`` message per (identifier, neighbour) with the pair's
-    earliest evidence, instead of one per event that carries the pair.
+    """Bounded runs: ``((a, b), evidence)`` per link in, one ``NEIGHBOUR`` message to each end
+    with the pair's earliest evidence out, instead of one per event that carries the pair.
 
     ``Link`` keeps exactly that (``earlier`` of all it is told), so its state, and every
     later stage's, is the same; what changes is that a person's thousand events no longer cost a
     thousand stateful calls each side (a combiner lifted before the shuffle costs ~3 µs each).
-    Unlink and delete notices pass through. Streaming runs keep every message: there the earliest
-    evidence so far must reach the graph as soon as it arrives."""
+    Streaming runs keep every message: there the earliest evidence so far must reach the graph
+    as soon as it arrives."""
 
-    def expand(self, messages):
-        pairs = messages | "Pairs" >> beam.FlatMap(
-            lambda kv: [((kv[0], kv[1][1]), kv[1][2])] if kv[1][0] == NEIGHBOUR else []
-        ).with_output_types(KV[tuple[str, str], tuple])
+    def expand(self, pairs):
         # Evidence tuples sort as Links do: min is ``earlier`` (time, then messageId).
-        earliest = (
+        return (
             pairs
             | "Earliest" >> beam.CombinePerKey(min)
-            | "AsMessages"
-            >> beam.Map(lambda kv: (kv[0][0], (NEIGHBOUR, kv[0][1], kv[1]))).with_output_types(
-                KV[str, Any]
-            )
+            | "ToBothEnds" >> beam.FlatMap(_to_both_ends).with_output_types(KV[str, Any])
         )
-        notices = messages | "Notices" >> beam.Filter(lambda kv: kv[1][0] != NEIGHBOUR)
-        return (earliest, notices) | "Merge" >> beam.Flatten()
 
 
 # --- ResolveGroup ------------------------------------------------------------------------------
@@ -735,19 +772,38 @@ class StitchIdentities(beam.PTransform):
         identity = self._identity
         bounded = self._bounded
 
-        messages = envelopes | "StitchMessages" >> guarded(
-            beam.FlatMap(
-                all_or_dead_letter(
-                    lambda env: stitch_messages(
-                        env.event, env.event_time_ms, identity, env.identifiers
-                    )
-                )
-            ).with_output_types(KV[str, Any])
-        )
-        failed_events = [messages[FAILED]]
-        messages = messages.good
         if bounded:
-            messages = messages | "EarliestLinkPerPair" >> EarliestLinkPerPair()
+            # Each link once, keyed by its pair; the earliest evidence per pair then goes to
+            # both ends (half the elements of sending every link to both ends first).
+            stitch = envelopes | "StitchMessages" >> guarded(
+                beam.FlatMap(
+                    all_or_dead_letter(
+                        lambda env: _links_and_notices(
+                            bounded_stitch_messages(
+                                env.event, env.event_time_ms, identity, env.identifiers
+                            )
+                        )
+                    )
+                ).with_output_types(KV[tuple[str, str], tuple]),
+                NOTICES,
+                main="links",
+            )
+            messages = (
+                stitch["links"] | "EarliestLinkPerPair" >> EarliestLinkPerPair(),
+                stitch[NOTICES],
+            ) | "Messages" >> beam.Flatten().with_output_types(KV[str, Any])
+        else:
+            stitch = envelopes | "StitchMessages" >> guarded(
+                beam.FlatMap(
+                    all_or_dead_letter(
+                        lambda env: stitch_messages(
+                            env.event, env.event_time_ms, identity, env.identifiers
+                        )
+                    )
+                ).with_output_types(KV[str, Any])
+            )
+            messages = stitch.good
+        failed_events = [stitch[FAILED]]
         failed = []
         cap = self._rules.max_cluster_size
         if bounded:
@@ -781,13 +837,18 @@ class StitchIdentities(beam.PTransform):
             failed.append(result[FAILED])
             return result["next"]
 
-        stage = keyed(linked[PAIRS], "Pair", _pair_grouped, _PairFn())
+        if bounded:
+            # Link's acceptances go straight to the accepted ends: Connect[1] reads each
+            # identifier's links that both ends accepted from them (accepted_neighbours).
+            stage = linked[PAIRS]
+        else:
+            stage = keyed(linked[PAIRS], "Pair", None, _PairFn())
         labels = []
         for k in range(1, self._rounds + 1):
             last = k == self._rounds
             if bounded:
                 stage = stage | f"Round[{k}]" >> beam.GroupByKey()
-                fn = _ConnectGroupedFn(last)
+                fn = _ConnectGroupedFn(last, first=k == 1)
             else:
                 fn = _ConnectFn(last)
             pardo = beam.ParDo(fn).with_input_types(KV[str, Any]).with_output_types(KV[str, Any])
