@@ -62,7 +62,7 @@ def bounded(nodes, edges, rounds=ROUNDS):
             break
         messages = []
         for v, ms in inbox.items():
-            label, sent = settle(v, ms)
+            label, sent = settle(v, ms, first=k == 1)
             if label is not None:
                 out[v] = label
             messages.extend(sent)
@@ -109,8 +109,10 @@ def test_chains_and_stars_are_whole_components_in_bounded_rounds(n):
         got, active, _ = bounded(ids, edges)
         assert got == union_find(ids, edges)
         assert active < ROUNDS  # finished early: the early exit saw the whole component
-    # Stars finish in four rounds (the last one only delivers DONE); chains in about log2(n) + 5.
-    assert bounded(ids, star)[1] <= 4
+    # Stars finish in three rounds: the centre sees the whole star in the second (the first
+    # round sends each node's neighbourhood to its neighbours), the third only delivers DONE.
+    # Chains in about log2(n) + 5.
+    assert bounded(ids, star)[1] <= 3
     assert bounded(ids, chain)[1] <= n.bit_length() + 5
 
 
@@ -164,6 +166,22 @@ def test_settle_reports_done_only_for_a_closed_cluster():
     label, out = settle("a", [("c", ("a", "b")), ("s", ("a", "b")), ("a", ("b", ("a", "b", "c")))])
     assert label is None and ("a", ("c", ("a", "b"))) in out
     assert settle("b", [("d", "a"), ("c", ("x",))]) == ("a", [])
+    # Not the minimum: a centre that holds every neighbour's neighbourhood, each inside what it
+    # knows, names the component by its minimum.
+    label, out = settle(
+        "c",
+        [("c", ("a",)), ("s", ("a", "b", "c")), ("a", ("a", ("a", "c"))), ("a", ("b", ("b", "c")))],
+    )
+    assert label is None and sorted(out) == [(u, ("d", "a")) for u in ("a", "b", "c")]
+    # Missing b's neighbourhood: b may have neighbours c does not know, rounds go on.
+    label, out = settle("c", [("c", ("a",)), ("s", ("a", "b", "c")), ("a", ("a", ("a", "c")))])
+    assert label is None and all(msg[0] != "d" for _u, msg in out)
+    # The first round also sends the node's neighbourhood to each neighbour.
+    _, out = settle("b", [("c", ("a", "b", "c")), ("s", ("a", "b", "c"))], first=True)
+    assert ("c", ("a", ("b", ("a", "b", "c")))) in out and (
+        "a",
+        ("a", ("b", ("a", "b", "c"))),
+    ) in out
     assert final_label("c", [("c", ("c", "e")), ("c", ("b",))]) == "b"
 
 

@@ -95,39 +95,48 @@ def first_round(v: str, neighbours: Iterable[str]) -> list[tuple[str, tuple]]:
     return [(v, (CLUSTER, closed)), (v, (SELF, closed))]
 
 
-def settle(v: str, messages: Iterable[tuple[str, object]]) -> tuple[str | None, list]:
+def settle(v: str, messages: Iterable[tuple[str, object]], first: bool = False) -> tuple:
     """One bounded round at node ``v``: ``(label, [])`` when ``v`` is done, else ``(None,
     messages for the next round)``. :func:`final_label` reads the last round instead.
+    ``first``: the first round (its messages are :func:`first_round`'s).
 
     Each node sends its own closed neighbourhood to its current minimum every round (and to
-    itself, so a stateless round still knows it). A minimum whose cluster is covered by the
-    neighbourhoods it received, each inside the cluster, holds a whole component: it sends
-    ``DONE`` to every member (itself included), who leave the rounds with that label."""
+    itself, so a stateless round still knows it), and in the first round to each of its
+    neighbours too. A node whose known nodes (its cluster, its neighbourhood and the nodes whose
+    neighbourhoods it received) all sent it their neighbourhoods, each inside that set, holds a
+    whole component: every message carries nodes of its own component only, and a set of them
+    that contains ``v`` and is closed under adjacency is ``v``'s component. It sends ``DONE``
+    with the component's minimum to every member (itself included), who leave the rounds with
+    that label. The minimum gets there once it gathered every neighbourhood; a node adjacent to
+    all others (most persons' graphs: a star around the identifier their events carry) already
+    in the second round."""
     cluster: set[str] = {v}
     adj: dict[str, tuple[str, ...]] = {}
     own: tuple[str, ...] = (v,)
     for kind, payload in messages:
         if kind == DONE:
-            return payload, []  # type: ignore[return-value]
+            return payload, []
         if kind == CLUSTER:
             cluster.update(payload)  # type: ignore[arg-type]
         elif kind == SELF:
-            # Round one gets a node's closed neighbourhood in parts (one per link), later rounds
-            # in one piece.
+            # Round one may get a node's closed neighbourhood in parts, later rounds in one piece.
             own = tuple(sorted({*own, *payload}))  # type: ignore[misc]
         else:
             node, nbrs = payload  # type: ignore[misc]
             adj[node] = nbrs
+    adj[v] = own
+    known = cluster.union(own, adj)
+    if len(adj) == len(known) and all(known.issuperset(n) for n in adj.values()):
+        label = min(known)
+        return None, [(u, (DONE, label)) for u in sorted(known)]
     m = min(cluster)
-    if m == v:
-        adj[v] = own
-        if len(adj) == len(cluster) and all(cluster.issuperset(n) for n in adj.values()):
-            return None, [(u, (DONE, v)) for u in sorted(cluster)]
     members = tuple(sorted(cluster))
     out: list[tuple[str, tuple]] = [(m, (CLUSTER, members)), (v, (SELF, own))]
     out.extend((u, (CLUSTER, (m,))) for u in members if u != m)
     if m != v:
         out.append((m, (ADJACENCY, (v, own))))
+    if first:
+        out.extend((u, (ADJACENCY, (v, own))) for u in own if u != v and u != m)
     return None, out
 
 

@@ -406,7 +406,7 @@ class _ConnectGroupedFn(beam.DoFn):
         if self._last:
             yield beam.pvalue.TaggedOutput(LABELS, (v, (LABEL, final_label(v, messages))))
             return
-        label, out = settle(v, messages)
+        label, out = settle(v, messages, first=self._first)
         if label is not None:
             yield beam.pvalue.TaggedOutput(LABELS, (v, (LABEL, label)))
         yield from out
