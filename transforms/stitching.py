@@ -87,7 +87,9 @@ LABELS = "labels"  # (x, ("label", group)): the identifier's group
 NODE_UPDATE = "node"
 LABEL = "label"
 ONE_WAY = "w"  # (y, ("w", x)) into Route; attrs key: neighbours whose end refused the link
-PAIRS = "pairs"  # Link's acceptance of a neighbour, keyed by the pair: ("a\x1fb", acceptor)
+# Link's acceptance of a neighbour: streaming, keyed by the pair ("a\x1fb", acceptor) for Pair;
+# bounded, keyed by the accepted end (ACCEPTS, OWN below) for Connect[1]
+PAIRS = "pairs"
 NOTICES = "notices"  # bounded runs: unlink / delete messages, beside the links keyed by pair
 # Bounded runs: Link's acceptances, keyed by the accepted identifier (``Connect[1]``'s input)
 ACCEPTS = "y"  # (y, ("y", x)): x accepted its link with y
