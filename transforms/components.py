@@ -95,7 +95,9 @@ def first_round(v: str, neighbours: Iterable[str]) -> list[tuple[str, tuple]]:
     return [(v, (CLUSTER, closed)), (v, (SELF, closed))]
 
 
-def settle(v: str, messages: Iterable[tuple[str, object]], first: bool = False) -> tuple:
+def settle(
+    v: str, messages: Iterable[tuple[str, object]], first: bool = False
+) -> tuple[str | None, list]:
     """One bounded round at node ``v``: ``(label, [])`` when ``v`` is done, else ``(None,
     messages for the next round)``. :func:`final_label` reads the last round instead.
     ``first``: the first round (its messages are :func:`first_round`'s).
@@ -115,7 +117,7 @@ def settle(v: str, messages: Iterable[tuple[str, object]], first: bool = False) 
     own: tuple[str, ...] = (v,)
     for kind, payload in messages:
         if kind == DONE:
-            return payload, []
+            return payload, []  # type: ignore[return-value]
         if kind == CLUSTER:
             cluster.update(payload)  # type: ignore[arg-type]
         elif kind == SELF:
@@ -133,10 +135,9 @@ def settle(v: str, messages: Iterable[tuple[str, object]], first: bool = False) 
     members = tuple(sorted(cluster))
     out: list[tuple[str, tuple]] = [(m, (CLUSTER, members)), (v, (SELF, own))]
     out.extend((u, (CLUSTER, (m,))) for u in members if u != m)
-    if m != v:
-        out.append((m, (ADJACENCY, (v, own))))
-    if first:
-        out.extend((u, (ADJACENCY, (v, own))) for u in own if u != v and u != m)
+    # The neighbourhood to the minimum, and in the first round to each neighbour too.
+    to = {m, *own} if first else {m}
+    out.extend((u, (ADJACENCY, (v, own))) for u in sorted(to) if u != v)
     return None, out
 
 

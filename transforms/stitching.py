@@ -777,33 +777,27 @@ class StitchIdentities(beam.PTransform):
         if bounded:
             # Each link once, keyed by its pair; the earliest evidence per pair then goes to
             # both ends (half the elements of sending every link to both ends first).
-            stitch = envelopes | "StitchMessages" >> guarded(
-                beam.FlatMap(
-                    all_or_dead_letter(
-                        lambda env: _links_and_notices(
-                            bounded_stitch_messages(
-                                env.event, env.event_time_ms, identity, env.identifiers
-                            )
-                        )
-                    )
-                ).with_output_types(KV[tuple[str, str], tuple]),
-                NOTICES,
-                main="links",
-            )
+            def read(env):
+                return _links_and_notices(
+                    bounded_stitch_messages(env.event, env.event_time_ms, identity, env.identifiers)
+                )
+
+            tags, main, out_type = (NOTICES,), "links", KV[tuple[str, str], tuple]
+        else:
+
+            def read(env):
+                return stitch_messages(env.event, env.event_time_ms, identity, env.identifiers)
+
+            tags, main, out_type = (), "good", KV[str, Any]
+        stitch = envelopes | "StitchMessages" >> guarded(
+            beam.FlatMap(all_or_dead_letter(read)).with_output_types(out_type), *tags, main=main
+        )
+        if bounded:
             messages = (
                 stitch["links"] | "EarliestLinkPerPair" >> EarliestLinkPerPair(),
                 stitch[NOTICES],
             ) | "Messages" >> beam.Flatten().with_output_types(KV[str, Any])
         else:
-            stitch = envelopes | "StitchMessages" >> guarded(
-                beam.FlatMap(
-                    all_or_dead_letter(
-                        lambda env: stitch_messages(
-                            env.event, env.event_time_ms, identity, env.identifiers
-                        )
-                    )
-                ).with_output_types(KV[str, Any])
-            )
             messages = stitch.good
         failed_events = [stitch[FAILED]]
         failed = []
