@@ -62,7 +62,7 @@ def state_sizes(envelopes: list[Envelope], identity, cap: int, rounds: int):
     for env in envelopes:
         for x, msg in stitch_messages(env.event, env.event_time_ms, identity):
             nbrs, attrs = cells.get(x) or ({}, {})
-            _, new, _ = fn._step(x, msg, nbrs, attrs)
+            _, new, _, _ = fn._step(x, msg, nbrs, attrs)
             cells[x] = (nbrs, attrs)
             if new is not None:
                 queue.append((0, x, (x, new)))

@@ -55,11 +55,14 @@ import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
+
+from transforms.components import find_root
 
 SPAN_MS = 7 * 86_400_000
 DUPLICATE_SHARE = 0.05
@@ -814,13 +817,7 @@ def _linked_identities(drafts: list[Draft], persons: list[Person]) -> list[dict]
     person, so a stitcher that joined it would be guessing."""
     parent: dict[str, str] = {}  # identifiers never repeat across persons, so one forest serves
 
-    def find(k: str) -> str:
-        root = k
-        while parent[root] != root:
-            root = parent[root]
-        while parent[k] != root:
-            parent[k], k = root, parent[k]
-        return root
+    find = partial(find_root, parent)
 
     owned: list[set[str]] = [set() for _ in persons]
     junk_devices = set(JUNK_DEVICE_IDS.values())

@@ -186,6 +186,7 @@ def build(
     drain_file: str | None = None,
     now_ms: int | None = None,
     archive_input: bool = False,
+    by_part: bool = False,
 ) -> dict:
     """Wire the governed path; returns ``{name: PCollection}`` for the names in :data:`OUTPUTS`
     plus ``destinations``: ``{destination name: PCollection of delivery record lists}``.
@@ -199,7 +200,9 @@ def build(
     instead of the configured sources (a replay; nothing is archived again, unless
     ``archive_input``: the passes of one run read their input from such files). ``drain_file``: a
     streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
-    creates it on SIGINT/SIGTERM)."""
+    creates it on SIGINT/SIGTERM). ``by_part``: the input is a planned run's pass, each event
+    tagged with its connected part (pipelines/passes.py): bounded stitching resolves each part
+    in one call instead of finding its components in rounds."""
     plans = tracking_plans(config)
     salt = pii_salt(config)
     rules = pii_rules(config)
@@ -238,7 +241,11 @@ def build(
     unique = deduped["unique"]
     identity = config.identity
     stitched = unique | "StitchIdentities" >> StitchIdentities(
-        identity, config.privacy.deleted_identifiers, identity.rounds, bounded=bounded
+        identity,
+        config.privacy.deleted_identifiers,
+        identity.rounds,
+        bounded=bounded,
+        by_part=by_part and bounded,
     )
     behaviour = unique | "DropUnlinks" >> beam.Filter(
         lambda env: env.event.get("type") != UNLINK_TYPE

@@ -15,8 +15,10 @@ Planning reads the input once with the job's own validation (:meth:`ValidateEven
 the same verdict, the same identifiers and idempotency key) and puts each valid event's key and
 identifiers into one union-find; the connected parts are packed into passes in order of first
 appearance, none split (a part bigger than N is a pass of its own). A second read writes each
-raw event, untouched (source, origin, payload), to its pass's file in the raw-input archive
-format; each pass is then the ordinary job over those files (``archive_globs``), all passes
+raw event, untouched (source, origin, payload), with its part's number, to its pass's file in
+the raw-input archive format; each pass is then the ordinary job over those files
+(``archive_globs``; stitching resolves each part in one call, as it knows no identifier's graph
+reaches past its part: :class:`transforms.stitching.StitchIdentities` ``by_part``), all passes
 writing to the same output directory and store (each pass's record files named by pass), their
 counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
 a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import ConfigError, PipelineConfig
+from transforms.components import find_root
 
 PASS_PREFIX = "pass"
 
@@ -102,13 +105,7 @@ class _UnionFind:
         return i
 
     def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
+        return find_root(self.parent, i)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -246,15 +243,14 @@ def plan_passes(
     loads = [0] * (max(pass_of_part, default=0) + 1)  # an empty input: one empty pass
     for part, k in enumerate(pass_of_part):
         loads[k] += sizes[part]
-    del event_part
     workdir.mkdir(parents=True, exist_ok=True)
     schema = fastavro.parse_schema(ARCHIVE_SCHEMA)
     paths = [workdir / f"{PASS_PREFIX}-{k:04d}.avro" for k in range(len(loads))]
     handles = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below, all at once)
     try:
         writers = [fastavro.write.Writer(h, schema) for h in handles]
-        for k, raw in zip(event_pass, read_raw(config, inputs), strict=True):
-            writers[k].write(archive_record(raw))
+        for k, part, raw in zip(event_pass, event_part, read_raw(config, inputs), strict=True):
+            writers[k].write({**archive_record(raw), "part": part})
         for w in writers:
             w.flush()
     finally:

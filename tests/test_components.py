@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from transforms.components import (
     absorb,
+    component_minimums,
     final_label,
     first_round,
     hash_to_min_round,
@@ -201,3 +202,23 @@ def test_random_graphs_equal_union_find_bounded_and_streaming(edges, seed):
     assert bounded(nodes, edges)[0] == truth
     rng = random.Random(seed)
     assert streaming(nodes, edges, rng, duplicate=0.2) == truth
+
+
+@settings(max_examples=300, deadline=None)
+@given(edges=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=80))
+def test_component_minimums_are_each_components_smallest_node(edges):
+    """One call (a planned run's part): every node with a neighbour gets its component's
+    smallest node, found here by a breadth-first search, not by union-find."""
+    adjacency: dict[str, set[str]] = {}
+    for a, b in edges:
+        if a != b:
+            adjacency.setdefault(f"n{a:02d}", set()).add(f"n{b:02d}")
+            adjacency.setdefault(f"n{b:02d}", set()).add(f"n{a:02d}")
+    expected = {}
+    for start in adjacency:
+        seen, frontier = {start}, [start]
+        while frontier:
+            frontier = [u for v in frontier for u in adjacency[v] if u not in seen]
+            seen.update(frontier)
+        expected[start] = min(seen)
+    assert component_minimums(adjacency) == expected

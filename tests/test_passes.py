@@ -97,22 +97,26 @@ def test_plan_keeps_parts_whole_and_passes_small(generated, tmp_path):
     assert plan.events == len(raw) and sum(plan.pass_sizes) == len(raw)
     assert len(plan.files) == len(plan.pass_sizes) > 1
     assert all(n <= 300 or n == plan.largest_part for n in plan.pass_sizes)
-    # Every raw event is in exactly one pass file, untouched.
+    # Every raw event is in exactly one pass file, untouched, with its part: a part lies in
+    # one pass, and an idempotency key or identifier in one part (stitching relies on it).
     seen = collections.Counter()
-    key_pass, id_pass = {}, {}
+    node_part, part_pass = {}, {}
     judge = _validate(config, tracking_plans(config)).judge_locally()
     for k, (path,) in enumerate(plan.files):
         with open(path, "rb") as fh:
             for record in fastavro.reader(fh):
                 r = raw_from_archive(record, path)
-                seen[r] += 1
+                source, origin, payload, part = r
+                seen[(source, origin, payload)] += 1
+                assert part_pass.setdefault(part, k) == k, part
                 env, _ = judge(r, plan.now_ms)
                 if env is None:
                     continue
+                assert env.part == part
                 for node in event_nodes(env, config):
-                    table = key_pass if node.startswith("k") else id_pass
-                    assert table.setdefault(node, k) == k, node  # never in two passes
+                    assert node_part.setdefault(node, part) == part, node
     assert seen == collections.Counter(raw)
+    assert len(part_pass) == plan.parts
 
 
 def _loads(sizes, assign):
@@ -265,6 +269,7 @@ def test_passes_archive_the_raw_input_as_one_run_does(generated, tmp_path):
         for f in (tmp_path / name / "archive").glob("*.avro"):
             with open(f, "rb") as fh:
                 got.update(raw_from_archive(r, str(f)) for r in fastavro.reader(fh))
+        assert all(len(r) == 3 for r in got)  # a pass's parts stay out of the archive
         archives[name] = got
     assert sum(archives["one"].values()) > 2000
     assert archives["passes"] == archives["one"]

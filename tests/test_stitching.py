@@ -454,3 +454,113 @@ def test_accepted_neighbours_are_the_links_both_ends_accepted():
     # Shared: only those it kept under its cap, of those that accepted it.
     assert accepted_neighbours("a", [*heard, (OWN, ("c", "d"))]) == ("c",)
     assert accepted_neighbours("a", [(OWN, ("c",))]) == ()
+
+
+# --- planned runs: each part resolved in one call ------------------------------------------------
+
+
+def _with_parts(envs: list[Envelope], config) -> list[Envelope]:
+    """The envelopes tagged with their parts as planning finds them (pipelines/passes.py)."""
+    from pipelines.passes import _UnionFind, event_nodes
+
+    uf = _UnionFind()
+    firsts = []
+    for env in envs:
+        ids = [uf.node(n) for n in event_nodes(env, config)]
+        for other in ids[1:]:
+            uf.union(ids[0], other)
+        firsts.append(ids[0])
+    return [env._replace(part=uf.find(i)) for env, i in zip(envs, firsts, strict=True)]
+
+
+def _stitching_by_part_equals_rounds(envs: list[Envelope], config) -> None:
+    """Every output of ``StitchIdentities`` by part equals the rounds' (bounded), record for
+    record, and there is something to compare."""
+    from transforms.stitching import ASSIGNMENTS, IDENTITIES, MERGES, REVIEW
+
+    def canonical(tag):
+        return lambda rec: orjson.dumps((tag, rec), option=orjson.OPT_SORT_KEYS)
+
+    tagged = _with_parts(envs, config)
+    with make_pipeline() as p:
+        events = p | beam.Create(tagged)
+        kinds = {}
+        for name, by_part in (("rounds", False), ("parts", True)):
+            out = events | f"Stitch[{name}]" >> StitchIdentities(
+                config.identity,
+                config.privacy.deleted_identifiers,
+                config.identity.rounds,
+                bounded=True,
+                by_part=by_part,
+            )
+            kinds[name] = [
+                out[tag] | f"{name}[{tag}]" >> beam.Map(canonical(tag))
+                for tag in (ASSIGNMENTS, IDENTITIES, MERGES, REVIEW)
+            ]
+        counted = {
+            name: outs
+            | f"All[{name}]" >> beam.Flatten()
+            | f"Count[{name}]" >> beam.combiners.Count.PerElement()
+            for name, outs in kinds.items()
+        }
+        diff = (
+            counted
+            | beam.CoGroupByKey()
+            | beam.MapTuple(lambda rec, n: (rec, list(n["rounds"]), list(n["parts"])))
+            | beam.Filter(lambda d: d[1] != d[2])
+        )
+        assert_that(diff, equal_to([]), label="SameRecords")
+        assert_that(
+            counted["rounds"] | beam.combiners.Count.Globally(),
+            lambda n: n == [] or n[0] > 0 or pytest.fail("nothing stitched"),
+            label="NotEmpty",
+        )
+
+
+def test_stitching_by_part_equals_the_rounds_on_every_hard_case():
+    """Breaker (cluster size), a shared device past its cap, a valid link beside it, unlink,
+    delete, a configured deletion, junk, and a chain of 300: by part and in rounds give the same
+    assignments, members, merges and review records."""
+    config = config_from(
+        CONFIG + "identity: {max_cluster_size: 3}\n"
+        "privacy: {deleted_identifiers: ['device_id:gone']}\n"
+    )
+    wide = config_from(CONFIG + "identity: {max_cluster_size: 2000}\n")
+    events = [
+        at(1, messageId="1", anonymousId="a1", context=device("d1")),
+        at(2, messageId="2", anonymousId="a2", context=device("d1")),
+        at(3, messageId="3", anonymousId="a2", context=device("d2")),
+        *[at(10 + i, messageId=f"k{i}", anonymousId=f"k{i}", context=device("kiosk")) for i in range(6)],
+        identify(20, "i1", "u", "k1"),
+        identify(21, "i2", "v", "b1"),
+        at(22, messageId="x1", anonymousId="b1", context=device("gone")),
+        at(23, messageId="u1", type="unlink", userId="v",
+           properties={"identifier": {"type": "anonymous_id", "value": "b1"}}),
+        identify(24, "i3", "w", "c1"),
+        at(25, messageId="del", type="delete", anonymousId="c1"),
+        at(26, messageId="j1", anonymousId="c2", context=device("00000000-0000-0000-0000-000000000000")),
+    ]  # fmt: skip
+    envs = [_env(ev, i) for i, ev in enumerate(events)]
+    _stitching_by_part_equals_rounds(envs, config)
+    chain = [(i, i) for i in range(150)] + [(i + 1, i) for i in range(149)]
+    _stitching_by_part_equals_rounds(
+        [_env(ev, i) for i, ev in enumerate(bipartite_events(chain))], wide
+    )
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    edges=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=1, max_size=40),
+    cap=st.integers(2, 6),
+    unlinks=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=3),
+)
+def test_stitching_by_part_equals_the_rounds_on_random_graphs(edges, cap, unlinks):
+    config = config_from(CONFIG + f"identity: {{max_cluster_size: {cap}}}\n")
+    events = bipartite_events(edges) + [
+        identify(59, f"id{i}", f"u{a}", f"a{a}") for i, (a, _) in enumerate(unlinks)
+    ] + [
+        at(59, messageId=f"ul{i}", type="unlink", userId=f"u{a}",
+           properties={"identifier": {"type": "anonymous_id", "value": f"a{b}"}})
+        for i, (a, b) in enumerate(unlinks)
+    ]  # fmt: skip
+    _stitching_by_part_equals_rounds([_env(ev, i) for i, ev in enumerate(events)], config)

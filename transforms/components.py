@@ -31,7 +31,9 @@ leave the rounds with their label. Small components (most persons) finish in 2-3
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, MutableSequence
+from functools import partial
+from typing import Any
 
 
 def absorb(
@@ -151,3 +153,35 @@ def final_label(v: str, messages: Iterable[tuple[str, object]]) -> str:
         if kind == CLUSTER:
             best = min(best, *payload)  # type: ignore[arg-type]
     return best
+
+
+def component_minimums(adjacency: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """Each node's component label in one process: its component's smallest node, the label
+    Hash-to-Min's rounds converge to, for every node that has a neighbour (``adjacency``:
+    node -> neighbours, symmetric). For a graph known to fit one call (a planned run's part,
+    ``transforms/stitching.py``), where rounds of keyed stages would only add shuffles.
+
+    A union-find whose root is always the smaller node (the hand-written part: a dict, since
+    the graph is a part's few identifiers and a library would add nothing)."""
+    parent: dict[str, str] = {}
+    find = partial(find_root, parent)
+    for v, nbrs in adjacency.items():
+        for u in nbrs:
+            parent.setdefault(v, v)
+            parent.setdefault(u, u)
+            a, b = find(v), find(u)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {x: find(x) for x in parent}
+
+
+def find_root(parent: dict | MutableSequence, x: Any) -> Any:
+    """The root of ``x`` in a union-find forest (``parent``: node -> parent, a root its own;
+    a dict, or an array of ints), with the path to it compressed: the find of every union-find
+    in the project (stitching's resolution, planning's parts, the generator's truth)."""
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:
+        parent[x], x = root, parent[x]
+    return root

@@ -51,6 +51,10 @@ class Envelope(NamedTuple):
     # dead-letter replays): :func:`transforms.identity.identifiers_of` then reads them.
     identifiers: tuple | None = None
     junk_identifiers: tuple | None = None
+    # The connected part of the input the event belongs to, when a planned run's pass read it
+    # (pipelines/passes.py: the event's idempotency key and identifiers lie in no other part):
+    # stitching then resolves each part in one call. None otherwise.
+    part: int | None = None
 
 
 def pack(env: Envelope) -> bytes:

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
+from transforms.components import find_root
 from transforms.identity import PREFIX, extract_identifiers, id_key, type_rank
 
 _TYPE_OF_PREFIX = {v: k for k, v in PREFIX.items()}
@@ -180,13 +182,7 @@ def resolve(
     limits = dict(rules.limits)
     out = Resolution()
 
-    def find(n: str) -> str:
-        root = n
-        while parent[root] != root:
-            root = parent[root]
-        while parent[n] != root:
-            parent[n], n = root, parent[n]
-        return root
+    find = partial(find_root, parent)
 
     for link in links:
         ra, rb = find(link.a), find(link.b)

@@ -51,7 +51,13 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.typehints import KV
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.components import absorb, final_label, first_round, settle
+from transforms.components import (
+    absorb,
+    component_minimums,
+    final_label,
+    first_round,
+    settle,
+)
 from transforms.dead_letter import FAILED, all_or_dead_letter, dead_letter_on_raise, guarded
 from transforms.identity import blocked_identifiers, extract_identifiers, normalize
 from transforms.identity_graph import (
@@ -693,6 +699,82 @@ class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
         yield from outputs
 
 
+# --- Planned runs: each part in one call ----------------------------------------------------------
+
+PART_LINK = "l"  # (part, ("l", (a, b), evidence)): a link, once, a < b
+PART_NOTICE = "m"  # (part, ("m", identifier, message)): an unlink or delete notice
+
+
+def part_messages(env, identity) -> list[tuple[int, tuple]]:
+    """A planned pass's event: what :func:`bounded_stitch_messages` says, keyed by the event's
+    part (``env.part``, from pipelines/passes.py)."""
+    if env.part is None:
+        raise ValueError("stitching by part: the event carries no part (not a planned pass)")
+    links, notices = bounded_stitch_messages(
+        env.event, env.event_time_ms, identity, env.identifiers
+    )
+    return [(env.part, (PART_LINK, pair, evidence)) for pair, evidence in links] + [
+        (env.part, (PART_NOTICE, x, msg)) for x, msg in notices
+    ]
+
+
+class _StitchPartFn(beam.DoFn):
+    """Planned runs: ``(part, its links and notices)`` in; the part's assignments, members,
+    merges and review out, exactly what the bounded stages give for it.
+
+    Planning put every event whose idempotency key or identifiers meet into one part, so no
+    identifier's graph reaches past its part and the part is known whole here. It is settled in
+    memory with the bounded stages' own functions, in their order: the earliest evidence per
+    pair (``EarliestLinkPerPair``), each identifier's messages through ``Link``
+    (``_LinkGroupedFn``), the accepted adjacency (:func:`accepted_neighbours`), its components
+    by union-find (:func:`transforms.components.component_minimums`: the labels Hash-to-Min
+    converges to, without rounds, so no chain is too long), ``Route`` (:func:`_route_grouped`)
+    and each group's resolution (``_ResolveGroupedFn``). One shuffle instead of ~8, and one
+    call per part instead of one per identifier and step. An identifier whose ``Link`` step
+    raises is a dead letter as in the stages; a failure past that loses the part's call."""
+
+    def __init__(self, cap: int, rules: StitchRules, deleted: frozenset[str]):
+        self._link = _LinkGroupedFn(cap)
+        self._resolver = _ResolveGroupedFn(rules, deleted)
+
+    @dead_letter_on_raise
+    def process(self, element):
+        _, items = element
+        earliest: dict[tuple[str, str], tuple] = {}
+        inbox: dict[str, list] = {}
+        for kind, key, value in items:
+            if kind == PART_LINK:
+                known = earliest.get(key)
+                if known is None or value < known:  # evidence tuples sort as Links do
+                    earliest[key] = value
+            else:
+                inbox.setdefault(key, []).append(value)
+        for pair_evidence in earliest.items():
+            for x, msg in _to_both_ends(pair_evidence):
+                inbox.setdefault(x, []).append(msg)
+        accepted: dict[str, list] = {}
+        routed: dict[str, list] = {}
+        for x, messages in inbox.items():
+            for out in self._link.process((x, messages)):
+                if not isinstance(out, beam.pvalue.TaggedOutput):
+                    to, msg = out
+                    accepted.setdefault(to, []).append(msg)
+                elif out.tag == NODES:
+                    to, msg = out.value
+                    routed.setdefault(to, []).append(msg)
+                else:
+                    yield out  # review records, dead letters
+        adjacency = {v: accepted_neighbours(v, msgs) for v, msgs in accepted.items()}
+        for v, label in component_minimums(adjacency).items():
+            routed.setdefault(v, []).append((LABEL, label))
+        groups: dict[str, list] = {}
+        for x, messages in routed.items():
+            for group, msg in _route_grouped((x, messages)):
+                groups.setdefault(group, []).append(msg)
+        for group, messages in groups.items():
+            yield from self._resolver.process((group, messages))
+
+
 class _ReportBlockedFn(beam.DoFn):
     """One review record per distinct (junk id, other id) pair, with its earliest evidence, once
     the watermark passes it."""
@@ -760,9 +842,13 @@ class StitchIdentities(beam.PTransform):
       timer's key): not events, see transforms/dead_letter.py.
     """
 
-    def __init__(self, identity, deleted_identifiers=(), rounds: int = 16, bounded=False):
+    def __init__(
+        self, identity, deleted_identifiers=(), rounds: int = 16, bounded=False, by_part=False
+    ):
         super().__init__()
-        self._bounded = bounded
+        if by_part and not bounded:
+            raise ValueError("by_part: bounded runs only (a planned run's passes)")
+        self._bounded, self._by_part = bounded, by_part
         if rounds < 2:
             raise ValueError("rounds must be at least 2")
         self._identity = identity
@@ -771,6 +857,76 @@ class StitchIdentities(beam.PTransform):
         self._rounds = rounds
 
     def expand(self, envelopes):
+        identity, bounded = self._identity, self._bounded
+        failed_events, failed = [], []
+        if self._by_part:
+            stitch = envelopes | "StitchMessages" >> guarded(
+                beam.FlatMap(
+                    all_or_dead_letter(lambda env: part_messages(env, identity))
+                ).with_output_types(KV[int, Any])
+            )
+            resolved = (
+                stitch.good
+                | "PartGroups" >> beam.GroupByKey()
+                | "StitchParts"
+                >> guarded(
+                    beam.ParDo(
+                        _StitchPartFn(self._rules.max_cluster_size, self._rules, self._deleted)
+                    ).with_input_types(KV[int, Any]),
+                    ASSIGNMENTS,
+                    IDENTITIES,
+                    MERGES,
+                    REVIEW,
+                    main="unused",
+                )
+            )
+            reviews = []
+        else:
+            stitch, resolved, reviews = self._in_rounds(envelopes, failed)
+        failed_events.append(stitch[FAILED])
+        failed.append(resolved[FAILED])
+        blocked_links_ = envelopes | "BlockedLinks" >> guarded(
+            beam.FlatMap(
+                all_or_dead_letter(
+                    lambda env: blocked_links(
+                        env.event,
+                        env.event_time_ms,
+                        identity,
+                        env.identifiers,
+                        env.junk_identifiers,
+                    )
+                )
+            ).with_output_types(KV[str, Any])
+        )
+        failed_events.append(blocked_links_[FAILED])
+        if bounded:
+            # A bounded run knows every pair's evidence at once: the earliest per pair, by a
+            # combiner (no state, no timer).
+            blocked_review = (
+                blocked_links_.good
+                | "EarliestBlocked" >> beam.CombinePerKey(min)
+                | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
+            )
+        else:
+            blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
+                _ReportBlockedFn()
+            ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
+            failed.append(blocked[FAILED])
+            blocked_review = blocked.review
+        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
+        return {
+            ASSIGNMENTS: resolved[ASSIGNMENTS],
+            IDENTITIES: resolved[IDENTITIES],
+            MERGES: resolved[MERGES],
+            REVIEW: review,
+            FAILED_EVENTS: tuple(failed_events) | "MergeFailedEvents" >> beam.Flatten(),
+            FAILED: tuple(failed) | "MergeFailed" >> beam.Flatten(),
+        }
+
+    def _in_rounds(self, envelopes, failed: list):
+        """Stitching without knowing the parts: Link, Connect[1..R] (Hash-to-Min), Route and
+        ResolveGroup; returns ``(the messages step, the resolver's outputs, Link's review)``
+        and adds the keyed steps' dead letters to ``failed``."""
         identity = self._identity
         bounded = self._bounded
 
@@ -799,8 +955,6 @@ class StitchIdentities(beam.PTransform):
             ) | "Messages" >> beam.Flatten().with_output_types(KV[str, Any])
         else:
             messages = stitch.good
-        failed_events = [stitch[FAILED]]
-        failed = []
         cap = self._rules.max_cluster_size
         if bounded:
             # Each identifier's messages grouped and settled at once.
@@ -870,44 +1024,7 @@ class StitchIdentities(beam.PTransform):
             REVIEW,
             main="unused",
         )
-        failed.append(resolved[FAILED])
-        blocked_links_ = envelopes | "BlockedLinks" >> guarded(
-            beam.FlatMap(
-                all_or_dead_letter(
-                    lambda env: blocked_links(
-                        env.event,
-                        env.event_time_ms,
-                        identity,
-                        env.identifiers,
-                        env.junk_identifiers,
-                    )
-                )
-            ).with_output_types(KV[str, Any])
-        )
-        failed_events.append(blocked_links_[FAILED])
-        if bounded:
-            # A bounded run knows every pair's evidence at once: the earliest per pair, by a
-            # combiner (no state, no timer).
-            blocked_review = (
-                blocked_links_.good
-                | "EarliestBlocked" >> beam.CombinePerKey(min)
-                | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
-            )
-        else:
-            blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
-                _ReportBlockedFn()
-            ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
-            failed.append(blocked[FAILED])
-            blocked_review = blocked.review
-        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
-        return {
-            ASSIGNMENTS: resolved[ASSIGNMENTS],
-            IDENTITIES: resolved[IDENTITIES],
-            MERGES: resolved[MERGES],
-            REVIEW: review,
-            FAILED_EVENTS: tuple(failed_events) | "MergeFailedEvents" >> beam.Flatten(),
-            FAILED: tuple(failed) | "MergeFailed" >> beam.Flatten(),
-        }
+        return stitch, resolved, reviews
 
 
 def _config_key(item: str) -> str:

@@ -41,7 +41,8 @@ from transforms.tracking_plan import (
 )
 
 # A raw input element: (source name, origin, payload). Payload is NDJSON text or an Avro record.
-RawEvent = tuple[str, str, Any]
+# A planned run's pass reads a fourth item, the event's part (Envelope.part).
+RawEvent = tuple[str, str, Any] | tuple[str, str, Any, int]
 
 
 NO_PLAN = "none"  # the plan_version of events from a source without a tracking plan
@@ -67,7 +68,7 @@ def judge(
     ``identity`` an IdentityConfig; ``now_ms`` the time the job reads the event (the upper
     bound of event times without a ``receivedAt``, see :func:`check_event_time`).
     """
-    source, origin, payload = raw
+    source, origin, payload = raw[:3]
     raw_bytes = None
     if isinstance(payload, dict):  # an Avro record of the canonical envelope
         text = orjson.dumps(payload).decode()
@@ -148,7 +149,8 @@ def judge(
     if violations:
         return reject("validate", violations, version)
     event.setdefault("source", source)
-    return Envelope(source, origin, text, event, event_time, version, ids, junk), None
+    part = raw[3] if len(raw) > 3 else None
+    return Envelope(source, origin, text, event, event_time, version, ids, junk, part), None
 
 
 class _ValidateFn(beam.DoFn):

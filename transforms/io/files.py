@@ -58,6 +58,12 @@ ARCHIVE_SCHEMA = {
         {"name": "origin", "type": "string"},
         {"name": "payload", "type": "bytes", "doc": "the NDJSON line, or an Avro envelope as JSON"},
         {"name": "avro", "type": "boolean", "doc": "payload is an Avro envelope record (JSON)"},
+        {
+            "name": "part",
+            "type": ["null", "long"],
+            "default": None,
+            "doc": "a planned run's pass files only: the event's connected part (passes.py)",
+        },
     ],
 }
 UNDATED = "undated"
@@ -90,17 +96,21 @@ def event_hour(payload) -> str:
 def archive_record(raw) -> dict:
     import orjson
 
-    source, origin, payload = raw
+    source, origin, payload = raw[:3]
     is_avro = isinstance(payload, dict)
     data = orjson.dumps(payload) if is_avro else payload
     return {"source": source, "origin": str(origin), "payload": bytes(data), "avro": is_avro}
 
 
 def raw_from_archive(record: dict, path: str):
-    """The archived element back as the raw event the job first read."""
+    """The archived element back as the raw event the job first read (with its part, when a
+    planned run's pass file carries one)."""
     import orjson
 
     payload = orjson.loads(record["payload"]) if record["avro"] else record["payload"]
+    part = record.get("part")
+    if part is not None:
+        return record["source"], record["origin"] or path, payload, part
     return record["source"], record["origin"] or path, payload
 
 
