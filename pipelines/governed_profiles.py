@@ -57,12 +57,27 @@ from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource
 from transforms.io.kafka import ReadKafka
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, Redaction, needs_salt, resolve_salt
+from transforms.planned_parts import (
+    FAILED_GROUPS,
+    FAILED_HISTORY,
+    FAILED_KEY,
+    FAILED_STITCH_EVENTS,
+    FAILED_UNIFY,
+    ResolvePlannedParts,
+)
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
 from transforms.profile_store import StoreSpec, WriteProfiles
 from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.sinks import WriteRecordsAsJson
-from transforms.stitching import FAILED_EVENTS, MERGES, REVIEW, UNLINK_TYPE, StitchIdentities
+from transforms.stitching import (
+    FAILED_EVENTS,
+    MERGES,
+    REVIEW,
+    UNLINK_TYPE,
+    StitchIdentities,
+    review_blocked_links,
+)
 from transforms.tracking_plan import load_plan
 from transforms.unify import (
     ROWS,
@@ -240,72 +255,63 @@ def build(
     )
     unique = deduped["unique"]
     identity = config.identity
-    stitched = unique | "StitchIdentities" >> StitchIdentities(
-        identity,
-        config.privacy.deleted_identifiers,
-        identity.rounds,
-        bounded=bounded,
-        by_part=by_part and bounded,
-    )
-    behaviour = unique | "DropUnlinks" >> beam.Filter(
-        lambda env: env.event.get("type") != UNLINK_TYPE
-    )
-    keyed = behaviour | "KeyByProfile" >> guarded(
-        beam.FlatMap(one_or_dead_letter(key_by_profile), identity).with_output_types(
-            beam.typehints.KV[str, Any]
-        )
-    )
-    # Dead letters of the steps after dedup that carry events (stage, dead letters).
-    failed_events = [("key", keyed[FAILED]), ("stitching", stitched[FAILED_EVENTS])]
-    keyed = keyed.good
     specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
     trait_rules = TraitRules(
         frozenset(config.profile.set_once), frozenset(config.profile.increment)
     )
-    if bounded:
-        # One pass per person: consent, per-destination PII, computed traits and the profile
-        # fragment (transforms/person_history.py); record outputs come in per-person lists.
-        history = keyed | "PersonHistory" >> PersonHistory(
-            destination_rules(config),
-            config.privacy.deleted_identifiers,
+    event_triggers = [EventTrigger.from_config(t) for t in config.triggers if t.event]
+    # Event triggers fire on events as delivered to their destinations (consent and PII
+    # applied), then meet the person's current profile in UnifyProfiles.
+    fired_on = sorted({d for t in event_triggers for d in t.destinations})
+    trait_kinds = {c.name: c.aggregate for c in config.computed_traits}
+    redact_profile = identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt)
+    if by_part and bounded:
+        # A planned run's pass: each part settled in one call (transforms/planned_parts.py).
+        planned = unique | "ResolvePlannedParts" >> ResolvePlannedParts(
             identity,
+            config.privacy.deleted_identifiers,
+            destination_rules(config),
             (rules, policies, salt),
             PROFILES_DESTINATION,
             specs,
             trait_rules,
+            trait_kinds,
+            redact_profile,
+            key_by_profile,
+            event_triggers,
+            fired_on,
         )
-        profile_fragments = history[FRAGMENTS]
-        destinations = {name: history[name] for name in config.consent.destinations}
-        denied, deleted = history[CONSENT_DENIED], history[DELETED]
+        blocked = review_blocked_links(unique, identity, bounded=True)
+        stitched = {
+            MERGES: planned[MERGES],
+            REVIEW: (planned[REVIEW], blocked[REVIEW]) | "MergeReview" >> beam.Flatten(),
+            FAILED: (planned[FAILED_GROUPS], planned[FAILED]) | "GroupsFailed" >> beam.Flatten(),
+        }
+        failed_events = [
+            ("key", planned[FAILED_KEY]),
+            (
+                "stitching",
+                (planned[FAILED_STITCH_EVENTS], blocked[FAILED_EVENTS])
+                | "StitchingFailed" >> beam.Flatten(),
+            ),
+            ("person_history", planned[FAILED_HISTORY]),
+        ]
+        destinations = {
+            name: planned[name] if name in planned else p | f"None[{name}]" >> beam.Create([])
+            for name in config.consent.destinations
+        }
+        denied, deleted = planned[CONSENT_DENIED], planned[DELETED]
         late = p | "NoLateEvents" >> beam.Create([])
-        failed_events.append(("person_history", history[FAILED]))
+        unified = {
+            ROWS: planned[ROWS],
+            TRIGGERED: planned[TRIGGERED],
+            FAILED: planned[FAILED_UNIFY],
+        }
     else:
-        profile_fragments, destinations, denied, deleted, late, failed = _streaming_profiles(
-            keyed, config, (rules, policies, salt), specs, trait_rules
-        )
-        failed_events += failed
-    event_triggers = [EventTrigger.from_config(t) for t in config.triggers if t.event]
-    unify_in = {
-        "fragments": profile_fragments,
-        "assignments": stitched["assignments"],
-        "identities": stitched["identities"],
-    }
-    if event_triggers:
-        # Event triggers fire on events as delivered to their destinations (consent and PII
-        # applied), then meet the person's current profile in UnifyProfiles.
-        fired_on = sorted({d for t in event_triggers for d in t.destinations})
-        unify_in["triggers"] = (
-            tuple(
-                destinations[d] | f"TriggerEvents[{d}]" >> TriggerEvents(event_triggers)
-                for d in fired_on
-            )
-            | "MergeTriggerEvents" >> beam.Flatten()
-        )
-    unified = unify_in | "UnifyProfiles" >> UnifyProfiles(
-        {c.name: c.aggregate for c in config.computed_traits},
-        bounded=bounded,
-        redact=identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt),
-    )
+        stitched, unified, destinations, denied, deleted, late, failed_events = _in_stages(
+            p, unique, config, bounded, (rules, policies, salt), specs, trait_rules,
+            event_triggers, fired_on, trait_kinds, redact_profile,
+        )  # fmt: skip
     profiles = unified[ROWS]
     activation_failed = []
     # Audiences and threshold triggers: entries and exits from the profile rows
@@ -386,6 +392,70 @@ def build(
         REVIEW: stitched[REVIEW],
         DESTINATIONS: destinations,
     }
+
+
+def _in_stages(
+    p, unique, config, bounded, pii, specs, trait_rules, event_triggers, fired_on, trait_kinds,
+    redact_profile,
+):  # fmt: skip
+    """Everything after dedup in keyed stages: StitchIdentities, the per-person stage
+    (PersonHistory, or the streaming chain) and UnifyProfiles; returns ``(stitched, unified,
+    destinations, consent_denied, deleted, late, the event dead letters by stage)``."""
+    identity = config.identity
+    rules, policies, salt = pii
+    stitched = unique | "StitchIdentities" >> StitchIdentities(
+        identity, config.privacy.deleted_identifiers, identity.rounds, bounded=bounded
+    )
+    behaviour = unique | "DropUnlinks" >> beam.Filter(
+        lambda env: env.event.get("type") != UNLINK_TYPE
+    )
+    keyed = behaviour | "KeyByProfile" >> guarded(
+        beam.FlatMap(one_or_dead_letter(key_by_profile), identity).with_output_types(
+            beam.typehints.KV[str, Any]
+        )
+    )
+    # Dead letters of the steps after dedup that carry events (stage, dead letters).
+    failed_events = [("key", keyed[FAILED]), ("stitching", stitched[FAILED_EVENTS])]
+    keyed = keyed.good
+    if bounded:
+        # One pass per person: consent, per-destination PII, computed traits and the profile
+        # fragment (transforms/person_history.py); record outputs come in per-person lists.
+        history = keyed | "PersonHistory" >> PersonHistory(
+            destination_rules(config),
+            config.privacy.deleted_identifiers,
+            identity,
+            (rules, policies, salt),
+            PROFILES_DESTINATION,
+            specs,
+            trait_rules,
+        )
+        profile_fragments = history[FRAGMENTS]
+        destinations = {name: history[name] for name in config.consent.destinations}
+        denied, deleted = history[CONSENT_DENIED], history[DELETED]
+        late = p | "NoLateEvents" >> beam.Create([])
+        failed_events.append(("person_history", history[FAILED]))
+    else:
+        profile_fragments, destinations, denied, deleted, late, failed = _streaming_profiles(
+            keyed, config, (rules, policies, salt), specs, trait_rules
+        )
+        failed_events += failed
+    unify_in = {
+        "fragments": profile_fragments,
+        "assignments": stitched["assignments"],
+        "identities": stitched["identities"],
+    }
+    if event_triggers:
+        unify_in["triggers"] = (
+            tuple(
+                destinations[d] | f"TriggerEvents[{d}]" >> TriggerEvents(event_triggers)
+                for d in fired_on
+            )
+            | "MergeTriggerEvents" >> beam.Flatten()
+        )
+    unified = unify_in | "UnifyProfiles" >> UnifyProfiles(
+        trait_kinds, bounded=bounded, redact=redact_profile
+    )
+    return stitched, unified, destinations, denied, deleted, late, failed_events
 
 
 def _streaming_profiles(keyed, config: PipelineConfig, pii, specs, trait_rules):

@@ -237,6 +237,42 @@ def test_a_run_in_passes_equals_one_run(generated, one_run, tmp_path, extra):
     assert not (passes / ".cdi-passes").exists()
 
 
+def test_passes_equal_one_run_with_plan_audiences_triggers_and_a_deletion(generated, tmp_path):
+    """The example config (tracking plan, computed traits, audiences, an event trigger) plus a
+    configured deletion: a planned run's passes settle each part in one call
+    (transforms/planned_parts.py), and every output still equals one run's."""
+    _, src = generated
+    first = orjson.loads(next(line for line in src.read_bytes().splitlines() if line.strip()))
+    example = Path(__file__).parent.parent / "schemas" / "configs" / "example.yaml"
+    cfg = tmp_path / "example.yaml"
+    cfg.write_text(
+        example.read_text().replace("paths: [../samples/events.ndjson]", f"paths: [{src}]")
+        .replace("path: ../tracking_plans/", f"path: {example.parent.parent}/tracking_plans/")
+        + f"privacy: {{deleted_identifiers: ['anonymous_id:{first['anonymousId']}']}}\n"
+    )  # fmt: skip
+    outs = {}
+    for name, extra in (
+        ("one", []),
+        ("passes", ["--workers", "2", "--max-events-per-pass", "600"]),
+    ):
+        outs[name] = tmp_path / name
+        assert main(["run", "--config", str(cfg), "--output", str(outs[name]), *extra]) == 0
+    assert _rows(outs["passes"] / "profiles.sqlite") == _rows(outs["one"] / "profiles.sqlite")
+    for name in RECORD_OUTPUTS:
+        assert _lines(outs["passes"], name) == _lines(outs["one"], name), name
+    a = orjson.loads((outs["one"] / "run_report.json").read_bytes())
+    b = orjson.loads((outs["passes"] / "run_report.json").read_bytes())
+    for key in a:
+        if key not in ("wall_seconds", "outputs", "passes"):
+            assert a[key] == b[key], key
+    # Something of each kind was there to compare.
+    lines = {n: sum(_lines(outs["one"], n).values()) for n in RECORD_OUTPUTS}
+    assert lines["deleted"] and lines["merges"] and lines["consent_denied"], lines
+    activations = _lines(outs["one"], "destinations")
+    assert any("Audience Entered" in line for line in activations)
+    assert any("big_order" in line for line in activations)
+
+
 @pytest.mark.parametrize(
     "extra, flag",
     [

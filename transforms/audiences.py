@@ -593,7 +593,7 @@ class SkipDelivered(beam.PTransform):
         return record_lists | "Claim" >> beam.ParDo(_ClaimFn(self._spec, self._run_id))
 
 
-def _trigger_inputs(records, triggers):
+def trigger_inputs(records, triggers):
     """A destination's delivery records -> ``(profile key, payload)`` per trigger fired."""
     for record in records:
         for name in matching_triggers(record, triggers):
@@ -610,7 +610,7 @@ class TriggerEvents(beam.PTransform):
 
     def expand(self, record_lists):
         triggers = self._triggers
-        return record_lists | "Match" >> beam.FlatMap(_trigger_inputs, triggers).with_output_types(
+        return record_lists | "Match" >> beam.FlatMap(trigger_inputs, triggers).with_output_types(
             KV[str, Any]
         )
 

@@ -99,7 +99,11 @@ class _PersonHistoryFn(beam.DoFn):
         history raises goes to the dead letters whole (every event of it, see
         transforms/dead_letter.py), and must not be counted as delivered as well."""
         key, packed = element
-        envelopes = [unpack(blob) for blob in packed]
+        return self.history(key, [unpack(blob) for blob in packed])
+
+    def history(self, key: str, envelopes: list) -> list:
+        """One profile key's outputs from its envelopes (raises on a bad history: the caller
+        makes the dead letter)."""
         if any(deletes_person(e.event, self._deleted_ids, self._identity) for e in envelopes):
             profile = empty_profile()
             profile["deleted"] = True

@@ -701,25 +701,21 @@ class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
 
 # --- Planned runs: each part in one call ----------------------------------------------------------
 
-PART_LINK = "l"  # (part, ("l", (a, b), evidence)): a link, once, a < b
-PART_NOTICE = "m"  # (part, ("m", identifier, message)): an unlink or delete notice
+PART_LINK = "l"  # ("l", (a, b), evidence): a link, once, a < b
+PART_NOTICE = "m"  # ("m", identifier, message): an unlink or delete notice
 
 
-def part_messages(env, identity) -> list[tuple[int, tuple]]:
-    """A planned pass's event: what :func:`bounded_stitch_messages` says, keyed by the event's
-    part (``env.part``, from pipelines/passes.py)."""
-    if env.part is None:
-        raise ValueError("stitching by part: the event carries no part (not a planned pass)")
-    links, notices = bounded_stitch_messages(
-        env.event, env.event_time_ms, identity, env.identifiers
-    )
-    return [(env.part, (PART_LINK, pair, evidence)) for pair, evidence in links] + [
-        (env.part, (PART_NOTICE, x, msg)) for x, msg in notices
+def part_items(event: dict[str, Any], time_ms: int, identity, identifiers=None) -> list[tuple]:
+    """A planned pass's event: what :func:`bounded_stitch_messages` says, as items of its
+    part's call (``_StitchPartFn``)."""
+    links, notices = bounded_stitch_messages(event, time_ms, identity, identifiers)
+    return [(PART_LINK, pair, evidence) for pair, evidence in links] + [
+        (PART_NOTICE, x, msg) for x, msg in notices
     ]
 
 
 class _StitchPartFn(beam.DoFn):
-    """Planned runs: ``(part, its links and notices)`` in; the part's assignments, members,
+    """Planned runs: ``(part, its links and notices)`` (:func:`part_items`) in; the part's assignments, members,
     merges and review out, exactly what the bounded stages give for it.
 
     Planning put every event whose idempotency key or identifiers meet into one part, so no
@@ -729,8 +725,8 @@ class _StitchPartFn(beam.DoFn):
     (``_LinkGroupedFn``), the accepted adjacency (:func:`accepted_neighbours`), its components
     by union-find (:func:`transforms.components.component_minimums`: the labels Hash-to-Min
     converges to, without rounds, so no chain is too long), ``Route`` (:func:`_route_grouped`)
-    and each group's resolution (``_ResolveGroupedFn``). One shuffle instead of ~8, and one
-    call per part instead of one per identifier and step. An identifier whose ``Link`` step
+    and each group's resolution (``_ResolveGroupedFn``): one call per part instead of ~8 shuffles
+    and a call per identifier and step. An identifier whose ``Link`` step
     raises is a dead letter as in the stages; a failure past that loses the part's call."""
 
     def __init__(self, cap: int, rules: StitchRules, deleted: frozenset[str]):
@@ -827,6 +823,43 @@ def _blocked_record(key: str, link: Link) -> dict:
     }
 
 
+def review_blocked_links(envelopes, identity, bounded: bool) -> dict:
+    """One ``identity_review`` record per distinct (junk id, other id) pair with its earliest
+    evidence (``REVIEW``), with ``FAILED_EVENTS`` (envelopes the step raised on) and, in
+    streaming runs, ``FAILED`` (the keyed step's dead letters). Junk identifiers never enter
+    the graph, so this needs no part of stitching's other steps. Applied in the caller's scope
+    (not a composite of its own): ``ReportBlocked`` keeps its label, part of the streaming
+    update contract."""
+    blocked_links_ = envelopes | "BlockedLinks" >> guarded(
+        beam.FlatMap(
+            all_or_dead_letter(
+                lambda env: blocked_links(
+                    env.event,
+                    env.event_time_ms,
+                    identity,
+                    env.identifiers,
+                    env.junk_identifiers,
+                )
+            )
+        ).with_output_types(KV[str, Any])
+    )
+    out = {FAILED_EVENTS: blocked_links_[FAILED]}
+    if bounded:
+        # A bounded run knows every pair's evidence at once: the earliest per pair, by a
+        # combiner (no state, no timer).
+        out[REVIEW] = (
+            blocked_links_.good
+            | "EarliestBlocked" >> beam.CombinePerKey(min)
+            | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
+        )
+    else:
+        blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
+            _ReportBlockedFn()
+        ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
+        out[REVIEW], out[FAILED] = blocked.review, blocked[FAILED]
+    return out
+
+
 class StitchIdentities(beam.PTransform):
     """Unique envelopes in; ``{assignments, identities, merges, identity_review}`` out.
 
@@ -842,91 +875,17 @@ class StitchIdentities(beam.PTransform):
       timer's key): not events, see transforms/dead_letter.py.
     """
 
-    def __init__(
-        self, identity, deleted_identifiers=(), rounds: int = 16, bounded=False, by_part=False
-    ):
+    def __init__(self, identity, deleted_identifiers=(), rounds: int = 16, bounded=False):
         super().__init__()
-        if by_part and not bounded:
-            raise ValueError("by_part: bounded runs only (a planned run's passes)")
-        self._bounded, self._by_part = bounded, by_part
+        self._bounded = bounded
         if rounds < 2:
             raise ValueError("rounds must be at least 2")
         self._identity = identity
         self._rules = StitchRules.from_config(identity)
-        self._deleted = frozenset(_config_key(d) for d in deleted_identifiers)
+        self._deleted = frozenset(config_key(d) for d in deleted_identifiers)
         self._rounds = rounds
 
     def expand(self, envelopes):
-        identity, bounded = self._identity, self._bounded
-        failed_events, failed = [], []
-        if self._by_part:
-            stitch = envelopes | "StitchMessages" >> guarded(
-                beam.FlatMap(
-                    all_or_dead_letter(lambda env: part_messages(env, identity))
-                ).with_output_types(KV[int, Any])
-            )
-            resolved = (
-                stitch.good
-                | "PartGroups" >> beam.GroupByKey()
-                | "StitchParts"
-                >> guarded(
-                    beam.ParDo(
-                        _StitchPartFn(self._rules.max_cluster_size, self._rules, self._deleted)
-                    ).with_input_types(KV[int, Any]),
-                    ASSIGNMENTS,
-                    IDENTITIES,
-                    MERGES,
-                    REVIEW,
-                    main="unused",
-                )
-            )
-            reviews = []
-        else:
-            stitch, resolved, reviews = self._in_rounds(envelopes, failed)
-        failed_events.append(stitch[FAILED])
-        failed.append(resolved[FAILED])
-        blocked_links_ = envelopes | "BlockedLinks" >> guarded(
-            beam.FlatMap(
-                all_or_dead_letter(
-                    lambda env: blocked_links(
-                        env.event,
-                        env.event_time_ms,
-                        identity,
-                        env.identifiers,
-                        env.junk_identifiers,
-                    )
-                )
-            ).with_output_types(KV[str, Any])
-        )
-        failed_events.append(blocked_links_[FAILED])
-        if bounded:
-            # A bounded run knows every pair's evidence at once: the earliest per pair, by a
-            # combiner (no state, no timer).
-            blocked_review = (
-                blocked_links_.good
-                | "EarliestBlocked" >> beam.CombinePerKey(min)
-                | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
-            )
-        else:
-            blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
-                _ReportBlockedFn()
-            ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
-            failed.append(blocked[FAILED])
-            blocked_review = blocked.review
-        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
-        return {
-            ASSIGNMENTS: resolved[ASSIGNMENTS],
-            IDENTITIES: resolved[IDENTITIES],
-            MERGES: resolved[MERGES],
-            REVIEW: review,
-            FAILED_EVENTS: tuple(failed_events) | "MergeFailedEvents" >> beam.Flatten(),
-            FAILED: tuple(failed) | "MergeFailed" >> beam.Flatten(),
-        }
-
-    def _in_rounds(self, envelopes, failed: list):
-        """Stitching without knowing the parts: Link, Connect[1..R] (Hash-to-Min), Route and
-        ResolveGroup; returns ``(the messages step, the resolver's outputs, Link's review)``
-        and adds the keyed steps' dead letters to ``failed``."""
         identity = self._identity
         bounded = self._bounded
 
@@ -955,6 +914,8 @@ class StitchIdentities(beam.PTransform):
             ) | "Messages" >> beam.Flatten().with_output_types(KV[str, Any])
         else:
             messages = stitch.good
+        failed_events = [stitch[FAILED]]
+        failed = []
         cap = self._rules.max_cluster_size
         if bounded:
             # Each identifier's messages grouped and settled at once.
@@ -1024,10 +985,24 @@ class StitchIdentities(beam.PTransform):
             REVIEW,
             main="unused",
         )
-        return stitch, resolved, reviews
+        failed.append(resolved[FAILED])
+        blocked = review_blocked_links(envelopes, identity, bounded)
+        failed_events.append(blocked[FAILED_EVENTS])
+        if FAILED in blocked:
+            failed.append(blocked[FAILED])
+        blocked_review = blocked[REVIEW]
+        review = (*reviews, resolved[REVIEW], blocked_review) | "MergeReview" >> beam.Flatten()
+        return {
+            ASSIGNMENTS: resolved[ASSIGNMENTS],
+            IDENTITIES: resolved[IDENTITIES],
+            MERGES: resolved[MERGES],
+            REVIEW: review,
+            FAILED_EVENTS: tuple(failed_events) | "MergeFailedEvents" >> beam.Flatten(),
+            FAILED: tuple(failed) | "MergeFailed" >> beam.Flatten(),
+        }
 
 
-def _config_key(item: str) -> str:
+def config_key(item: str) -> str:
     """``privacy.deleted_identifiers`` entries are ``type:value``; keys use short prefixes."""
     t, v = item.split(":", 1)
     return id_key(t, v)

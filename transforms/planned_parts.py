@@ -1,0 +1,234 @@
+"""A planned run's pass: everything after dedup, one connected part per call.
+
+    unique envelopes -> (part, packed) -> GroupByKey -> ResolvePart: stitching, per-person
+        history (consent, PII per destination, traits, fragment) and unify, for the part's events
+
+Planning (pipelines/passes.py) put every event whose idempotency key or identifiers meet into
+one part and tagged it (``Envelope.part``), so no identifier graph, profile key or person
+reaches past a part. A pass can then settle each part whole in memory, with the bounded
+stages' own functions in their order, instead of shuffling every event, link, fragment and
+member list between ~12 keyed steps:
+
+1. stitching: :func:`transforms.stitching.part_items` and ``_StitchPartFn`` (Link, the
+   accepted adjacency, components by union-find, Route, each group's resolution);
+2. per profile key: :func:`pipelines.governed_profiles.key_by_profile` and
+   ``_PersonHistoryFn.history`` (``PersonHistory``);
+3. per identifier, then per person: ``_RouteGroupedFn`` and ``_UnifyGroupedFn``
+   (``UnifyProfiles``), event triggers matched on the way (:func:`transforms.audiences.trigger_inputs`).
+
+The outputs are the stages' own: profile rows, merges, identity review, consent denials,
+deletions, each destination's record lists, triggered rows, and each stage's dead letters
+under a tag of its own (the job turns them into quarantine records as it does the stages').
+What each call holds is one part: a person's history and identifiers, as ``PersonHistory``
+holds a profile key's; planning bounds a pass, not a part (a giant part is a pass of its own).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.typehints import KV
+
+from transforms.audiences import trigger_inputs
+from transforms.dead_letter import (
+    FAILED,
+    dead_letter,
+    dead_letter_on_raise,
+    guarded,
+    one_or_dead_letter,
+)
+from transforms.envelope import pack, unpack
+from transforms.identity_graph import StitchRules
+from transforms.person_history import _PersonHistoryFn
+from transforms.stitching import (
+    ASSIGNMENTS,
+    IDENTITIES,
+    MERGES,
+    REVIEW,
+    UNLINK_TYPE,
+    _StitchPartFn,
+    config_key,
+    part_items,
+)
+from transforms.unify import (
+    ASSIGN,
+    FRAGMENT,
+    MEMBERS,
+    ROWS,
+    TRIGGER,
+    TRIGGERED,
+    _RouteGroupedFn,
+    _UnifyGroupedFn,
+)
+
+# Dead letters, by the stage whose function raised (the job's quarantine names them so).
+FAILED_STITCH_EVENTS = "failed:stitching_events"  # an envelope: its stitch messages
+FAILED_GROUPS = "failed:identifier_groups"  # an identifier's or a group's messages
+FAILED_KEY = "failed:key"  # an envelope: its profile key
+FAILED_HISTORY = "failed:person_history"  # (profile key, packed envelopes)
+FAILED_UNIFY = "failed:unify"  # an identifier's or a person's messages
+FAILED_TAGS = (FAILED_STITCH_EVENTS, FAILED_GROUPS, FAILED_KEY, FAILED_HISTORY, FAILED_UNIFY)
+
+
+def _retag(output, tag: str) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(tag, output.value)
+
+
+class _ResolvePartFn(beam.DoFn):
+    def __init__(self, identity, stitch: _StitchPartFn, history: _PersonHistoryFn, unify,
+                 key_by_profile, triggers: tuple, fired_on: frozenset):  # fmt: skip
+        self._identity = identity
+        self._stitch = stitch
+        self._history = history
+        self._route = _RouteGroupedFn()
+        self._unify = unify
+        self._key = key_by_profile
+        self._triggers = triggers
+        self._fired_on = fired_on
+
+    @dead_letter_on_raise
+    def process(self, element):
+        part, packed = element
+        envelopes = [unpack(blob) for blob in packed]
+        out: list = []
+        # 1. Stitching.
+        items = []
+        for env in envelopes:
+            try:
+                items += part_items(env.event, env.event_time_ms, self._identity, env.identifiers)
+            except Exception as e:
+                out.append(_retag(dead_letter(env, e), FAILED_STITCH_EVENTS))
+        assignments: list = []
+        identities: list = []
+        for o in self._stitch.process((part, items)):
+            if o.tag == ASSIGNMENTS:
+                assignments.append(o.value)
+            elif o.tag == IDENTITIES:
+                identities.append(o.value)
+            elif o.tag == FAILED:
+                out.append(_retag(o, FAILED_GROUPS))
+            else:
+                out.append(o)  # merges, review
+        # 2. Each profile key's history (unlinks are instructions, not behaviour).
+        by_key: dict[str, list] = {}
+        for env in envelopes:
+            if env.event.get("type") == UNLINK_TYPE:
+                continue
+            try:
+                key, keyed = self._key(env, self._identity)
+            except Exception as e:
+                out.append(_retag(dead_letter(env, e), FAILED_KEY))
+                continue
+            by_key.setdefault(key, []).append(keyed)
+        to_route: dict[str, list] = {}
+        for key, group in by_key.items():
+            try:
+                results = self._history.history(key, group)
+            except Exception as e:
+                out.append(_retag(dead_letter((key, [pack(x) for x in group]), e), FAILED_HISTORY))
+                continue
+            for o in results:
+                if not isinstance(o, beam.pvalue.TaggedOutput):
+                    to_route.setdefault(o[0], []).append((FRAGMENT, o[1]))
+                    continue
+                out.append(o)  # consent_denied, deleted, a destination's records
+                if o.tag in self._fired_on:
+                    for k, payload in trigger_inputs(o.value, self._triggers):
+                        to_route.setdefault(k, []).append((TRIGGER, payload))
+        # 3. Unify: each identifier's fragment to its person, then each person's row.
+        for x, assignment in assignments:
+            to_route.setdefault(x, []).append((ASSIGN, assignment))
+        to_unify: dict[str, list] = {}
+        for x, messages in to_route.items():
+            for o in self._route.process((x, messages)):
+                if isinstance(o, beam.pvalue.TaggedOutput):
+                    out.append(_retag(o, FAILED_UNIFY))
+                else:
+                    to_unify.setdefault(o[0], []).append(o[1])
+        for person, members in identities:
+            to_unify.setdefault(person, []).append((MEMBERS, members))
+        for person, messages in to_unify.items():
+            for o in self._unify.process((person, messages)):
+                if isinstance(o, beam.pvalue.TaggedOutput) and o.tag == FAILED:
+                    out.append(_retag(o, FAILED_UNIFY))
+                else:
+                    out.append(o)  # the row, triggered rows
+        return out
+
+
+class ResolvePlannedParts(beam.PTransform):
+    """Unique envelopes of a planned pass in (each with its ``part``); out: ``rows``,
+    ``merges``, ``identity_review``, ``consent_denied``, ``deleted``, one record-list output
+    per destination other than the profile store, ``triggered``, the stages' dead letters
+    (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
+    the part and its packed envelopes). The arguments are those of ``StitchIdentities``,
+    ``PersonHistory`` and ``UnifyProfiles``, and the event triggers with the destinations they
+    fire on."""
+
+    def __init__(
+        self,
+        identity,
+        deleted_identifiers,
+        destinations,
+        pii,
+        profiles_destination: str,
+        specs,
+        trait_rules,
+        trait_kinds: dict[str, str],
+        redact,
+        key_by_profile,
+        triggers=(),
+        fired_on=(),
+    ):
+        super().__init__()
+        rules = StitchRules.from_config(identity)
+        deleted = frozenset(deleted_identifiers)
+        self._fn = _ResolvePartFn(
+            identity,
+            _StitchPartFn(rules.max_cluster_size, rules, frozenset(config_key(d) for d in deleted)),
+            _PersonHistoryFn(
+                tuple(destinations),
+                deleted,
+                identity,
+                pii,
+                profiles_destination,
+                tuple(specs),
+                trait_rules,
+            ),
+            _UnifyGroupedFn(dict(trait_kinds), redact),
+            key_by_profile,
+            tuple(triggers),
+            frozenset(fired_on),
+        )
+        self._outputs = tuple(d.name for d in destinations if d.name != profiles_destination)
+
+    def expand(self, unique):
+        from transforms.consent import DELETED
+        from transforms.consent import DENIED as CONSENT_DENIED
+
+        tags = (MERGES, REVIEW, CONSENT_DENIED, DELETED, *self._outputs, TRIGGERED)
+        keyed = unique | "ByPart" >> guarded(
+            beam.FlatMap(one_or_dead_letter(_by_part)).with_output_types(KV[int, bytes])
+        )
+        resolved = (
+            keyed.good
+            | "Parts" >> beam.GroupByKey()
+            | "ResolvePart"
+            >> guarded(
+                beam.ParDo(self._fn).with_input_types(KV[int, Any]),
+                *FAILED_TAGS,
+                *tags,
+                main=ROWS,
+            )
+        )
+        out = {tag: resolved[tag] for tag in (ROWS, FAILED, *FAILED_TAGS, *tags)}
+        out[FAILED_KEY] = (keyed[FAILED], resolved[FAILED_KEY]) | "KeyFailed" >> beam.Flatten()
+        return out
+
+
+def _by_part(env) -> tuple[int, bytes]:
+    """``(part, packed envelope)``: a part's events wait for their group as bytes."""
+    if env.part is None:
+        raise ValueError("a planned pass's event without its part")
+    return env.part, pack(env)
