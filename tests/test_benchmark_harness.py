@@ -94,3 +94,19 @@ def test_element_steps_are_summed_per_top_level_transform():
         ("Read", 100),
         ("(runner)", 9),
     ]
+
+
+def test_stitching_cost_runs_and_reports_state_and_time(capsys):
+    """The stitching cost benchmark (README: state per identifier, time per event) runs on a
+    small input and prints each of its numbers (it once broke silently when ``_step`` changed)."""
+    from benchmarks.stitching_cost import main
+
+    main(["--events", "300", "--persons", "30"])
+    out = capsys.readouterr().out
+    for expected in (
+        "Link cell per identifier",
+        "Connect clusters",
+        "bounded stages",
+        "streaming stages",
+    ):
+        assert expected in out, out
