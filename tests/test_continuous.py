@@ -20,7 +20,7 @@ from runners.local import prism_binary
 from tests.conftest import REPO, config_from, run_job, service_unavailable
 from tests.test_kafka_source import _topic, broker  # noqa: F401 (the broker fixture)
 from transforms.envelope import parse_iso_ms
-from transforms.io.kafka import KafkaSourceConfig
+from transforms.io.kafka import KafkaSourceConfig, committed_offsets
 from transforms.io.unbounded import OPEN_END, PositionTracker, partition_watermark
 
 DAY = 86_400_000
@@ -166,7 +166,7 @@ def _committed(bootstrap: str, topic: str, group: str) -> int:
 
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        tps = consumer.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+        tps = committed_offsets(consumer, [TopicPartition(topic, p) for p in range(3)], 10)
         return sum(max(tp.offset, 0) for tp in tps)
     finally:
         consumer.close()

@@ -20,6 +20,7 @@ from transforms.envelope import envelope_avro_schema, event_to_avro_record
 from transforms.io.kafka import (
     KafkaSourceConfig,
     PartitionFacts,
+    committed_offsets,
     consumer_settings,
     decode_value,
     in_time_range,
@@ -121,6 +122,32 @@ def test_origin_cites_topic_partition_offset_and_time():
         "kafka:events/2@41 ts=2026-11-01T12:00:00.000Z"
     )
     assert origin_of("events", 0, 0, None) == "kafka:events/0@0"
+
+
+def test_committed_offsets_asks_again_while_the_coordinator_is_not_ready():
+    """A broker that has just started answers a group's committed offsets with NOT_COORDINATOR
+    or COORDINATOR_LOAD_IN_PROGRESS for a while (CI saw it): asked again, not raised; any other
+    error, or the same past the timeout, is raised."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    class Consumer:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        def committed(self, partitions, timeout):
+            self.calls += 1
+            if self.errors:
+                raise KafkaException(KafkaError(self.errors.pop(0), "not yet"))
+            return ["offsets"]
+
+    not_ready = [KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS]
+    consumer = Consumer(not_ready)
+    assert committed_offsets(consumer, [], timeout=5, pause=0) == ["offsets"]
+    assert consumer.calls == 3
+    with pytest.raises(KafkaException):
+        committed_offsets(Consumer([KafkaError.TOPIC_AUTHORIZATION_FAILED]), [], 5, pause=0)
+    with pytest.raises(KafkaException):
+        committed_offsets(Consumer(not_ready * 1000), [], timeout=0, pause=0)
 
 
 # --- against the broker --------------------------------------------------------------------------

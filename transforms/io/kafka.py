@@ -272,6 +272,34 @@ _POLL_SECONDS = 1.0
 _EMPTY_POLLS_BEFORE_GIVING_UP = 60  # a range the broker stops serving: fail, do not hang
 
 
+# Answers to a group's committed offsets that only say "not yet": the group coordinator is
+# loading, moving or not elected (a broker just started, the offsets topic is being created).
+# librdkafka hands them to the caller of committed() instead of retrying them itself.
+_COORDINATOR_NOT_READY = frozenset({14, 15, 16})  # *_LOAD_IN_PROGRESS, *_NOT_AVAILABLE, NOT_*
+
+
+def committed_offsets(consumer, partitions: list, timeout: float = 30.0, pause: float = 0.2):
+    """``consumer.committed(partitions)``, asked again while the broker answers that the group's
+    coordinator is not ready (or with another retriable error), until ``timeout`` seconds have
+    passed; then, or on any other error, the error is raised."""
+    import time
+
+    from confluent_kafka import KafkaException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.committed(partitions, timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as e:
+            error = e.args[0] if e.args else None
+            again = error is not None and (
+                error.code() in _COORDINATOR_NOT_READY or error.retriable()
+            )
+            if not again or time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+
+
 class _PlanRangesFn(beam.DoFn):
     """``(topic, partition, start, stop)`` per partition with records to read; continuous:
     ``(topic, partition, start)`` per partition."""
@@ -296,7 +324,7 @@ class _PlanRangesFn(beam.DoFn):
                 committed = {}
                 if config.start == COMMITTED:
                     tps = [TopicPartition(topic, p) for p in partitions]
-                    for tp in consumer.committed(tps, timeout=30):
+                    for tp in committed_offsets(consumer, tps):
                         committed[tp.partition] = tp.offset if tp.offset >= 0 else None
                 starts = self._offsets_for(consumer, topic, partitions, config.start)
                 stops = self._offsets_for(consumer, topic, partitions, config.stop)
@@ -482,7 +510,7 @@ class _ReadPartitionFn(beam.DoFn):
             return  # the reader moved on; a later bundle commits a later offset
         # Finalizations may arrive out of order: the group's position (kept by the broker) only
         # moves forward.
-        (current,) = entry[0].committed([TopicPartition(topic, partition)], timeout=30)
+        (current,) = committed_offsets(entry[0], [TopicPartition(topic, partition)])
         if current.offset >= offset:
             return
         entry[0].commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
