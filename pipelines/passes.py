@@ -23,7 +23,8 @@ writing to the same output directory and store (each pass's record files named b
 counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
 a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass
 size the parts are balanced over W passes (each to the lightest). Events that fail validation
-take a part of their own: the pass that reads them quarantines them exactly as one run would.
+(or make it raise) take a part of their own: the pass that reads them quarantines them exactly
+as one run would.
 Every pass judges event times against the planning time, so the verdicts cannot drift between
 planning and the passes.
 
@@ -217,11 +218,15 @@ def plan_passes(
     uf = _UnionFind()
     event_node = array("q")  # per raw event: its node, or -1 (invalid: a part of its own)
     for raw in read_raw(config, inputs):
-        env, _ = judge(raw, now_ms)
-        if env is None:
+        try:
+            env, _ = judge(raw, now_ms)
+            nodes = event_nodes(env, config) if env is not None else None
+        except Exception:  # noqa: BLE001 (the pass judges it again: a dead letter, as in one run)
+            nodes = None
+        if nodes is None:
             event_node.append(-1)
             continue
-        ids = [uf.node(n) for n in event_nodes(env, config)]
+        ids = [uf.node(n) for n in nodes]
         for other in ids[1:]:
             uf.union(ids[0], other)
         event_node.append(ids[0])

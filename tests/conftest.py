@@ -71,14 +71,16 @@ def event(**kw):
 def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True, options=None) -> dict:
     """Run ``build`` + ``write_outputs`` over ``lines`` (raw bytes, one event each) on the local
     runner (or with ``options``, a list of Beam flags: another runner); ``bounded=False`` runs
-    the streaming stages over the finite input. Returns the run report (counters, accounting)
-    and every output's records and profile rows."""
+    the streaming stages over the finite input, ``bounded="planned"`` one pass of a planned run
+    (pipelines/passes.py: each connected part settled in one call). Returns the run report
+    (counters, accounting) and every output's records and profile rows."""
     import orjson
 
     from pipelines import governed_profiles as job
     from pipelines.report import build_report, counters
 
-    out = tmp_path / ("bounded" if bounded else "streaming")
+    planned = bounded == "planned"
+    out = tmp_path / ("planned" if planned else "bounded" if bounded else "streaming")
     tmp_path.mkdir(parents=True, exist_ok=True)
     src = tmp_path / "input.ndjson"
     src.write_bytes(b"".join(line + b"\n" for line in lines))
@@ -88,9 +90,18 @@ def run_job(tmp_path: Path, lines: list[bytes], config, bounded: bool = True, op
         from apache_beam.options.pipeline_options import PipelineOptions
 
         p = TestPipeline(options=PipelineOptions(options), blocking=True)
-    job.write_outputs(
-        job.build(p, config, {config.sources[0].name: [str(src)]}, bounded), config, out
-    )
+    inputs = {config.sources[0].name: [str(src)]}
+    if planned:
+        from pipelines.passes import plan_passes
+
+        plan = plan_passes(config, inputs, None, tmp_path / "plan", balanced=1)
+        (files,) = plan.files
+        built = job.build(
+            p, config, {}, True, archive_globs=files, now_ms=plan.now_ms, by_part=True
+        )
+    else:
+        built = job.build(p, config, inputs, bounded)
+    job.write_outputs(built, config, out)
     result = p.run()
     result.wait_until_finish()
     paths = job.output_paths(config, out)
