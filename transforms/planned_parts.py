@@ -76,6 +76,9 @@ def _retag(output, tag: str) -> beam.pvalue.TaggedOutput:
 
 
 class _ResolvePartFn(beam.DoFn):
+    """``(part, packed unique envelopes)`` in; the part's outputs, each stage's function
+    applied in the stages' order, its dead letters retagged by stage (module docstring)."""
+
     def __init__(self, identity, stitch: _StitchPartFn, history: _PersonHistoryFn, unify,
                  key_by_profile, triggers: tuple, fired_on: frozenset):  # fmt: skip
         self._identity = identity
