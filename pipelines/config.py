@@ -341,6 +341,14 @@ class ConsentConfig:
     def __post_init__(self):
         if "profiles" in self.destinations:
             raise ValueError("'profiles' is reserved: set sinks.profiles.purposes and .pii instead")
+        # The per-person stage's other outputs share its tags with the destinations.
+        taken = sorted(
+            {"fragments", "consent_denied", "deleted", "failed"} & set(self.destinations)
+        )
+        if taken:
+            raise ValueError(
+                f"{taken[0]!r} is reserved for an output of the job: rename the destination"
+            )
 
 
 @dataclass(frozen=True)

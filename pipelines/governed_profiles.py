@@ -64,6 +64,7 @@ from transforms.planned_parts import (
     FAILED_STITCH_EVENTS,
     FAILED_UNIFY,
     ResolvePlannedParts,
+    destination_tag,
 )
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
 from transforms.profile import BuildProfiles, TraitRules
@@ -297,8 +298,7 @@ def build(
             ("person_history", planned[FAILED_HISTORY]),
         ]
         destinations = {
-            name: planned[name] if name in planned else p | f"None[{name}]" >> beam.Create([])
-            for name in config.consent.destinations
+            name: planned[destination_tag(name)] for name in config.consent.destinations
         }
         denied, deleted = planned[CONSENT_DENIED], planned[DELETED]
         late = p | "NoLateEvents" >> beam.Create([])

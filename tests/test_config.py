@@ -316,3 +316,13 @@ def test_violations_need_a_plan():
         "test.yaml: sources[0].violations: the source has no tracking_plan, "
         "so there are no plan rules to relax"
     ]
+
+
+@pytest.mark.parametrize("name", ["profiles", "fragments", "consent_denied", "deleted", "failed"])
+def test_a_destination_named_like_an_output_of_the_job_is_refused(name):
+    """The per-person stage tags each destination's records with its name, beside its own
+    outputs: a destination named like one of them would take its records."""
+    text = f"sources: [{{name: web}}]\nconsent: {{destinations: {{{name}: {{purposes: [analytics]}}}}}}"
+    with pytest.raises(ConfigError) as e:
+        config_from(text)
+    assert any(f"'{name}' is reserved" in p for p in e.value.problems), e.value.problems

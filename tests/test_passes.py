@@ -245,9 +245,11 @@ def test_passes_equal_one_run_with_plan_audiences_triggers_and_a_deletion(genera
     first = orjson.loads(next(line for line in src.read_bytes().splitlines() if line.strip()))
     example = Path(__file__).parent.parent / "schemas" / "configs" / "example.yaml"
     cfg = tmp_path / "example.yaml"
+    # Destinations named like other outputs of a part's call (merges, triggered) keep their own.
     cfg.write_text(
         example.read_text().replace("paths: [../samples/events.ndjson]", f"paths: [{src}]")
         .replace("path: ../tracking_plans/", f"path: {example.parent.parent}/tracking_plans/")
+        .replace("ad_network", "merges").replace("warehouse", "triggered")
         + f"privacy: {{deleted_identifiers: ['anonymous_id:{first['anonymousId']}']}}\n"
     )  # fmt: skip
     outs = {}
@@ -268,6 +270,8 @@ def test_passes_equal_one_run_with_plan_audiences_triggers_and_a_deletion(genera
     # Something of each kind was there to compare.
     lines = {n: sum(_lines(outs["one"], n).values()) for n in RECORD_OUTPUTS}
     assert lines["deleted"] and lines["merges"] and lines["consent_denied"], lines
+    merges = [orjson.loads(line) for line in _lines(outs["passes"], "merges")]
+    assert merges and all(r.get("kind", "").startswith("profile_") for r in merges)
     activations = _lines(outs["one"], "destinations")
     assert any("Audience Entered" in line for line in activations)
     assert any("big_order" in line for line in activations)

@@ -31,6 +31,8 @@ import apache_beam as beam
 from apache_beam.typehints import KV
 
 from transforms.audiences import trigger_inputs
+from transforms.consent import DELETED
+from transforms.consent import DENIED as CONSENT_DENIED
 from transforms.dead_letter import (
     FAILED,
     dead_letter,
@@ -69,6 +71,12 @@ FAILED_KEY = "failed:key"  # an envelope: its profile key
 FAILED_HISTORY = "failed:person_history"  # (profile key, packed envelopes)
 FAILED_UNIFY = "failed:unify"  # an identifier's or a person's messages
 FAILED_TAGS = (FAILED_STITCH_EVENTS, FAILED_GROUPS, FAILED_KEY, FAILED_HISTORY, FAILED_UNIFY)
+
+
+def destination_tag(name: str) -> str:
+    """The output of a destination's record lists: prefixed, as a destination may be named like
+    another output of the part's call (``merges``, ``triggered``...)."""
+    return f"destination:{name}"
 
 
 def _retag(output, tag: str) -> beam.pvalue.TaggedOutput:
@@ -135,7 +143,10 @@ class _ResolvePartFn(beam.DoFn):
                 if not isinstance(o, beam.pvalue.TaggedOutput):
                     to_route.setdefault(o[0], []).append((FRAGMENT, o[1]))
                     continue
-                out.append(o)  # consent_denied, deleted, a destination's records
+                if o.tag in (CONSENT_DENIED, DELETED):
+                    out.append(o)
+                    continue
+                out.append(_retag(o, destination_tag(o.tag)))  # a destination's records
                 if o.tag in self._fired_on:
                     for k, payload in trigger_inputs(o.value, self._triggers):
                         to_route.setdefault(k, []).append((TRIGGER, payload))
@@ -163,7 +174,7 @@ class _ResolvePartFn(beam.DoFn):
 class ResolvePlannedParts(beam.PTransform):
     """Unique envelopes of a planned pass in (each with its ``part``); out: ``rows``,
     ``merges``, ``identity_review``, ``consent_denied``, ``deleted``, one record-list output
-    per destination other than the profile store, ``triggered``, the stages' dead letters
+    per destination other than the profile store (:func:`destination_tag`), ``triggered``, the stages' dead letters
     (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
     the part and its packed envelopes). The arguments are those of ``StitchIdentities``,
     ``PersonHistory`` and ``UnifyProfiles``, and the event triggers with the destinations they
@@ -204,12 +215,11 @@ class ResolvePlannedParts(beam.PTransform):
             tuple(triggers),
             frozenset(fired_on),
         )
-        self._outputs = tuple(d.name for d in destinations if d.name != profiles_destination)
+        self._outputs = tuple(
+            destination_tag(d.name) for d in destinations if d.name != profiles_destination
+        )
 
     def expand(self, unique):
-        from transforms.consent import DELETED
-        from transforms.consent import DENIED as CONSENT_DENIED
-
         tags = (MERGES, REVIEW, CONSENT_DENIED, DELETED, *self._outputs, TRIGGERED)
         keyed = unique | "ByPart" >> guarded(
             beam.FlatMap(one_or_dead_letter(_by_part)).with_output_types(KV[int, bytes])
