@@ -286,7 +286,7 @@ def build(
         stitched = {
             MERGES: planned[MERGES],
             REVIEW: (planned[REVIEW], blocked[REVIEW]) | "MergeReview" >> beam.Flatten(),
-            FAILED: (planned[FAILED_GROUPS], planned[FAILED]) | "GroupsFailed" >> beam.Flatten(),
+            FAILED: planned[FAILED_GROUPS],
         }
         failed_events = [
             ("key", planned[FAILED_KEY]),
@@ -296,6 +296,8 @@ def build(
                 | "StitchingFailed" >> beam.Flatten(),
             ),
             ("person_history", planned[FAILED_HISTORY]),
+            # A part whose call raised outside a stage's function: each of its events.
+            ("part", planned[FAILED]),
         ]
         destinations = {
             name: planned[destination_tag(name)] for name in config.consent.destinations

@@ -267,6 +267,27 @@ def test_a_person_unify_fails_on_is_one_record_and_the_others_are_written(
     assert report["internal_errors"] == {"unify": len(records)}
 
 
+def test_a_part_whose_call_fails_costs_one_record_per_event(tmp_path, monkeypatch):
+    """A planned pass settles a part in one call: a fault outside any stage's function (here
+    unpacking the part's events) quarantines each of the part's events once, stage ``part``, and
+    the other parts are written."""
+    import transforms.planned_parts as planned
+
+    monkeypatch.setattr(planned, "unpack", _poisoned(planned.unpack))
+    lines = [
+        granted(messageId="1", anonymousId="a1"),
+        granted(messageId=POISON, anonymousId="a2"),
+        granted(messageId="3", anonymousId="a2"),  # the same part as the poisoned event
+    ]
+    run = run_job(tmp_path, lines, config_from(CONFIG), "planned")
+    report = _accounted(run, 3)
+    assert report["valid"] == 1 and report["quarantined_by_reason"] == {"internal.error": 2}
+    records = run["outputs"]["quarantine"]
+    assert sorted(r["message_id"] for r in records) == ["3", POISON]
+    assert all((r["stage"], r["reason"]) == ("part", "internal.error") for r in records)
+    assert set(run["rows"]) == {"anon:a1"}
+
+
 def test_job_errors_still_fail_the_run(tmp_path, capsys):
     """Not an element's fault: a profile database that cannot be opened fails the run, loudly
     (exit 1), instead of dead-lettering every profile."""

@@ -176,7 +176,8 @@ class ResolvePlannedParts(beam.PTransform):
     ``merges``, ``identity_review``, ``consent_denied``, ``deleted``, one record-list output
     per destination other than the profile store (:func:`destination_tag`), ``triggered``, the stages' dead letters
     (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
-    the part and its packed envelopes). The arguments are those of ``StitchIdentities``,
+    the part and its packed envelopes, which the job quarantines one record per event, stage
+    ``part``). The arguments are those of ``StitchIdentities``,
     ``PersonHistory`` and ``UnifyProfiles``, and the event triggers with the destinations they
     fire on."""
 
