@@ -217,8 +217,8 @@ def build(
     ``archive_input``: the passes of one run read their input from such files). ``drain_file``: a
     streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
     creates it on SIGINT/SIGTERM). ``by_part``: the input is a planned run's pass, each event
-    tagged with its connected part (pipelines/passes.py): bounded stitching resolves each part
-    in one call instead of finding its components in rounds."""
+    tagged with its connected part (pipelines/passes.py): everything after dedup settles each
+    part in one call (transforms/planned_parts.py) instead of the keyed stages."""
     plans = tracking_plans(config)
     salt = pii_salt(config)
     rules = pii_rules(config)

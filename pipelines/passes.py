@@ -17,8 +17,8 @@ identifiers into one union-find; the connected parts are packed into passes in o
 appearance, none split (a part bigger than N is a pass of its own). A second read writes each
 raw event, untouched (source, origin, payload), with its part's number, to its pass's file in
 the raw-input archive format; each pass is then the ordinary job over those files
-(``archive_globs``; stitching resolves each part in one call, as it knows no identifier's graph
-reaches past its part: :class:`transforms.stitching.StitchIdentities` ``by_part``), all passes
+(``archive_globs``; after dedup each part is settled in one call, as no identifier graph or
+person reaches past it: :class:`transforms.planned_parts.ResolvePlannedParts`), all passes
 writing to the same output directory and store (each pass's record files named by pass), their
 counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
 a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass

@@ -201,6 +201,19 @@ def test_balanced_plan_splits_into_near_equal_whole_parts(generated, tmp_path):
     assert tiny.pass_sizes == [1] and len(tiny.files) == 1
 
 
+def _assert_same_outputs(one: Path, passes: Path) -> None:
+    """Every profile row (all columns, versions included), every record line and every count
+    of the report (but its wall time and paths) equal."""
+    assert _rows(passes / "profiles.sqlite") == _rows(one / "profiles.sqlite")
+    for name in RECORD_OUTPUTS:
+        assert _lines(passes, name) == _lines(one, name), name
+    a = orjson.loads((one / "run_report.json").read_bytes())
+    b = orjson.loads((passes / "run_report.json").read_bytes())
+    for key in a:
+        if key not in ("wall_seconds", "outputs"):
+            assert a[key] == b[key], key
+
+
 @pytest.fixture(scope="module")
 def one_run(generated, tmp_path_factory):
     _, src = generated
@@ -221,19 +234,13 @@ def test_a_run_in_passes_equals_one_run(generated, one_run, tmp_path, extra):
     _, src = generated
     passes = tmp_path / "passes"
     assert main(["run", "--input", str(src), "--output", str(passes), *extra]) == 0
-    assert _rows(passes / "profiles.sqlite") == _rows(one_run / "profiles.sqlite")
-    for name in RECORD_OUTPUTS:
-        assert _lines(passes, name) == _lines(one_run, name), name
-    a = orjson.loads((one_run / "run_report.json").read_bytes())
+    _assert_same_outputs(one_run, passes)
     b = orjson.loads((passes / "run_report.json").read_bytes())
     assert b["passes"]["passes"] > 1
     if "--workers" in extra:
         assert b["passes"]["workers"] == 2
     else:
         assert b["passes"]["max_events_per_pass"] == 250
-    for key in a:
-        if key not in ("wall_seconds", "outputs"):
-            assert a[key] == b[key], key
     assert not (passes / ".cdi-passes").exists()
 
 
@@ -259,14 +266,7 @@ def test_passes_equal_one_run_with_plan_audiences_triggers_and_a_deletion(genera
     ):
         outs[name] = tmp_path / name
         assert main(["run", "--config", str(cfg), "--output", str(outs[name]), *extra]) == 0
-    assert _rows(outs["passes"] / "profiles.sqlite") == _rows(outs["one"] / "profiles.sqlite")
-    for name in RECORD_OUTPUTS:
-        assert _lines(outs["passes"], name) == _lines(outs["one"], name), name
-    a = orjson.loads((outs["one"] / "run_report.json").read_bytes())
-    b = orjson.loads((outs["passes"] / "run_report.json").read_bytes())
-    for key in a:
-        if key not in ("wall_seconds", "outputs", "passes"):
-            assert a[key] == b[key], key
+    _assert_same_outputs(outs["one"], outs["passes"])
     # Something of each kind was there to compare.
     lines = {n: sum(_lines(outs["one"], n).values()) for n in RECORD_OUTPUTS}
     assert lines["deleted"] and lines["merges"] and lines["consent_denied"], lines

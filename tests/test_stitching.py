@@ -485,8 +485,8 @@ def _stitching_by_part_equals_rounds(envs: list[Envelope], config) -> None:
         MERGES,
         REVIEW,
         _StitchPartFn,
+        bounded_stitch_messages,
         config_key,
-        part_items,
         review_blocked_links,
     )
 
@@ -503,18 +503,22 @@ def _stitching_by_part_equals_rounds(envs: list[Envelope], config) -> None:
         rounds = events | StitchIdentities(
             identity, config.privacy.deleted_identifiers, identity.rounds, bounded=True
         )
+
+        def said(e):
+            return e.part, bounded_stitch_messages(
+                e.event, e.event_time_ms, identity, e.identifiers
+            )
+
+        def gathered(kv):  # a part's links and notices, as ResolvePlannedParts hands them over
+            part, each = kv
+            return part, ([x for s in each for x in s[0]], [x for s in each for x in s[1]])
+
         parts = (
             events
-            | beam.FlatMap(
-                lambda e: [
-                    (e.part, item)
-                    for item in part_items(e.event, e.event_time_ms, identity, e.identifiers)
-                ]
-            )
+            | beam.Map(said)
             | beam.GroupByKey()
-            | beam.ParDo(_StitchPartFn(rules.max_cluster_size, rules, deleted)).with_outputs(
-                *tags, FAILED
-            )
+            | beam.Map(gathered)
+            | beam.ParDo(_StitchPartFn(rules, deleted)).with_outputs(*tags, FAILED)
         )
         blocked = review_blocked_links(events, identity, bounded=True)[REVIEW]
         by_part = {tag: parts[tag] for tag in tags}

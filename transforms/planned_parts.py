@@ -9,7 +9,7 @@ reaches past a part. A pass can then settle each part whole in memory, with the 
 stages' own functions in their order, instead of shuffling every event, link, fragment and
 member list between ~12 keyed steps:
 
-1. stitching: :func:`transforms.stitching.part_items` and ``_StitchPartFn`` (Link, the
+1. stitching: :func:`transforms.stitching.bounded_stitch_messages` and ``_StitchPartFn`` (Link, the
    accepted adjacency, components by union-find, Route, each group's resolution);
 2. per profile key: :func:`pipelines.governed_profiles.key_by_profile` and
    ``_PersonHistoryFn.history`` (``PersonHistory``);
@@ -50,8 +50,8 @@ from transforms.stitching import (
     REVIEW,
     UNLINK_TYPE,
     _StitchPartFn,
+    bounded_stitch_messages,
     config_key,
-    part_items,
 )
 from transforms.unify import (
     ASSIGN,
@@ -104,15 +104,21 @@ class _ResolvePartFn(beam.DoFn):
         envelopes = [unpack(blob) for blob in packed]
         out: list = []
         # 1. Stitching.
-        items = []
+        links: list = []
+        notices: list = []
         for env in envelopes:
             try:
-                items += part_items(env.event, env.event_time_ms, self._identity, env.identifiers)
+                said = bounded_stitch_messages(
+                    env.event, env.event_time_ms, self._identity, env.identifiers
+                )
             except Exception as e:
                 out.append(_retag(dead_letter(env, e), FAILED_STITCH_EVENTS))
+                continue
+            links += said[0]
+            notices += said[1]
         assignments: list = []
         identities: list = []
-        for o in self._stitch.process((part, items)):
+        for o in self._stitch.process((part, (links, notices))):
             if o.tag == ASSIGNMENTS:
                 assignments.append(o.value)
             elif o.tag == IDENTITIES:
@@ -174,8 +180,8 @@ class _ResolvePartFn(beam.DoFn):
 class ResolvePlannedParts(beam.PTransform):
     """Unique envelopes of a planned pass in (each with its ``part``); out: ``rows``,
     ``merges``, ``identity_review``, ``consent_denied``, ``deleted``, one record-list output
-    per destination other than the profile store (:func:`destination_tag`), ``triggered``, the stages' dead letters
-    (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
+    per destination other than the profile store (:func:`destination_tag`), ``triggered``, the
+    stages' dead letters (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
     the part and its packed envelopes, which the job quarantines one record per event, stage
     ``part``). The arguments are those of ``StitchIdentities``,
     ``PersonHistory`` and ``UnifyProfiles``, and the event triggers with the destinations they
@@ -201,7 +207,7 @@ class ResolvePlannedParts(beam.PTransform):
         deleted = frozenset(deleted_identifiers)
         self._fn = _ResolvePartFn(
             identity,
-            _StitchPartFn(rules.max_cluster_size, rules, frozenset(config_key(d) for d in deleted)),
+            _StitchPartFn(rules, frozenset(config_key(d) for d in deleted)),
             _PersonHistoryFn(
                 tuple(destinations),
                 deleted,

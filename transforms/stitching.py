@@ -701,22 +701,11 @@ class _ResolveGroupedFn(beam.DoFn, _GroupResolver):
 
 # --- Planned runs: each part in one call ----------------------------------------------------------
 
-PART_LINK = "l"  # ("l", (a, b), evidence): a link, once, a < b
-PART_NOTICE = "m"  # ("m", identifier, message): an unlink or delete notice
-
-
-def part_items(event: dict[str, Any], time_ms: int, identity, identifiers=None) -> list[tuple]:
-    """A planned pass's event: what :func:`bounded_stitch_messages` says, as items of its
-    part's call (``_StitchPartFn``)."""
-    links, notices = bounded_stitch_messages(event, time_ms, identity, identifiers)
-    return [(PART_LINK, pair, evidence) for pair, evidence in links] + [
-        (PART_NOTICE, x, msg) for x, msg in notices
-    ]
-
 
 class _StitchPartFn(beam.DoFn):
-    """Planned runs: ``(part, its links and notices)`` (:func:`part_items`) in; the part's assignments, members,
-    merges and review out, exactly what the bounded stages give for it.
+    """Planned runs: ``(part, (links, notices))`` in, what :func:`bounded_stitch_messages` says
+    of the part's events; the part's assignments, members, merges and review out, exactly what
+    the bounded stages give for it.
 
     Planning put every event whose idempotency key or identifiers meet into one part, so no
     identifier's graph reaches past its part and the part is known whole here. It is settled in
@@ -729,22 +718,21 @@ class _StitchPartFn(beam.DoFn):
     and a call per identifier and step. An identifier whose ``Link`` step
     raises is a dead letter as in the stages; a failure past that loses the part's call."""
 
-    def __init__(self, cap: int, rules: StitchRules, deleted: frozenset[str]):
-        self._link = _LinkGroupedFn(cap)
+    def __init__(self, rules: StitchRules, deleted: frozenset[str]):
+        self._link = _LinkGroupedFn(rules.max_cluster_size)
         self._resolver = _ResolveGroupedFn(rules, deleted)
 
     @dead_letter_on_raise
     def process(self, element):
-        _, items = element
+        _, (links, notices) = element
         earliest: dict[tuple[str, str], tuple] = {}
+        for pair, evidence in links:
+            known = earliest.get(pair)
+            if known is None or evidence < known:  # evidence tuples sort as Links do
+                earliest[pair] = evidence
         inbox: dict[str, list] = {}
-        for kind, key, value in items:
-            if kind == PART_LINK:
-                known = earliest.get(key)
-                if known is None or value < known:  # evidence tuples sort as Links do
-                    earliest[key] = value
-            else:
-                inbox.setdefault(key, []).append(value)
+        for x, msg in notices:
+            inbox.setdefault(x, []).append(msg)
         for pair_evidence in earliest.items():
             for x, msg in _to_both_ends(pair_evidence):
                 inbox.setdefault(x, []).append(msg)
