@@ -493,7 +493,7 @@ def _run_pass(cfg, files, now_ms, output_dir, k, beam_args) -> dict[str, int] | 
         archive_globs=files,
         now_ms=now_ms,
         archive_input=True,  # sinks.archive gets each pass's raw input, as one run's
-        by_part=True,  # planning tagged each event with its part
+        by_part=True,  # planning put each part whole in one of the files
     )
     job.write_outputs(outputs, cfg, Path(output_dir), file_suffix=f"-pass{k:04d}")
     try:

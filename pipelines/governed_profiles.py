@@ -53,17 +53,22 @@ from transforms.dead_letter import (
 )
 from transforms.dedup import DeduplicateEvents
 from transforms.identity import primary_profile_key
-from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource
+from transforms.io.files import ArchiveRawInput, ReadArchive, ReadFileSource, ReadPlannedParts
 from transforms.io.kafka import ReadKafka
 from transforms.person_history import FRAGMENTS, PersonHistory, delivery_record
 from transforms.pii import DEFAULT_RULES, PiiRule, Redaction, needs_salt, resolve_salt
 from transforms.planned_parts import (
+    BLOCKED,
+    FAILED_DEDUP,
     FAILED_GROUPS,
     FAILED_HISTORY,
     FAILED_KEY,
+    FAILED_PART,
     FAILED_STITCH_EVENTS,
     FAILED_UNIFY,
-    ResolvePlannedParts,
+    FAILED_VALIDATE,
+    UNIQUE,
+    SettlePlannedParts,
     destination_tag,
 )
 from transforms.profile import PROFILES as PROFILE_FRAGMENTS
@@ -77,7 +82,7 @@ from transforms.stitching import (
     REVIEW,
     UNLINK_TYPE,
     StitchIdentities,
-    review_blocked_links,
+    report_blocked,
 )
 from transforms.tracking_plan import load_plan
 from transforms.unify import (
@@ -216,16 +221,20 @@ def build(
     instead of the configured sources (a replay; nothing is archived again, unless
     ``archive_input``: the passes of one run read their input from such files). ``drain_file``: a
     streaming run's Kafka sources stop reading when this path exists (``cdi run --streaming``
-    creates it on SIGINT/SIGTERM). ``by_part``: the input is a planned run's pass, each event
-    tagged with its connected part (pipelines/passes.py): everything after dedup settles each
-    part in one call (transforms/planned_parts.py) instead of the keyed stages."""
+    creates it on SIGINT/SIGTERM). ``by_part``: ``archive_globs`` are a planned run's pass
+    files (pipelines/passes.py), each part of the input whole in one file: each part is read
+    whole, then validated, deduplicated and settled in one call (transforms/planned_parts.py)
+    instead of the stages."""
     plans = tracking_plans(config)
     salt = pii_salt(config)
     rules = pii_rules(config)
     policies = pii_policies(config)
     if bounded is None:
         bounded = not p.options.view_as(StandardOptions).streaming
-    if archive_globs is not None:  # a replay of the raw-input archive (cdi replay)
+    planned = by_part and bounded
+    if planned:
+        raw = None  # a planned pass reads its files part by part (below)
+    elif archive_globs is not None:  # a replay of the raw-input archive (cdi replay)
         raw = p | "ReadArchive" >> ReadArchive(archive_globs)
     else:
         reads = []
@@ -248,13 +257,11 @@ def build(
             from pipelines.config import ConfigError
 
             raise ConfigError(["sinks.archive.path: archives bounded runs only in this release"])
+        if raw is None:
+            raw = p | "ReadArchive" >> ReadArchive(archive_globs)
         raw | "ArchiveRawInput" >> ArchiveRawInput(config.sinks.archive.path, run_id())
 
-    validated = raw | "ValidateEvents" >> _validate(config, plans, now_ms)
-    deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
-        config.dedup.key, config.dedup.ttl, bounded=bounded
-    )
-    unique = deduped["unique"]
+    validate = _validate(config, plans, now_ms)
     identity = config.identity
     specs = [ComputedTraitSpec.from_config(c) for c in config.computed_traits]
     trait_rules = TraitRules(
@@ -266,50 +273,76 @@ def build(
     fired_on = sorted({d for t in event_triggers for d in t.destinations})
     trait_kinds = {c.name: c.aggregate for c in config.computed_traits}
     redact_profile = identifier_redactor(config, rules, *policies[PROFILES_DESTINATION], salt)
-    if by_part and bounded:
-        # A planned run's pass: each part settled in one call (transforms/planned_parts.py).
-        planned = unique | "ResolvePlannedParts" >> ResolvePlannedParts(
-            identity,
-            config.privacy.deleted_identifiers,
-            destination_rules(config),
-            (rules, policies, salt),
-            PROFILES_DESTINATION,
-            specs,
-            trait_rules,
-            trait_kinds,
-            redact_profile,
-            key_by_profile,
-            event_triggers,
-            fired_on,
+    if planned:
+        # A planned run's pass: each part validated, deduplicated and settled in one call
+        # (transforms/planned_parts.py), read part by part from its files.
+        settled = (
+            p
+            | "ReadPlannedParts" >> ReadPlannedParts(archive_globs)
+            | "SettlePlannedParts"
+            >> SettlePlannedParts(
+                validate,
+                config.dedup.key,
+                identity,
+                config.privacy.deleted_identifiers,
+                destination_rules(config),
+                (rules, policies, salt),
+                PROFILES_DESTINATION,
+                specs,
+                trait_rules,
+                trait_kinds,
+                redact_profile,
+                key_by_profile,
+                event_triggers,
+                fired_on,
+            )
         )
-        blocked = review_blocked_links(unique, identity, bounded=True)
+        unique, duplicates = settled[UNIQUE], settled[DUPLICATES]
+        before_dedup = [
+            settled[QUARANTINE],
+            settled[FAILED_VALIDATE]
+            | "DeadLetters[validate]" >> EventDeadLetters("validate", raw=True),
+            settled[FAILED_DEDUP] | "DeadLetters[dedup]" >> EventDeadLetters("dedup"),
+            # A part's call that raised outside every stage's guard: each of its raw events.
+            settled[FAILED]
+            | "EachRawEvent" >> beam.FlatMap(lambda dl: [(r, dl[1]) for r in dl[0][1]])
+            | "DeadLetters[part raw]" >> EventDeadLetters("part", raw=True),
+        ]
         stitched = {
-            MERGES: planned[MERGES],
-            REVIEW: (planned[REVIEW], blocked[REVIEW]) | "MergeReview" >> beam.Flatten(),
-            FAILED: planned[FAILED_GROUPS],
+            MERGES: settled[MERGES],
+            REVIEW: (settled[REVIEW], report_blocked(settled[BLOCKED]))
+            | "MergeReview" >> beam.Flatten(),
+            FAILED: settled[FAILED_GROUPS],
         }
         failed_events = [
-            ("key", planned[FAILED_KEY]),
-            (
-                "stitching",
-                (planned[FAILED_STITCH_EVENTS], blocked[FAILED_EVENTS])
-                | "StitchingFailed" >> beam.Flatten(),
-            ),
-            ("person_history", planned[FAILED_HISTORY]),
-            # A part whose call raised outside a stage's function: each of its events.
-            ("part", planned[FAILED]),
+            ("key", settled[FAILED_KEY]),
+            ("stitching", settled[FAILED_STITCH_EVENTS]),
+            ("person_history", settled[FAILED_HISTORY]),
+            # A part whose resolution raised outside a stage's function: each unique event.
+            ("part", settled[FAILED_PART]),
         ]
         destinations = {
-            name: planned[destination_tag(name)] for name in config.consent.destinations
+            name: settled[destination_tag(name)] for name in config.consent.destinations
         }
-        denied, deleted = planned[CONSENT_DENIED], planned[DELETED]
+        denied, deleted = settled[CONSENT_DENIED], settled[DELETED]
         late = p | "NoLateEvents" >> beam.Create([])
         unified = {
-            ROWS: planned[ROWS],
-            TRIGGERED: planned[TRIGGERED],
-            FAILED: planned[FAILED_UNIFY],
+            ROWS: settled[ROWS],
+            TRIGGERED: settled[TRIGGERED],
+            FAILED: settled[FAILED_UNIFY],
         }
     else:
+        validated = raw | "ValidateEvents" >> validate
+        deduped = validated.valid | "DeduplicateEvents" >> DeduplicateEvents(
+            config.dedup.key, config.dedup.ttl, bounded=bounded
+        )
+        unique, duplicates = deduped["unique"], deduped[DUPLICATES]
+        before_dedup = [
+            validated[QUARANTINE],
+            deduped[QUARANTINE],
+            validated[FAILED] | "DeadLetters[validate]" >> EventDeadLetters("validate", raw=True),
+            deduped[FAILED] | "DeadLetters[dedup]" >> EventDeadLetters("dedup"),
+        ]
         stitched, unified, destinations, denied, deleted, late, failed_events = _in_stages(
             p, unique, config, bounded, (rules, policies, salt), specs, trait_rules,
             event_triggers, fired_on, trait_kinds, redact_profile,
@@ -361,10 +394,7 @@ def build(
         for stage, dead in failed_events
     ]
     quarantine = (
-        validated[QUARANTINE],
-        deduped[QUARANTINE],
-        validated[FAILED] | "DeadLetters[validate]" >> EventDeadLetters("validate", raw=True),
-        deduped[FAILED] | "DeadLetters[dedup]" >> EventDeadLetters("dedup"),
+        *before_dedup,
         tuple(after_dedup)
         | "MergeDeadLettersAfterDedup" >> beam.Flatten()
         | "CountEventsOnce" >> CountEventsOnce(config.dedup.ttl),
@@ -385,7 +415,7 @@ def build(
     return {
         VALID: unique,
         QUARANTINE: quarantine,
-        DUPLICATES: deduped[DUPLICATES],
+        DUPLICATES: duplicates,
         LATE: late,
         CONSENT_DENIED: denied,
         DELETED: deleted,

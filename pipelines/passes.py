@@ -16,10 +16,11 @@ the same verdict, the same identifiers and idempotency key) and puts each valid 
 identifiers into one union-find; the connected parts are packed into passes in order of first
 appearance, none split (a part bigger than N is a pass of its own). A second read writes each
 raw event, untouched (source, origin, payload), with its part's number, to its pass's file in
-the raw-input archive format; each pass is then the ordinary job over those files
-(``archive_globs``; after dedup each part is settled in one call, as no identifier graph or
-person reaches past it: :class:`transforms.planned_parts.ResolvePlannedParts`), all passes
-writing to the same output directory and store (each pass's record files named by pass), their
+the raw-input archive format, every part whole in one file. Each pass is then the job over
+those files, with the same stages' functions: each part is read whole and validated,
+deduplicated and settled in one call, as no copy of an event, identifier graph or person
+reaches past it (:class:`transforms.io.files.ReadPlannedParts`,
+:class:`transforms.planned_parts.SettlePlannedParts`), all passes writing to the same output directory and store (each pass's record files named by pass), their
 counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
 a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass
 size the parts are balanced over W passes (each to the lightest). Events that fail validation
@@ -28,19 +29,35 @@ as one run would.
 Every pass judges event times against the planning time, so the verdicts cannot drift between
 planning and the passes.
 
-Planning memory is one union-find entry per idempotency key and per distinct identifier (a
-64-bit hash each: a collision only puts two parts in one pass, which changes no result), and 16
-bytes per event.
+With ``--workers W`` above 1, planning's two reads run in W spawned processes too (they die
+with ``cdi run``; one that dies fails planning with that said). In the first, process j reads
+the whole input but judges only the events whose index is j modulo W, and sends back their node
+names' hashes; this process joins them into the union-find in input order, so the parts, their
+numbers and the passes are exactly those of one process. In the second, process j writes the
+parts p with p % W == j to files of its own, ``pass-KKKK-wJ.avro``: a pass has up to W files,
+and every part is in one of them, in input order. Judging is most of planning's time (reading
+is about 3% of it); the union-find and packing stay in this process.
+
+Planning memory, in this process, is one union-find entry per idempotency key and per distinct
+identifier (a 64-bit hash each, BLAKE2b: the same in every process, where ``hash()`` of a str
+is not; a collision only puts two parts in one pass, which changes no result), and 16 bytes per
+event. With W processes, also what they send back, until it is joined: 4 bytes per event and 8
+per node name of a valid event (a generated event has 3 names); then, briefly, a copy of the
+events' parts (8 bytes per event) per process it is sent to. Each of those processes holds its
+own share of what is sent back while it judges, and the events' parts while it writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
+from itertools import islice
 from pathlib import Path
 
 from pipelines.config import ConfigError, PipelineConfig
@@ -60,6 +77,15 @@ class PassPlan:
     seconds: float
 
 
+def _refuse_other_sources(config: PipelineConfig) -> None:
+    for i, src in enumerate(config.sources):
+        if src.type != "files":
+            where = f"{config.filename}: sources[{i}]"
+            raise ConfigError(
+                [f"{where}: --max-events-per-pass and --workers read file sources, not {src.type}"]
+            )
+
+
 def read_raw(config: PipelineConfig, inputs: dict[str, list[str]]) -> Iterator[tuple]:
     """Every raw event ``(source, origin, payload)`` of the file sources, as ``ReadFileSource``
     reads them: NDJSON lines as bytes without their line break (blank lines skipped), Avro
@@ -67,12 +93,8 @@ def read_raw(config: PipelineConfig, inputs: dict[str, list[str]]) -> Iterator[t
     import fastavro
     from apache_beam.io.filesystems import FileSystems
 
+    _refuse_other_sources(config)
     for src in config.sources:
-        if src.type != "files":
-            where = f"{config.filename}: sources[{config.sources.index(src)}]"
-            raise ConfigError(
-                [f"{where}: --max-events-per-pass and --workers read file sources, not {src.type}"]
-            )
         globs = inputs.get(src.name, [])
         for result in FileSystems.match(list(globs)):
             for meta in sorted(result.metadata_list, key=lambda m: m.path):
@@ -89,6 +111,12 @@ def read_raw(config: PipelineConfig, inputs: dict[str, list[str]]) -> Iterator[t
                             yield src.name, meta.path, line
 
 
+def node_hash(name: str) -> int:
+    """A node name's 64-bit hash, the same in every process (``hash()`` of a str is salted per
+    process, and planning's workers hash what the main process joins)."""
+    return int.from_bytes(blake2b(name.encode(), digest_size=8).digest(), "little", signed=True)
+
+
 class _UnionFind:
     """Over 64-bit hashes of node names (the hand-written part: a dict and an array, because a
     general graph library would hold every name as an object)."""
@@ -97,21 +125,30 @@ class _UnionFind:
         self.index: dict[int, int] = {}
         self.parent = array("q")
 
-    def node(self, name: str) -> int:
-        h = hash(name)
-        i = self.index.get(h)
-        if i is None:
-            i = self.index[h] = len(self.parent)
-            self.parent.append(i)
-        return i
+    def join(self, hashes: Iterable[int]) -> int:
+        """Add one event's nodes, all into one part; its first node's index. Written out (no
+        node/union calls): it runs for every node name read, and a new node (about half of
+        them) needs no find, only its parent."""
+        index, parent = self.index, self.parent
+        first = root = -1
+        for h in hashes:
+            i = index.get(h)
+            if i is None:  # new: a child of the event's root (its own root when the first)
+                i = index[h] = len(parent)
+                parent.append(root if root >= 0 else i)
+                root = root if root >= 0 else i
+            else:
+                r = find_root(parent, i)
+                if root < 0:
+                    root = r
+                elif r != root:  # two parts become one: the later root under the earlier
+                    parent[max(r, root)] = root = min(r, root)
+            if first < 0:
+                first = i
+        return first
 
     def find(self, i: int) -> int:
         return find_root(self.parent, i)
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def event_nodes(env, config: PipelineConfig) -> list[str]:
@@ -193,44 +230,64 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
     return [renumber.setdefault(k, len(renumber)) for k in assign]
 
 
-def plan_passes(
-    config: PipelineConfig,
-    inputs: dict[str, list[str]],
-    max_events: int | None,
-    workdir: Path,
-    *,
-    balanced: int | None = None,
-) -> PassPlan:
-    """Read the input twice: parts by union-find, then each raw event to its pass's file, the
-    passes as :func:`pack_parts` makes them (``balanced``: the number of processes)."""
-    import fastavro
-
+def _judge(config: PipelineConfig):
     from pipelines.governed_profiles import _validate, tracking_plans
-    from transforms.io.files import ARCHIVE_SCHEMA, archive_record
 
-    if max_events is not None and max_events < 1:
-        raise ConfigError(["--max-events-per-pass: must be at least 1"])
-    if max_events is None and (balanced is None or balanced < 1):
-        raise ConfigError(["--workers: must be at least 1"])
-    started = time.perf_counter()
-    now_ms = int(time.time() * 1000)
-    judge = _validate(config, tracking_plans(config)).judge_locally()
-    uf = _UnionFind()
-    event_node = array("q")  # per raw event: its node, or -1 (invalid: a part of its own)
-    for raw in read_raw(config, inputs):
-        try:
-            env, _ = judge(raw, now_ms)
-            nodes = event_nodes(env, config) if env is not None else None
-        except Exception:  # noqa: BLE001 (the pass judges it again: a dead letter, as in one run)
-            nodes = None
-        if nodes is None:
-            event_node.append(-1)
+    return _validate(config, tracking_plans(config)).judge_locally()
+
+
+def _node_hashes(judge, config: PipelineConfig, raw, now_ms: int) -> list[int] | None:
+    """The hashes of what one raw event must share a pass with, or None: it is invalid, or its
+    validation raised (the pass judges it again: a dead letter, as in one run)."""
+    try:
+        env, _ = judge(raw, now_ms)
+        return [node_hash(n) for n in event_nodes(env, config)] if env is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _judged_share(
+    config: PipelineConfig, inputs: dict[str, list[str]], now_ms: int, j: int, w: int
+) -> tuple[array, array]:
+    """Worker ``j`` of ``w``: the events whose index is ``j`` modulo ``w`` (reading is cheap,
+    judging is not), as each one's number of node hashes (-1: invalid) and all of them in
+    order; two flat arrays, as a list per event would cost far more to hold and send."""
+    judge = _judge(config)
+    counts, hashes = array("i"), array("q")
+    for raw in islice(read_raw(config, inputs), j, None, w):
+        nodes = _node_hashes(judge, config, raw, now_ms)
+        counts.append(-1 if nodes is None else len(nodes))
+        hashes.extend(nodes or ())
+    return counts, hashes
+
+
+def _interleaved(shares: list[tuple[array, array]]) -> Iterator[Sequence[int] | None]:
+    """Each event's node hashes (None: invalid) in input order, from ``_judged_share``'s shares
+    (event ``i`` is in share ``i % len(shares)``): what the serial read yields."""
+    w, cursors = len(shares), [0] * len(shares)
+    for i in range(sum(len(counts) for counts, _ in shares)):
+        counts, hashes = shares[i % w]
+        n = counts[i // w]
+        if n < 0:
+            yield None
             continue
-        ids = [uf.node(n) for n in nodes]
-        for other in ids[1:]:
-            uf.union(ids[0], other)
-        event_node.append(ids[0])
-    # Parts in order of first appearance (an invalid event: a part of its own, key -1 - index).
+        at = cursors[i % w]
+        cursors[i % w] = at + n
+        yield hashes[at : at + n]
+
+
+def _connected(judged: Iterable[Sequence[int] | None]) -> tuple[_UnionFind, array]:
+    """The union-find of every valid event's nodes, and per event its first node (or -1)."""
+    uf = _UnionFind()
+    event_node = array("q")
+    for hashes in judged:
+        event_node.append(-1 if hashes is None else uf.join(hashes))
+    return uf, event_node
+
+
+def _parts(uf: _UnionFind, event_node: array) -> tuple[array, list[int]]:
+    """Each event's part and each part's size, parts numbered in order of first appearance (an
+    invalid event: a part of its own, key -1 - index)."""
     part_of: dict[int, int] = {}
     sizes: list[int] = []
     event_part = array("q")
@@ -242,28 +299,152 @@ def plan_passes(
             sizes.append(0)
         sizes[part] += 1
         event_part.append(part)
-    del part_of, uf, event_node
-    pass_of_part = pack_parts(sizes, max_events, balanced or 1)
-    event_pass = array("l", (pass_of_part[part] for part in event_part))
-    loads = [0] * (max(pass_of_part, default=0) + 1)  # an empty input: one empty pass
-    for part, k in enumerate(pass_of_part):
-        loads[k] += sizes[part]
-    workdir.mkdir(parents=True, exist_ok=True)
+    return event_part, sizes
+
+
+def _pass_files(workdir: Path, pass_of_part: Sequence[int], passes: int, w: int) -> list[dict]:
+    """Per writer ``j`` of ``w``: pass -> the file of that pass's parts ``p`` with ``p % w ==
+    j`` (so a part is always in one file), only where it has some; one writer: every pass's
+    one file (an empty input: pass 0's, empty)."""
+    if w == 1:
+        return [{k: str(workdir / f"{PASS_PREFIX}-{k:04d}.avro") for k in range(passes)}]
+    used = {(k, p % w) for p, k in enumerate(pass_of_part)} or {(0, 0)}
+    files: list[dict] = [{} for _ in range(w)]
+    for k, j in sorted(used):
+        files[j][k] = str(workdir / f"{PASS_PREFIX}-{k:04d}-w{j}.avro")
+    return files
+
+
+def _write_share(
+    config: PipelineConfig,
+    inputs: dict[str, list[str]],
+    event_part: array,
+    pass_of_part: array,
+    paths: dict[int, str],
+    j: int,
+    w: int,
+) -> int:
+    """Writer ``j`` of ``w``: each raw event of a part ``p`` with ``p % w == j``, untouched,
+    with its part, to ``paths[its pass]``, in input order; how many it wrote."""
+    import fastavro
+
+    from transforms.io.files import ARCHIVE_SCHEMA, archive_record
+
     schema = fastavro.parse_schema(ARCHIVE_SCHEMA)
-    paths = [workdir / f"{PASS_PREFIX}-{k:04d}.avro" for k in range(len(loads))]
-    handles = [open(p, "wb") for p in paths]  # noqa: SIM115 (closed below, all at once)
+    written = 0
+    with contextlib.ExitStack() as files:
+        writers = {
+            k: fastavro.write.Writer(files.enter_context(open(path, "wb")), schema)
+            for k, path in paths.items()
+        }
+        # strict: the input changed between the two reads (the plan would not match it).
+        for part, raw in zip(event_part, read_raw(config, inputs), strict=True):
+            if part % w == j:
+                writers[pass_of_part[part]].write({**archive_record(raw), "part": part})
+                written += 1
+        for writer in writers.values():
+            writer.flush()
+    return written
+
+
+@contextlib.contextmanager
+def _pool(w: int):
+    """``w`` spawned processes (no forked Beam threads) that die with this one, however it dies
+    (as the passes' processes do, pipelines/cli.py)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from runners.local import die_with_parent
+
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=w,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=die_with_parent,
+    )
     try:
-        writers = [fastavro.write.Writer(h, schema) for h in handles]
-        for k, part, raw in zip(event_pass, event_part, read_raw(config, inputs), strict=True):
-            writers[k].write({**archive_record(raw), "part": part})
-        for w in writers:
-            w.flush()
+        yield pool
     finally:
-        for h in handles:
-            h.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _on_workers(pool, fn, jobs: list[tuple]) -> list:
+    """``fn(*job)`` of each job, in the pool, the results in order. A process that dies (killed,
+    out of memory) breaks the pool, which fails every pending call: planning stops with that
+    said, never waits on it nor goes on with a partial plan."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:  # a process that died while idle, between the reads, fails the next submit
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"planning the passes: a worker process died: {e}") from e
+
+
+def _first_read(pool, config: PipelineConfig, inputs, now_ms: int, w: int):
+    """The union-find of every valid event's nodes and each event's first node (-1: invalid),
+    judged in this process (no ``pool``) or in the pool's ``w`` processes."""
+    if pool is None:
+        judge = _judge(config)
+        return _connected(
+            _node_hashes(judge, config, raw, now_ms) for raw in read_raw(config, inputs)
+        )
+    shares = _on_workers(pool, _judged_share, [(config, inputs, now_ms, j, w) for j in range(w)])
+    return _connected(_interleaved(shares))
+
+
+def _second_read(pool, config: PipelineConfig, inputs, event_part, pass_of_part, paths) -> None:
+    """Every raw event to its pass's file, ``paths`` per writer (:func:`_pass_files`): in this
+    process (no ``pool``) or one writer per process."""
+    w = len(paths)
+    jobs = [(config, inputs, event_part, pass_of_part, mine, j, w) for j, mine in enumerate(paths)]
+    jobs = [job for job in jobs if job[4]]  # a writer with no part would read for nothing
+    if pool is None:
+        written = [_write_share(*job) for job in jobs]
+    else:
+        written = _on_workers(pool, _write_share, jobs)
+    if sum(written) != len(event_part):  # each event is some writer's: else a bug lost some
+        raise RuntimeError(f"planning the passes: wrote {sum(written)} of {len(event_part)} events")
+
+
+def plan_passes(
+    config: PipelineConfig,
+    inputs: dict[str, list[str]],
+    max_events: int | None,
+    workdir: Path,
+    *,
+    balanced: int | None = None,
+    processes: int | None = None,
+) -> PassPlan:
+    """Read the input twice: parts by union-find, then each raw event to its pass's file, the
+    passes as :func:`pack_parts` makes them (``balanced``: the number of processes that will
+    run them). ``processes`` (default: ``balanced``) do the reading; more than one spreads each
+    pass over up to that many files, and changes nothing else: not the parts, their numbers, the
+    passes nor their events."""
+    if max_events is not None and max_events < 1:
+        raise ConfigError(["--max-events-per-pass: must be at least 1"])
+    if max_events is None and (balanced is None or balanced < 1):
+        raise ConfigError(["--workers: must be at least 1"])
+    # Here, not in each worker: refused at once, before W processes start for nothing.
+    _refuse_other_sources(config)
+    started = time.perf_counter()
+    now_ms = int(time.time() * 1000)  # one read time for every worker and every pass
+    w = max(processes or balanced or 1, 1)
+    with _pool(w) if w > 1 else contextlib.nullcontext() as pool:
+        event_part, sizes = _parts(*_first_read(pool, config, inputs, now_ms, w))
+        pass_of_part = array("q", pack_parts(sizes, max_events, balanced or 1))
+        loads = [0] * (max(pass_of_part, default=0) + 1)  # an empty input: one empty pass
+        for part, k in enumerate(pass_of_part):
+            loads[k] += sizes[part]
+        workdir.mkdir(parents=True, exist_ok=True)
+        paths = _pass_files(workdir, pass_of_part, len(loads), w)
+        _second_read(pool, config, inputs, event_part, pass_of_part, paths)
+    files: list[list[str]] = [[] for _ in loads]
+    for mine in paths:
+        for k, path in mine.items():
+            files[k].append(path)
     return PassPlan(
-        files=[[str(p)] for p in paths],
-        events=len(event_pass),
+        files=files,
+        events=len(event_part),
         parts=len(sizes),
         largest_part=max(sizes, default=1),
         pass_sizes=loads,

@@ -5,6 +5,7 @@ every record file's lines, the report's counts."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -18,7 +19,15 @@ from pipelines.cli import main
 from pipelines.config import load_default_config
 from pipelines.generate import write
 from pipelines.governed_profiles import _validate, tracking_plans
-from pipelines.passes import _UnionFind, event_nodes, pack_parts, plan_passes, read_raw
+from pipelines.passes import (
+    _node_hashes,
+    _UnionFind,
+    event_nodes,
+    node_hash,
+    pack_parts,
+    plan_passes,
+    read_raw,
+)
 from transforms.envelope import Envelope
 from transforms.io.files import raw_from_archive
 
@@ -68,10 +77,12 @@ def _lines(out: Path, name: str) -> collections.Counter:
 
 def test_union_find_and_the_nodes_of_an_event():
     uf = _UnionFind()
-    a, b, c = uf.node("a"), uf.node("b"), uf.node("c")
-    assert uf.node("a") == a
-    uf.union(b, c)
-    assert uf.find(c) == uf.find(b) != uf.find(a)
+    a, b, c = (uf.join([node_hash(n)]) for n in "abc")
+    assert uf.join([node_hash("a")]) == a
+    assert uf.find(c) != uf.find(b)
+    d = uf.join([node_hash("d"), node_hash("c"), node_hash("b")])  # one event: one part
+    assert uf.find(d) == uf.find(c) == uf.find(b) != uf.find(a)
+    assert uf.join([node_hash("a"), node_hash("e")]) == a != uf.find(d)
     config = load_default_config()
     env = Envelope(
         "web",
@@ -86,6 +97,31 @@ def test_union_find_and_the_nodes_of_an_event():
         0,
     )
     assert event_nodes(env, config) == ["k\x1eweb\x1fm", "i\x1euser:u1", "i\x1eanon:a9"]
+
+
+def test_node_hashes_are_the_same_in_every_process_and_a_raising_judge_is_a_part():
+    """Planning's processes hash the names the main process joins: ``hash()`` of a str is
+    salted per process, so the hash must not be it."""
+    import subprocess
+    import sys
+
+    names = ["k\x1eweb\x1fm", "i\x1euser:u1", "i\x1eanon:a9"]
+    code = f"from pipelines.passes import node_hash; print([node_hash(n) for n in {names!r}])"
+    for seed in ("1", "2"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+        assert out.strip() == str([node_hash(n) for n in names])
+
+    def raises(raw, now_ms):
+        raise RuntimeError("a validation bug")
+
+    assert _node_hashes(raises, load_default_config(), ("web", "f", b"{}"), 0) is None
 
 
 def test_plan_keeps_parts_whole_and_passes_small(generated, tmp_path):
@@ -186,12 +222,13 @@ def test_balanced_plan_splits_into_near_equal_whole_parts(generated, tmp_path):
     assert max(plan.pass_sizes) - min(plan.pass_sizes) <= plan.largest_part
     key_pass = {}
     judge = _validate(config, tracking_plans(config)).judge_locally()
-    for k, (path,) in enumerate(plan.files):
-        with open(path, "rb") as fh:
-            for record in fastavro.reader(fh):
-                env, _ = judge(raw_from_archive(record, path), plan.now_ms)
-                for node in event_nodes(env, config) if env is not None else ():
-                    assert key_pass.setdefault(node, k) == k, node
+    for k, files in enumerate(plan.files):
+        for path in files:
+            with open(path, "rb") as fh:
+                for record in fastavro.reader(fh):
+                    env, _ = judge(raw_from_archive(record, path), plan.now_ms)
+                    for node in event_nodes(env, config) if env is not None else ():
+                        assert key_pass.setdefault(node, k) == k, node
     # More passes asked for than there are parts: no empty pass.
     one_event = tmp_path / "one.ndjson"
     one_event.write_bytes(src.read_bytes().splitlines()[0] + b"\n")
@@ -199,6 +236,147 @@ def test_balanced_plan_splits_into_near_equal_whole_parts(generated, tmp_path):
         config, {config.sources[0].name: [str(one_event)]}, None, tmp_path / "w2", balanced=4
     )
     assert tiny.pass_sizes == [1] and len(tiny.files) == 1
+
+
+@pytest.fixture(scope="module")
+def linked(tmp_path_factory):
+    """Generated events (duplicates, invalid lines) plus unlinks, each naming the anonymous id
+    of an event far from it and a user of another, so that parts join across the events each
+    planning process judges; an unlink with no identifier; a blank line; an event that is not
+    JSON."""
+    d = tmp_path_factory.mktemp("linked")
+    src = d / "events.ndjson"
+    write(str(src), 3000, 150, seed=11)
+    lines = src.read_bytes().splitlines()
+    events = []
+    for line in lines:
+        with contextlib.suppress(orjson.JSONDecodeError):  # a generated invalid line
+            events.append(orjson.loads(line))
+    events = [e for e in events if isinstance(e, dict)]
+    users = [e["userId"] for e in events if isinstance(e.get("userId"), str)]
+    anons = [e["anonymousId"] for e in events if isinstance(e.get("anonymousId"), str)]
+    for n in range(40):
+        unlink = {
+            "type": "unlink",
+            "messageId": f"ul-{n}",
+            "userId": users[(7 * n) % len(users)],
+            "properties": {"identifier": {"type": "anonymous_id", "value": anons[-1 - 13 * n]}},
+            "timestamp": "2026-11-01T12:00:00.000Z",
+        }
+        lines.insert(37 * n + n % 3, orjson.dumps(unlink))
+    lines[100:100] = [b'{"type": "unlink", "messageId": "ul-x", "userId": "u"}', b"", b"{"]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    return src
+
+
+def _plan_contents(plan) -> list[collections.Counter]:
+    """Per pass: its records (source, origin, payload, part) as a multiset, over its files; a
+    part lies in one file (a pass's job settles a part from one file's reading)."""
+    passes, part_file = [], {}
+    for files in plan.files:
+        records = collections.Counter()
+        for path in files:
+            with open(path, "rb") as fh:
+                for r in fastavro.reader(fh):
+                    assert part_file.setdefault(r["part"], path) == path, r["part"]
+                    records[(r["source"], r["origin"], r["payload"], r["avro"], r["part"])] += 1
+        passes.append(records)
+    assert len(part_file) == plan.parts or plan.events == 0
+    return passes
+
+
+@pytest.mark.parametrize(
+    "balanced, processes, max_events",
+    [(1, 2, 500), (2, 2, None), (2, 2, 500), (3, 3, 400), (2, 3, None)],
+)
+def test_planning_in_processes_makes_the_plan_of_one(
+    linked, tmp_path, balanced, processes, max_events
+):
+    """Judged in W processes (each every W-th event) and written by W (each the parts p with p
+    % W == its number, to files of its own), the plan is the one process's: the same parts,
+    numbered alike, the same passes with the same events."""
+    config = load_default_config()
+    inputs = {config.sources[0].name: [str(linked)]}
+    one = plan_passes(config, inputs, max_events, tmp_path / "one", balanced=balanced, processes=1)
+    many = plan_passes(
+        config, inputs, max_events, tmp_path / "many", balanced=balanced, processes=processes
+    )
+    assert all(len(files) == 1 for files in one.files)
+    for field in ("events", "parts", "largest_part", "pass_sizes"):
+        assert getattr(many, field) == getattr(one, field), field
+    assert _plan_contents(many) == _plan_contents(one)
+    assert one.parts < one.events - 100  # the unlinks and duplicates joined events into parts
+    for files in many.files:
+        for path in files:
+            j = int(Path(path).stem.rsplit("-w", 1)[1])
+            with open(path, "rb") as fh:
+                assert {r["part"] % processes for r in fastavro.reader(fh)} == {j}, path
+
+
+def test_planning_in_processes_an_empty_input(tmp_path):
+    config = load_default_config()
+    empty = tmp_path / "empty.ndjson"
+    empty.write_bytes(b"\n")
+    inputs = {config.sources[0].name: [str(empty)]}
+    for processes in (1, 2):
+        plan = plan_passes(
+            config, inputs, None, tmp_path / f"w{processes}", balanced=2, processes=processes
+        )
+        assert (plan.events, plan.parts, plan.pass_sizes, len(plan.files)) == (0, 0, [0], 1)
+        assert _plan_contents(plan) == [collections.Counter()]
+
+
+def test_a_planning_process_that_dies_fails_the_plan(generated, tmp_path):
+    """A planning process killed (an OOM kill) fails planning at once, with that said: no
+    hang, no partial plan."""
+    import os
+    import signal
+    import threading
+    import time
+
+    _, src = generated
+    big = tmp_path / "big.ndjson"
+    big.write_bytes(src.read_bytes() * 50)  # long enough to be killed mid-read
+    config = load_default_config()
+    inputs = {config.sources[0].name: [str(big)]}
+    failed = []
+
+    def plan():
+        try:
+            plan_passes(config, inputs, None, tmp_path / "work", balanced=2)
+        except Exception as e:  # noqa: BLE001 (the test looks at it)
+            failed.append(e)
+
+    planning = threading.Thread(target=plan)
+    planning.start()
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2 and time.monotonic() < deadline and planning.is_alive():
+        workers = _spawned_children(os.getpid())
+        time.sleep(0.05)
+    assert len(workers) == 2, "no planning processes started"
+    time.sleep(0.5)  # into their work
+    os.kill(workers[0], signal.SIGKILL)
+    planning.join(60)
+    assert not planning.is_alive(), "planning hangs on a dead process"
+    assert failed and "worker process died" in str(failed[0]), failed
+    assert isinstance(failed[0], RuntimeError)
+
+
+def _spawned_children(parent: int) -> list[int]:
+    """The processes ``parent`` spawned with multiprocessing (its pools' workers)."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"spawn_main" in cmd:
+            found.append(int(pid))
+    return found
 
 
 def _assert_same_outputs(one: Path, passes: Path) -> None:
@@ -315,9 +493,11 @@ def test_passes_archive_the_raw_input_as_one_run_does(generated, tmp_path):
     assert archives["passes"] == archives["one"]
 
 
-def test_pass_processes_die_with_cdi_run(generated, tmp_path):
-    """A SIGKILL of `cdi run --workers 2` (an OOM kill, a supervisor) leaves no pass process
-    running on and writing into the outputs: each dies with its parent (PR_SET_PDEATHSIG)."""
+@pytest.mark.parametrize("stage", ["planning", "passes"])
+def test_pass_processes_die_with_cdi_run(generated, tmp_path, stage):
+    """A SIGKILL of `cdi run --workers 2` (an OOM kill, a supervisor) leaves no process of its
+    own running on (a planning process, or a pass's writing into the outputs): each dies with
+    its parent (PR_SET_PDEATHSIG)."""
     import os
     import signal
     import subprocess
@@ -330,36 +510,28 @@ def test_pass_processes_die_with_cdi_run(generated, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "run", "--input", str(big), "--output",
          str(tmp_path / "o"), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-
-    def pass_workers():
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == proc.pid and b"spawn_main" in cmd:
-                found.append(int(pid))
-        return found
-
+    if stage == "passes":
+        # The plan is printed once planning's processes are gone: any spawned after, a pass's.
+        for line in proc.stdout:
+            if b" passes of at most " in line:
+                break
     deadline = time.monotonic() + 120
     workers = []
     while not workers and time.monotonic() < deadline and proc.poll() is None:
-        workers = pass_workers()
+        workers = _spawned_children(proc.pid)
         time.sleep(0.2)
-    assert workers, "no pass process started"
+    assert workers, f"no {stage} process started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     deadline = time.monotonic() + 60
     alive = workers
     while alive and time.monotonic() < deadline:
         alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in _state(w)]
         time.sleep(0.2)
-    assert not alive, f"pass processes outlived cdi run: {alive}"
+    assert not alive, f"{stage} processes outlived cdi run: {alive}"
 
 
 def _state(pid: int) -> str:

@@ -268,12 +268,13 @@ def test_a_person_unify_fails_on_is_one_record_and_the_others_are_written(
 
 
 def test_a_part_whose_call_fails_costs_one_record_per_event(tmp_path, monkeypatch):
-    """A planned pass settles a part in one call: a fault outside any stage's function (here
-    unpacking the part's events) quarantines each of the part's events once, stage ``part``, and
-    the other parts are written."""
+    """A planned pass settles a part in one call: a fault in the part's resolution outside any
+    stage's function quarantines each of the part's unique events once, stage ``part``, and the
+    other parts are written."""
     import transforms.planned_parts as planned
 
-    monkeypatch.setattr(planned, "unpack", _poisoned(planned.unpack))
+    resolve = planned._ResolvePartFn.resolve
+    monkeypatch.setattr(planned._ResolvePartFn, "resolve", _poisoned(resolve, on_arg=2))
     lines = [
         granted(messageId="1", anonymousId="a1"),
         granted(messageId=POISON, anonymousId="a2"),

@@ -185,9 +185,14 @@ class _DedupHistoryFn(beam.DoFn, _CopyJudge):
     @dead_letter_on_raise
     def process(self, element):
         key, packed = element
+        return self.copies(key, map(unpack, packed))
+
+    def copies(self, key: str, envelopes) -> list:
+        """The outputs for one key's copies (a planned pass calls this per key inside a part's
+        call: transforms/planned_parts.py); the counters are bumped once all are made."""
         state = None
         decisions, out = [], []
-        for env in sorted(map(unpack, packed), key=arrival_order):
+        for env in sorted(envelopes, key=arrival_order):
             decision, outputs, first = self._judge(key, env, state)
             decisions.append(decision)
             if first is not None:

@@ -51,9 +51,10 @@ class Envelope(NamedTuple):
     # dead-letter replays): :func:`transforms.identity.identifiers_of` then reads them.
     identifiers: tuple | None = None
     junk_identifiers: tuple | None = None
-    # The connected part of the input the event belongs to, when a planned run's pass read it
-    # (pipelines/passes.py: the event's idempotency key and identifiers lie in no other part):
-    # stitching then resolves each part in one call. None otherwise.
+    # The connected part of the input (pipelines/passes.py), from a raw event's fourth item.
+    # No stage reads it since a pass reads each part whole (transforms/io/files.py:
+    # ReadPlannedParts); kept so that envelopes held in streaming state (consent's held
+    # events) by the release that added it still decode.
     part: int | None = None
 
 

@@ -1,26 +1,33 @@
-"""A planned run's pass: everything after dedup, one connected part per call.
+"""A planned run's pass: each connected part of the input validated, deduplicated and settled in
+one call.
 
-    unique envelopes -> (part, packed) -> GroupByKey -> ResolvePart: stitching, per-person
-        history (consent, PII per destination, traits, fragment) and unify, for the part's events
+    pass files -> ReadPlannedParts: (part, raw events) -> SettlePart: validation, dedup,
+        stitching, per-person history (consent, PII per destination, traits, fragment) and
+        unify, for the part's events
 
 Planning (pipelines/passes.py) put every event whose idempotency key or identifiers meet into
-one part and tagged it (``Envelope.part``), so no identifier graph, profile key or person
-reaches past a part. A pass can then settle each part whole in memory, with the bounded
-stages' own functions in their order, instead of shuffling every event, link, fragment and
-member list between ~12 keyed steps:
+one part, and every event of a part into one pass file, so no copy of an event, identifier
+graph, profile key or person reaches past a part. A pass can then settle each part whole in
+memory, with the stages' own functions in their order, instead of shuffling every event, link,
+fragment and member list between ~14 steps:
 
-1. stitching: :func:`transforms.stitching.bounded_stitch_messages` and ``_StitchPartFn`` (Link, the
+1. each raw event through validation (``_ValidateFn``: its counters, quarantine records and
+   dead letters), each idempotency key's copies through dedup (``dedup_key``,
+   ``_DedupHistoryFn.copies``), each unique event's junk-identifier pairs out for the review
+   (the one step that joins across parts: :func:`transforms.stitching.report_blocked`);
+2. stitching: :func:`transforms.stitching.bounded_stitch_messages` and ``_StitchPartFn`` (Link, the
    accepted adjacency, components by union-find, Route, each group's resolution);
-2. per profile key: :func:`pipelines.governed_profiles.key_by_profile` and
+3. per profile key: :func:`pipelines.governed_profiles.key_by_profile` and
    ``_PersonHistoryFn.history`` (``PersonHistory``);
-3. per identifier, then per person: ``_RouteGroupedFn`` and ``_UnifyGroupedFn``
+4. per identifier, then per person: ``_RouteGroupedFn`` and ``_UnifyGroupedFn``
    (``UnifyProfiles``), event triggers matched on the way (:func:`transforms.audiences.trigger_inputs`).
 
-The outputs are the stages' own: profile rows, merges, identity review, consent denials,
-deletions, each destination's record lists, triggered rows, and each stage's dead letters
-under a tag of its own (the job turns them into quarantine records as it does the stages').
-What each call holds is one part: a person's history and identifiers, as ``PersonHistory``
-holds a profile key's; planning bounds a pass, not a part (a giant part is a pass of its own).
+The outputs are the stages' own: quarantine records, duplicates, the unique envelopes, profile
+rows, merges, identity review, consent denials, deletions, each destination's record lists,
+triggered rows, and each stage's dead letters under a tag of its own (the job turns them into
+quarantine records as it does the stages'). What each call holds is one part: a person's
+history and identifiers, as ``PersonHistory`` holds a profile key's; planning bounds a pass, not
+a part (a giant part is a pass of its own).
 """
 
 from __future__ import annotations
@@ -33,16 +40,12 @@ from apache_beam.typehints import KV
 from transforms.audiences import trigger_inputs
 from transforms.consent import DELETED
 from transforms.consent import DENIED as CONSENT_DENIED
-from transforms.dead_letter import (
-    FAILED,
-    dead_letter,
-    dead_letter_on_raise,
-    guarded,
-    one_or_dead_letter,
-)
-from transforms.envelope import pack, unpack
+from transforms.dead_letter import FAILED, dead_letter, dead_letter_on_raise, guarded
+from transforms.dedup import _DedupHistoryFn, dedup_key
+from transforms.envelope import pack
 from transforms.identity_graph import StitchRules
 from transforms.person_history import _PersonHistoryFn
+from transforms.quarantine import DUPLICATES, QUARANTINE
 from transforms.stitching import (
     ASSIGNMENTS,
     IDENTITIES,
@@ -50,6 +53,7 @@ from transforms.stitching import (
     REVIEW,
     UNLINK_TYPE,
     _StitchPartFn,
+    blocked_links,
     bounded_stitch_messages,
     config_key,
 )
@@ -70,7 +74,15 @@ FAILED_GROUPS = "failed:identifier_groups"  # an identifier's or a group's messa
 FAILED_KEY = "failed:key"  # an envelope: its profile key
 FAILED_HISTORY = "failed:person_history"  # (profile key, packed envelopes)
 FAILED_UNIFY = "failed:unify"  # an identifier's or a person's messages
-FAILED_TAGS = (FAILED_STITCH_EVENTS, FAILED_GROUPS, FAILED_KEY, FAILED_HISTORY, FAILED_UNIFY)
+FAILED_VALIDATE = "failed:validate"  # a raw event: validation raised on it
+FAILED_DEDUP = "failed:dedup"  # an envelope whose key, or a key's copies, dedup raised on
+FAILED_PART = "failed:part"  # (part, unique envelopes): the part's resolution raised outside
+FAILED_TAGS = (
+    FAILED_VALIDATE, FAILED_DEDUP, FAILED_STITCH_EVENTS, FAILED_GROUPS, FAILED_KEY,
+    FAILED_HISTORY, FAILED_UNIFY, FAILED_PART,
+)  # fmt: skip
+UNIQUE = "unique"  # each unique envelope, timestamped by event time
+BLOCKED = "blocked"  # ("junk|other", link) of each unique event, for the review
 
 
 def destination_tag(name: str) -> str:
@@ -83,9 +95,9 @@ def _retag(output, tag: str) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(tag, output.value)
 
 
-class _ResolvePartFn(beam.DoFn):
-    """``(part, packed unique envelopes)`` in; the part's outputs, each stage's function
-    applied in the stages' order, its dead letters retagged by stage (module docstring)."""
+class _ResolvePartFn:
+    """A part's unique envelopes in; its outputs, each stage's function applied in the
+    stages' order, its dead letters retagged by stage (module docstring)."""
 
     def __init__(self, identity, stitch: _StitchPartFn, history: _PersonHistoryFn, unify,
                  key_by_profile, triggers: tuple, fired_on: frozenset):  # fmt: skip
@@ -98,10 +110,8 @@ class _ResolvePartFn(beam.DoFn):
         self._triggers = triggers
         self._fired_on = fired_on
 
-    @dead_letter_on_raise
-    def process(self, element):
-        part, packed = element
-        envelopes = [unpack(blob) for blob in packed]
+    def resolve(self, part: int, envelopes: list) -> list:
+        """The part's outputs from its unique envelopes (module docstring, steps 1-3)."""
         out: list = []
         # 1. Stitching.
         links: list = []
@@ -177,18 +187,103 @@ class _ResolvePartFn(beam.DoFn):
         return out
 
 
-class ResolvePlannedParts(beam.PTransform):
-    """Unique envelopes of a planned pass in (each with its ``part``); out: ``rows``,
-    ``merges``, ``identity_review``, ``consent_denied``, ``deleted``, one record-list output
-    per destination other than the profile store (:func:`destination_tag`), ``triggered``, the
-    stages' dead letters (:data:`FAILED_TAGS`) and ``failed`` (a part whose call raised outside a stage's function:
-    the part and its packed envelopes, which the job quarantines one record per event, stage
-    ``part``). The arguments are those of ``StitchIdentities``,
-    ``PersonHistory`` and ``UnifyProfiles``, and the event triggers with the destinations they
-    fire on."""
+class _SettlePartFn(beam.DoFn):
+    """``(part, raw events)`` in: each event validated and each idempotency key's copies
+    deduplicated by their stages' own functions (``_ValidateFn``, ``dedup_key``,
+    ``_DedupHistoryFn.copies``), each unique event's junk-identifier pairs for the review, then
+    the part resolved (``_ResolvePartFn.resolve``). A step that raises on an event or a key
+    dead-letters it under that stage's tag, as the stage does; a resolution that raises
+    dead-letters the part's unique events (``FAILED_PART``)."""
+
+    def __init__(self, validate, key_paths: tuple[str, ...], identity, resolve: _ResolvePartFn):
+        self._validate = validate
+        self._key_paths = key_paths
+        self._identity = identity
+        self._dedup = _DedupHistoryFn()
+        self._resolve = resolve
+
+    def setup(self):
+        self._validate.setup()
+
+    @dead_letter_on_raise
+    def process(self, element):
+        part, raws = element
+        out: list = []
+        unique = self._unique(self._valid(raws, out), out)
+        for stamped in unique:
+            out.append(beam.pvalue.TaggedOutput(UNIQUE, stamped))
+            env = stamped.value
+            try:
+                pairs = blocked_links(
+                    env.event, env.event_time_ms, self._identity, env.identifiers,
+                    env.junk_identifiers,
+                )  # fmt: skip
+            except Exception as e:
+                out.append(_retag(dead_letter(env, e), FAILED_STITCH_EVENTS))
+                continue
+            out += [beam.pvalue.TaggedOutput(BLOCKED, pair) for pair in pairs]
+        try:
+            out += self._resolve.resolve(part, [tv.value for tv in unique])
+        except Exception as e:
+            out.append(_retag(dead_letter((part, [tv.value for tv in unique]), e), FAILED_PART))
+        return out
+
+    def _valid(self, raws, out: list) -> list:
+        """The part's valid envelopes; quarantine records and dead letters into ``out``."""
+        valid = []
+        for raw in raws:
+            for o in self._validate.process(raw):  # dead-letters a raw event itself
+                if not isinstance(o, beam.pvalue.TaggedOutput):
+                    valid.append(o.value)
+                elif o.tag == FAILED:
+                    out.append(_retag(o, FAILED_VALIDATE))
+                else:
+                    out.append(o)  # quarantine
+        return valid
+
+    def _unique(self, valid: list, out: list) -> list:
+        """Each key's first copy (timestamped by event time, as dedup outputs it); duplicates,
+        collisions and dead letters into ``out``."""
+        copies: dict[str, list] = {}
+        for env in valid:
+            try:
+                key = dedup_key(env.source, env.event, self._key_paths)
+            except Exception as e:
+                out.append(_retag(dead_letter(env, e), FAILED_DEDUP))
+                continue
+            copies.setdefault(key, []).append(env)
+        unique = []
+        for key, envs in copies.items():
+            try:
+                results = self._dedup.copies(key, envs)
+            except Exception as e:
+                out.append(_retag(dead_letter((key, envs), e), FAILED_DEDUP))
+                continue
+            for o in results:
+                if isinstance(o, beam.pvalue.TaggedOutput):
+                    out.append(o)  # duplicates, collisions
+                else:
+                    unique.append(o)
+        return unique
+
+
+class SettlePlannedParts(beam.PTransform):
+    """``(part, raw events)`` of a planned pass in (:class:`transforms.io.files.ReadPlannedParts`);
+    out: what validation, dedup and the resolution stages output (``quarantine``,
+    ``duplicates``, ``unique``, ``rows``, ``merges``, ``identity_review``, ``consent_denied``,
+    ``deleted``, one record-list output per destination other than the profile store
+    (:func:`destination_tag`), ``triggered``), ``blocked`` (junk-identifier pairs for
+    :func:`transforms.stitching.report_blocked`), each stage's dead letters under its own tag
+    (:data:`FAILED_TAGS`) and ``failed`` (a part's call that raised outside every stage's
+    guard: ``(part, raw events)``). ``validate`` is the job's
+    :class:`transforms.validate.ValidateEvents`; the other arguments are those of
+    ``DeduplicateEvents``, ``StitchIdentities``, ``PersonHistory`` and ``UnifyProfiles``, and
+    the event triggers with the destinations they fire on."""
 
     def __init__(
         self,
+        validate,
+        key_paths: tuple[str, ...],
         identity,
         deleted_identifiers,
         destinations,
@@ -205,7 +300,7 @@ class ResolvePlannedParts(beam.PTransform):
         super().__init__()
         rules = StitchRules.from_config(identity)
         deleted = frozenset(deleted_identifiers)
-        self._fn = _ResolvePartFn(
+        resolve = _ResolvePartFn(
             identity,
             _StitchPartFn(rules, frozenset(config_key(d) for d in deleted)),
             _PersonHistoryFn(
@@ -222,33 +317,17 @@ class ResolvePlannedParts(beam.PTransform):
             tuple(triggers),
             frozenset(fired_on),
         )
+        self._fn = _SettlePartFn(validate.fn(), tuple(key_paths), identity, resolve)
         self._outputs = tuple(
             destination_tag(d.name) for d in destinations if d.name != profiles_destination
         )
 
-    def expand(self, unique):
-        tags = (MERGES, REVIEW, CONSENT_DENIED, DELETED, *self._outputs, TRIGGERED)
-        keyed = unique | "ByPart" >> guarded(
-            beam.FlatMap(one_or_dead_letter(_by_part)).with_output_types(KV[int, bytes])
+    def expand(self, parts):
+        tags = (
+            QUARANTINE, DUPLICATES, UNIQUE, BLOCKED, MERGES, REVIEW, CONSENT_DENIED, DELETED,
+            *self._outputs, TRIGGERED,
+        )  # fmt: skip
+        settled = parts | "SettlePart" >> guarded(
+            beam.ParDo(self._fn).with_input_types(KV[int, Any]), *FAILED_TAGS, *tags, main=ROWS
         )
-        resolved = (
-            keyed.good
-            | "Parts" >> beam.GroupByKey()
-            | "ResolvePart"
-            >> guarded(
-                beam.ParDo(self._fn).with_input_types(KV[int, Any]),
-                *FAILED_TAGS,
-                *tags,
-                main=ROWS,
-            )
-        )
-        out = {tag: resolved[tag] for tag in (ROWS, FAILED, *FAILED_TAGS, *tags)}
-        out[FAILED_KEY] = (keyed[FAILED], resolved[FAILED_KEY]) | "KeyFailed" >> beam.Flatten()
-        return out
-
-
-def _by_part(env) -> tuple[int, bytes]:
-    """``(part, packed envelope)``: a part's events wait for their group as bytes."""
-    if env.part is None:
-        raise ValueError("a planned pass's event without its part")
-    return env.part, pack(env)
+        return {tag: settled[tag] for tag in (ROWS, FAILED, *FAILED_TAGS, *tags)}

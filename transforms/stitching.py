@@ -833,19 +833,24 @@ def review_blocked_links(envelopes, identity, bounded: bool) -> dict:
     )
     out = {FAILED_EVENTS: blocked_links_[FAILED]}
     if bounded:
-        # A bounded run knows every pair's evidence at once: the earliest per pair, by a
-        # combiner (no state, no timer).
-        out[REVIEW] = (
-            blocked_links_.good
-            | "EarliestBlocked" >> beam.CombinePerKey(min)
-            | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
-        )
+        out[REVIEW] = report_blocked(blocked_links_.good)
     else:
         blocked = blocked_links_.good | "ReportBlocked" >> beam.ParDo(
             _ReportBlockedFn()
         ).with_input_types(KV[str, Any]).with_outputs(FAILED, main="review")
         out[REVIEW], out[FAILED] = blocked.review, blocked[FAILED]
     return out
+
+
+def report_blocked(pairs):
+    """A bounded run's review of ``("junk|other", link)`` pairs (:func:`blocked_links`): it
+    knows every pair's evidence at once, so the earliest per pair, by a combiner (no state, no
+    timer). Applied in the caller's scope: the labels are those of :func:`review_blocked_links`."""
+    return (
+        pairs
+        | "EarliestBlocked" >> beam.CombinePerKey(min)
+        | "ReportBlocked" >> beam.Map(lambda kv: _blocked_record(kv[0], Link(*kv[1])))
+    )
 
 
 class StitchIdentities(beam.PTransform):

@@ -41,7 +41,7 @@ from transforms.tracking_plan import (
 )
 
 # A raw input element: (source name, origin, payload). Payload is NDJSON text or an Avro record.
-# A planned run's pass reads a fourth item, the event's part (Envelope.part).
+# A planned run's pass file holds a fourth item, the event's part (Envelope.part).
 RawEvent = tuple[str, str, Any] | tuple[str, str, Any, int]
 
 
@@ -257,6 +257,10 @@ class ValidateEvents(beam.PTransform):
 
         return verdict
 
+    def fn(self) -> _ValidateFn:
+        """This stage's DoFn (a planned pass calls it per event inside a part's call:
+        transforms/planned_parts.py)."""
+        return _ValidateFn(self._plans, self._settings, self._identity, self._modes, self._clock)
+
     def expand(self, raw_events):
-        fn = _ValidateFn(self._plans, self._settings, self._identity, self._modes, self._clock)
-        return raw_events | "Judge" >> guarded(beam.ParDo(fn), QUARANTINE, main="valid")
+        return raw_events | "Judge" >> guarded(beam.ParDo(self.fn()), QUARANTINE, main="valid")

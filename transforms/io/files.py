@@ -176,6 +176,35 @@ class ReadArchive(beam.PTransform):
         )
 
 
+class ReadPlannedParts(beam.PTransform):
+    """A planned run's pass files (pipelines/passes.py) -> ``(part, [raw event, ...])`` per
+    part, parts in order. Planning writes every event of a part into one file, so a file read
+    whole holds each of its parts whole: the pass hands each part to one call without a shuffle
+    of its events (what a file holds is bounded by the pass size)."""
+
+    def __init__(self, files: list[str]):
+        super().__init__()
+        self._files = list(files)
+
+    def expand(self, pbegin):
+        return pbegin | "Files" >> beam.Create(self._files) | "Parts" >> beam.FlatMap(parts_of)
+
+
+def parts_of(path: str) -> list[tuple[int, list[tuple]]]:
+    """The parts of one pass file, each with its raw events in file order."""
+    import fastavro
+    from apache_beam.io.filesystems import FileSystems
+
+    parts: dict[int, list[tuple]] = {}
+    with FileSystems.open(path) as fh:
+        for record in fastavro.reader(fh):
+            raw = raw_from_archive(record, path)
+            if len(raw) < 4:
+                raise ValueError(f"{path}: a record without its part: not a planned pass's file")
+            parts.setdefault(raw[3], []).append(raw[:3])
+    return sorted(parts.items())
+
+
 _ARCHIVE_NAME = re.compile(r"^(?P<source>.+)\.(?P<hour>\d{4}-\d{2}-\d{2}T\d{2})-")
 
 
