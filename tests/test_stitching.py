@@ -461,15 +461,10 @@ def test_accepted_neighbours_are_the_links_both_ends_accepted():
 
 def _with_parts(envs: list[Envelope], config) -> list[Envelope]:
     """The envelopes tagged with their parts as planning finds them (pipelines/passes.py)."""
-    from pipelines.passes import _UnionFind, event_nodes
+    from pipelines.passes import _UnionFind, event_nodes, node_hash
 
     uf = _UnionFind()
-    firsts = []
-    for env in envs:
-        ids = [uf.node(n) for n in event_nodes(env, config)]
-        for other in ids[1:]:
-            uf.union(ids[0], other)
-        firsts.append(ids[0])
+    firsts = [uf.join(map(node_hash, event_nodes(env, config))) for env in envs]
     return [env._replace(part=uf.find(i)) for env, i in zip(envs, firsts, strict=True)]
 
 
