@@ -379,57 +379,61 @@ def _run_in_passes(
     cfg, inputs, output_dir, paths, beam_args, per_pass, workers, runner_name=None
 ) -> int:
     """``cdi run --max-events-per-pass N`` and ``--workers W`` (pipelines/passes.py): plan,
-    run the passes (W at a time, each in a fresh process, when W > 1) into the same outputs, one
-    report with the counters of all passes."""
-    from pipelines.passes import plan_passes
+    run the passes (W at a time, in a pool of W processes that plan first, when W > 1) into the
+    same outputs, one report with the counters of all passes."""
+    from pipelines.passes import plan_passes, worker_pool
     from pipelines.report import build_report, format_summary, write_report
 
     started = time.perf_counter()
     workers = workers or 1
     workdir = output_dir / ".cdi-passes"
     shutil.rmtree(workdir, ignore_errors=True)
-    plan = plan_passes(cfg, inputs, per_pass, workdir, balanced=workers)
-    _clear_outputs(paths)  # planned: the input is readable and every source is a file source
-    at_once = f", {workers} at a time" if workers > 1 else ""
-    print(
-        f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most "
-        f"{max(plan.pass_sizes):,}{at_once} ({plan.parts:,} parts, the largest "
-        f"{plan.largest_part:,} events; planned in {plan.seconds:.1f} s)",
-        flush=True,
-    )
-    total: dict[str, int] = {}
-    jobs = [
-        (cfg, files, plan.now_ms, str(output_dir), k, beam_args)
-        for k, files in enumerate(plan.files)
-    ]
-    try:
-        for k, outcome in _each_pass(jobs, workers, runner_name):
-            if isinstance(outcome, str):
-                print(
-                    f"cdi run: pass {k + 1} of {len(plan.files)} failed: {outcome}", file=sys.stderr
-                )
-                return EXIT_FAILURE
-            for name, value in outcome.items():
-                total[name] = total.get(name, 0) + value
-            print(f"cdi run: pass {k + 1} of {len(plan.files)} done", flush=True)
-    except KeyboardInterrupt:
-        print("cdi run: cancelled: no report", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(total, paths, time.perf_counter() - started)
-    report["passes"] = {
-        "max_events_per_pass": per_pass,
-        "workers": workers,
-        "passes": len(plan.files),
-        "events_per_pass": plan.pass_sizes,
-        "parts": plan.parts,
-        "largest_part": plan.largest_part,
-        "planning_seconds": round(plan.seconds, 1),
-    }
-    write_report(report, paths["report"])
-    print(format_summary(report))
-    return EXIT_OK if report["accounted"] else EXIT_FAILURE
+    # One pool plans and runs the passes: each process starts Python and Beam once.
+    pool = worker_pool(workers, _pass_worker, (runner_name,)) if workers > 1 else None
+    with pool if pool is not None else contextlib.nullcontext() as pool:
+        plan = plan_passes(cfg, inputs, per_pass, workdir, balanced=workers, pool=pool)
+        _clear_outputs(paths)  # planned: the input is readable and every source is a file source
+        at_once = f", {workers} at a time" if workers > 1 else ""
+        print(
+            f"cdi run: {plan.events:,} events in {len(plan.files)} passes of at most "
+            f"{max(plan.pass_sizes):,}{at_once} ({plan.parts:,} parts, the largest "
+            f"{plan.largest_part:,} events; planned in {plan.seconds:.1f} s)",
+            flush=True,
+        )
+        total: dict[str, int] = {}
+        jobs = [
+            (cfg, files, plan.now_ms, str(output_dir), k, beam_args)
+            for k, files in enumerate(plan.files)
+        ]
+        try:
+            for k, outcome in _each_pass(jobs, pool):
+                if isinstance(outcome, str):
+                    print(
+                        f"cdi run: pass {k + 1} of {len(plan.files)} failed: {outcome}",
+                        file=sys.stderr,
+                    )
+                    return EXIT_FAILURE
+                for name, value in outcome.items():
+                    total[name] = total.get(name, 0) + value
+                print(f"cdi run: pass {k + 1} of {len(plan.files)} done", flush=True)
+        except KeyboardInterrupt:
+            print("cdi run: cancelled: no report", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        report = build_report(total, paths, time.perf_counter() - started)
+        report["passes"] = {
+            "max_events_per_pass": per_pass,
+            "workers": workers,
+            "passes": len(plan.files),
+            "events_per_pass": plan.pass_sizes,
+            "parts": plan.parts,
+            "largest_part": plan.largest_part,
+            "planning_seconds": round(plan.seconds, 1),
+        }
+        write_report(report, paths["report"])
+        print(format_summary(report))
+        return EXIT_OK if report["accounted"] else EXIT_FAILURE
 
 
 def _pass_worker(runner_name: str | None) -> None:
@@ -442,37 +446,30 @@ def _pass_worker(runner_name: str | None) -> None:
     runner_args(runner_name)
 
 
-def _each_pass(jobs: list[tuple], workers: int, runner_name: str | None = None):
-    """``(k, counters or the failure's text)`` of each pass as it ends: in this process when
-    W is 1, else in W processes at once. Each pass gets a fresh process (spawned: no forked
-    runner threads; what a pass's shuffles held goes back to the system with it). The first
-    failure stops the passes not yet started."""
-    if workers == 1:
+def _each_pass(jobs: list[tuple], pool=None):
+    """``(k, counters or the failure's text)`` of each pass as it ends: in this process without
+    a ``pool``, else in its W processes at once (spawned: no forked runner threads; each runs
+    one pass after another, which hold little once done: a pass's parts are read and settled
+    one by one). The first failure stops the passes not yet started."""
+    if pool is None:
         for job in jobs:
             yield job[4], _run_pass(*job)
         return
     import concurrent.futures
-    import multiprocessing
 
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        max_tasks_per_child=1,
-        initializer=_pass_worker,
-        initargs=(runner_name,),
-    ) as pool:
-        pending = {pool.submit(_run_pass, *job): job[4] for job in jobs}
-        try:
-            for done in concurrent.futures.as_completed(pending):
-                try:
-                    outcome = done.result()
-                except Exception as e:  # the worker process itself died (killed, out of memory)
-                    outcome = f"worker process: {type(e).__name__}: {e}"
-                yield pending[done], outcome
-                if isinstance(outcome, str):
-                    return
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    pending = {pool.submit(_run_pass, *job): job[4] for job in jobs}
+    try:
+        for done in concurrent.futures.as_completed(pending):
+            try:
+                outcome = done.result()
+            except Exception as e:  # the worker process itself died (killed, out of memory)
+                outcome = f"worker process: {type(e).__name__}: {e}"
+            yield pending[done], outcome
+            if isinstance(outcome, str):
+                return
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def _run_pass(cfg, files, now_ms, output_dir, k, beam_args) -> dict[str, int] | str:

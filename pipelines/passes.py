@@ -11,32 +11,35 @@ what must stay together is what the job's keyed steps join:
   consent, computed traits, profile and audiences follow from its identifiers' events);
 - an ``unlink`` event with the identifier it names.
 
-Planning reads the input once with the job's own validation (:meth:`ValidateEvents.judge_locally`:
-the same verdict, the same identifiers and idempotency key) and puts each valid event's key and
-identifiers into one union-find; the connected parts are packed into passes in order of first
-appearance, none split (a part bigger than N is a pass of its own). A second read writes each
-raw event, untouched (source, origin, payload), with its part's number, to its pass's file in
-the raw-input archive format, every part whole in one file. Each pass is then the job over
-those files, with the same stages' functions: each part is read whole and validated,
-deduplicated and settled in one call, as no copy of an event, identifier graph or person
-reaches past it (:class:`transforms.io.files.ReadPlannedParts`,
-:class:`transforms.planned_parts.SettlePlannedParts`), all passes writing to the same output directory and store (each pass's record files named by pass), their
-counters summed into one run report. With ``--workers W`` the passes run W at a time, each in
-a fresh process (pipelines/cli.py): parts share nothing, so passes need no order; without a pass
-size the parts are balanced over W passes (each to the lightest). Events that fail validation
-(or make it raise) take a part of their own: the pass that reads them quarantines them exactly
-as one run would.
-Every pass judges event times against the planning time, so the verdicts cannot drift between
-planning and the passes.
+Planning reads the input once with validation's own functions (decode, the envelope rules, the
+identifiers and the idempotency key; not the event-time and plan checks, which only refuse
+events, see :func:`_judge`) and puts each event's key and identifiers into one union-find; the
+connected parts are packed into passes in order of first appearance, none split (a part bigger
+than N is a pass of its own). A second read writes each raw event, untouched (source, origin,
+payload), with its part's number, to its pass's file in the raw-input archive format, every part
+whole in one file. Each pass is then the job over those files, with the same stages' functions:
+each part is read whole and validated, deduplicated and settled in one call, as no copy of an
+event, identifier graph or person reaches past it
+(:class:`transforms.io.files.ReadPlannedParts`,
+:class:`transforms.planned_parts.SettlePlannedParts`), all passes writing to the same output
+directory and store (each pass's record files named by pass), their counters summed into one run
+report. With ``--workers W`` the passes run W at a time, each in a fresh process
+(pipelines/cli.py): parts share nothing, so passes need no order; without a pass size the parts
+are balanced over W passes (each to the lightest). Events that cannot be valid (or make reading
+them raise) take a part of their own, and an event planning let through but a pass refuses only
+joined a part: the pass quarantines it exactly as one run would.
+Every pass judges event times against one read time, the planning's, so the passes' verdicts
+are those of one run read at that time.
 
-With ``--workers W`` above 1, planning's two reads run in W spawned processes too (they die
-with ``cdi run``; one that dies fails planning with that said). In the first, process j reads
-the whole input but judges only the events whose index is j modulo W, and sends back their node
-names' hashes; this process joins them into the union-find in input order, so the parts, their
-numbers and the passes are exactly those of one process. In the second, process j writes the
-parts p with p % W == j to files of its own, ``pass-KKKK-wJ.avro``: a pass has up to W files,
-and every part is in one of them, in input order. Judging is most of planning's time (reading
-is about 3% of it); the union-find and packing stay in this process.
+With ``--workers W`` above 1, planning's two reads run in W spawned processes too (they die with
+``cdi run``; one that dies fails planning with that said). In the first, process j reads the
+whole input but reads nodes only of the events whose index is j modulo W, and sends back their
+node names' hashes; this process joins them into the union-find in input order, so the parts,
+their numbers and the passes are exactly those of one process. In the second, process j writes
+the parts p with p % W == j to files of its own, ``pass-KKKK-wJ.avro``: a pass has up to W
+files, and every part is in one of them, in input order. Decoding and reading nodes is most of
+planning's time (reading the lines is a few % of it); the union-find and packing stay in this
+process.
 
 Planning memory, in this process, is one union-find entry per idempotency key and per distinct
 identifier (a 64-bit hash each, BLAKE2b: the same in every process, where ``hash()`` of a str
@@ -154,15 +157,21 @@ class _UnionFind:
 def event_nodes(env, config: PipelineConfig) -> list[str]:
     """What one valid event must share a pass with: its idempotency key, its identifiers and
     the identifier an ``unlink`` names."""
+    from transforms.identity import identifiers_of
+
+    return event_nodes_of(env.source, env.event, identifiers_of(env, config.identity), config)
+
+
+def event_nodes_of(source: str, event: dict, identifiers, config: PipelineConfig) -> list[str]:
+    """:func:`event_nodes` of an event read from ``source`` with its usable ``identifiers``."""
     from transforms.dedup import dedup_key
-    from transforms.identity import id_key, identifiers_of
+    from transforms.identity import id_key
     from transforms.stitching import UNLINK_TYPE, unlink_target
 
-    identity = config.identity
-    nodes = ["k\x1e" + dedup_key(env.source, env.event, config.dedup.key)]
-    nodes += ["i\x1e" + id_key(t, v) for t, v in identifiers_of(env, identity)]
-    if env.event.get("type") == UNLINK_TYPE:
-        other = unlink_target(env.event, identity)
+    nodes = ["k\x1e" + dedup_key(source, event, config.dedup.key)]
+    nodes += ["i\x1e" + id_key(t, v) for t, v in identifiers]
+    if event.get("type") == UNLINK_TYPE:
+        other = unlink_target(event, config.identity)
         if other:
             nodes.append("i\x1e" + other)
     return nodes
@@ -230,18 +239,67 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
     return [renumber.setdefault(k, len(renumber)) for k in assign]
 
 
+# Fields validation itself writes into an event (a clamped event time, rule-mode notes): a key
+# or identifier read from there is known only to the whole verdict.
+_WRITTEN_BY_VALIDATION = "context.cdi"
+
+
 def _judge(config: PipelineConfig):
+    """``nodes(raw, now_ms)``: the node names of one raw event, or None (a part of its own).
+
+    Planning needs every event that the passes will judge valid to meet its idempotency key,
+    identifiers and unlink target, no more: more only joins parts (coarser passes, the same
+    results). So it reads what validation reads them from, the decoded event, and drops an
+    event only on what keeps it out of every part: a payload that does not decode, the
+    envelope rules (type, messageId, an identifier: without a messageId every such event would
+    share one key and their persons one part) or no usable identifier. The event time and the
+    tracking plan, most of the verdict's cost, are left to the passes: an event they refuse
+    only joined a part. A rule mode (``omit``) can remove a field the key is read from, so the
+    passes key the event by its ``messageId`` instead: a source with rule modes gives both
+    keys. Where the config reads a key or an identifier from what validation writes into the
+    event, the whole verdict is taken instead."""
     from pipelines.governed_profiles import _validate, tracking_plans
 
-    return _validate(config, tracking_plans(config)).judge_locally()
+    identity, key_paths = config.identity, config.dedup.key
+    paths = [*key_paths, *(p for t in identity.types for p in t.paths)]
+    if any(p.startswith(_WRITTEN_BY_VALIDATION) for p in paths):
+        verdict = _validate(config, tracking_plans(config)).judge_locally()
+
+        def judged(raw, now_ms: int) -> list[str] | None:
+            env, _ = verdict(raw, now_ms)
+            return None if env is None else event_nodes(env, config)
+
+        return judged
+
+    from transforms.dedup import message_id_key
+    from transforms.identity import read_identifiers
+    from transforms.tracking_plan import envelope_violations
+    from transforms.validate import decode
+
+    max_bytes = config.validation.max_event_bytes
+    moded = {s.name for s in config.sources if s.violations}
+
+    def read(raw, now_ms: int) -> list[str] | None:
+        _, event, violation, _ = decode(raw[2], max_bytes)
+        if violation is not None or envelope_violations(event):
+            return None
+        ids, _ = read_identifiers(event, identity)
+        if not ids:
+            return None
+        nodes = event_nodes_of(raw[0], event, ids, config)
+        if raw[0] in moded:
+            nodes.append("k\x1e" + message_id_key(raw[0], event))
+        return nodes
+
+    return read
 
 
 def _node_hashes(judge, config: PipelineConfig, raw, now_ms: int) -> list[int] | None:
-    """The hashes of what one raw event must share a pass with, or None: it is invalid, or its
-    validation raised (the pass judges it again: a dead letter, as in one run)."""
+    """The hashes of what one raw event must share a pass with, or None: it cannot be valid,
+    or reading it raised (the pass judges it: a dead letter, as in one run)."""
     try:
-        env, _ = judge(raw, now_ms)
-        return [node_hash(n) for n in event_nodes(env, config)] if env is not None else None
+        nodes = judge(raw, now_ms)
+        return None if nodes is None else [node_hash(n) for n in nodes]
     except Exception:  # noqa: BLE001
         return None
 
@@ -348,9 +406,11 @@ def _write_share(
 
 
 @contextlib.contextmanager
-def _pool(w: int):
+def worker_pool(w: int, initializer=None, initargs: tuple = ()):
     """``w`` spawned processes (no forked Beam threads) that die with this one, however it dies
-    (as the passes' processes do, pipelines/cli.py)."""
+    (``initializer``, default :func:`runners.local.die_with_parent`, must do that). ``cdi run``
+    plans and runs its passes in one such pool (pipelines/cli.py): each process pays Python's
+    and Beam's start once."""
     import concurrent.futures
     import multiprocessing
 
@@ -359,7 +419,8 @@ def _pool(w: int):
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=w,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=die_with_parent,
+        initializer=initializer or die_with_parent,
+        initargs=initargs,
     )
     try:
         yield pool
@@ -414,12 +475,14 @@ def plan_passes(
     *,
     balanced: int | None = None,
     processes: int | None = None,
+    pool=None,
 ) -> PassPlan:
     """Read the input twice: parts by union-find, then each raw event to its pass's file, the
     passes as :func:`pack_parts` makes them (``balanced``: the number of processes that will
     run them). ``processes`` (default: ``balanced``) do the reading; more than one spreads each
     pass over up to that many files, and changes nothing else: not the parts, their numbers, the
-    passes nor their events."""
+    passes nor their events. ``pool``: a :func:`worker_pool` of that many processes to read in
+    (default: one of its own, for the time of planning)."""
     if max_events is not None and max_events < 1:
         raise ConfigError(["--max-events-per-pass: must be at least 1"])
     if max_events is None and (balanced is None or balanced < 1):
@@ -429,7 +492,11 @@ def plan_passes(
     started = time.perf_counter()
     now_ms = int(time.time() * 1000)  # one read time for every worker and every pass
     w = max(processes or balanced or 1, 1)
-    with _pool(w) if w > 1 else contextlib.nullcontext() as pool:
+    if pool is not None or w == 1:
+        own = contextlib.nullcontext(pool)
+    else:
+        own = worker_pool(w)
+    with own as pool:
         event_part, sizes = _parts(*_first_read(pool, config, inputs, now_ms, w))
         pass_of_part = array("q", pack_parts(sizes, max_events, balanced or 1))
         loads = [0] * (max(pass_of_part, default=0) + 1)  # an empty input: one empty pass

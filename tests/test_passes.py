@@ -28,6 +28,7 @@ from pipelines.passes import (
     plan_passes,
     read_raw,
 )
+from tests.hostile import hostile_lines
 from transforms.envelope import Envelope
 from transforms.io.files import raw_from_archive
 
@@ -540,3 +541,104 @@ def _state(pid: int) -> str:
             return fh.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_pass_file_is_read_part_by_part_and_a_file_without_parts_is_refused(tmp_path):
+    """``parts_of`` (ReadPlannedParts): each part's raw events, in file order, parts in order;
+    a record without its part is not a planned pass's file and fails the read (a job error,
+    not an element's)."""
+    from transforms.io.files import ARCHIVE_SCHEMA, archive_record, parts_of
+
+    schema = fastavro.parse_schema(ARCHIVE_SCHEMA)
+    raws = [("web", "a.ndjson", b'{"n": %d}' % i) for i in range(4)]
+    path = tmp_path / "pass-0000.avro"
+    with open(path, "wb") as fh:
+        records = [
+            {**archive_record(r), "part": p} for r, p in zip(raws, (7, 2, 7, 2), strict=True)
+        ]
+        fastavro.writer(fh, schema, records)
+    assert parts_of(str(path)) == [(2, [raws[1], raws[3]]), (7, [raws[0], raws[2]])]
+    plain = tmp_path / "archive.avro"
+    with open(plain, "wb") as fh:
+        fastavro.writer(fh, schema, [archive_record(r) for r in raws])
+    with pytest.raises(ValueError, match="without its part"):
+        parts_of(str(plain))
+
+
+READ_AT = 1_800_000_000_000  # 2027-01-15: after every generated and hostile event time
+
+# A plan that strips what it does not know, under a business key its plan does not know either:
+# the coupon is omitted, so the pass keys such an event by its messageId.
+OMITTING = """
+sources: [{name: web, paths: [], tracking_plan: default, violations: {default: omit}}]
+tracking_plans: {default: {path: ../tracking_plans/example.yaml}}
+dedup: {key: [source, properties.coupon]}
+"""
+
+
+def _planned_nodes_cover_the_verdicts(config, lines: list[bytes]) -> int:
+    """Planning's node names of each line hold those of the job's whole verdict on it, and a
+    line planning gives no node is one the job refuses; how many lines were valid."""
+    from pipelines.passes import _judge
+
+    nodes_of = _judge(config)
+    verdict = _validate(config, tracking_plans(config)).judge_locally()
+    valid = 0
+    for line in lines:
+        raw = ("web", "f", line)
+        env, _ = verdict(raw, READ_AT)
+        planned = nodes_of(raw, READ_AT)
+        if env is None:
+            continue
+        valid += 1
+        assert planned is not None, line
+        assert set(event_nodes(env, config)) <= set(planned), line
+    return valid
+
+
+def test_planning_reads_every_node_the_verdict_has(generated):
+    """Planning reads nodes without the whole verdict (no event-time or plan checks): for every
+    line the job accepts, they hold the verdict's own; with rule modes, also the key the job
+    falls back to when ``omit`` removed the key's field (it fails without that)."""
+    _, src = generated
+    lines = [line for line in src.read_bytes().splitlines() if line.strip()]
+    assert _planned_nodes_cover_the_verdicts(load_default_config(), lines) > 1900
+    from tests.conftest import config_from, event
+
+    order = {"order_id": "o1", "revenue": 5, "currency": "EUR"}
+    omitting = [
+        orjson.dumps(event(event="Order Completed", messageId=f"m{i}", properties={**order, **p}))
+        for i, p in enumerate([{"coupon": "SAVE"}, {}, {"coupon": "SAVE", "colour": "red"}])
+    ]
+    assert _planned_nodes_cover_the_verdicts(config_from(OMITTING), omitting) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(hostile_lines, min_size=1, max_size=4))
+def test_planning_reads_every_node_the_verdict_has_on_hostile_lines(lines):
+    from tests.conftest import config_from
+
+    _planned_nodes_cover_the_verdicts(load_default_config(), lines)
+    _planned_nodes_cover_the_verdicts(config_from(OMITTING), lines)
+
+
+def test_planning_takes_the_whole_verdict_where_a_node_is_read_from_what_it_writes():
+    """An identifier read from ``context.cdi...`` (what validation writes) is known only to the
+    whole verdict: planning takes it there, and an event the job refuses gets no node."""
+    from tests.conftest import config_from
+
+    config = config_from(
+        """
+sources: [{name: web, paths: []}]
+identity:
+  types:
+    - {name: user_id, paths: [userId]}
+    - {name: anonymous_id, paths: [anonymousId]}
+    - {name: clamp, paths: [context.cdi_clamped_event_time]}
+"""
+    )
+    from pipelines.passes import _judge
+
+    late = b'{"type": "identify", "messageId": "m", "userId": "u", "timestamp": "1999-01-01T00:00:00Z"}'
+    assert _judge(config)(("web", "f", late), READ_AT) is None  # too early: refused
+    assert _planned_nodes_cover_the_verdicts(config, [late.replace(b"1999", b"2026")]) == 1

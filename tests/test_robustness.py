@@ -267,14 +267,21 @@ def test_a_person_unify_fails_on_is_one_record_and_the_others_are_written(
     assert report["internal_errors"] == {"unify": len(records)}
 
 
-def test_a_part_whose_call_fails_costs_one_record_per_event(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "where, on_arg",
+    [("_ResolvePartFn.resolve", 2), ("_SettlePartFn._unique", 1)],
+    ids=["resolution", "outside-every-guard"],
+)
+def test_a_part_whose_call_fails_costs_one_record_per_event(tmp_path, monkeypatch, where, on_arg):
     """A planned pass settles a part in one call: a fault in the part's resolution outside any
-    stage's function quarantines each of the part's unique events once, stage ``part``, and the
-    other parts are written."""
+    stage's function quarantines each of the part's unique events once, stage ``part``; a fault
+    in the call outside every stage's guard (here between validation and dedup) each of its raw
+    events, stage ``part``. The other parts are written, and every event is accounted for."""
     import transforms.planned_parts as planned
 
-    resolve = planned._ResolvePartFn.resolve
-    monkeypatch.setattr(planned._ResolvePartFn, "resolve", _poisoned(resolve, on_arg=2))
+    cls, name = where.split(".")
+    original = getattr(getattr(planned, cls), name)
+    monkeypatch.setattr(getattr(planned, cls), name, _poisoned(original, on_arg=on_arg))
     lines = [
         granted(messageId="1", anonymousId="a1"),
         granted(messageId=POISON, anonymousId="a2"),

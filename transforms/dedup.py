@@ -65,9 +65,16 @@ def dedup_key(source: str, event: dict[str, Any], key_paths: tuple[str, ...]) ->
     for path in key_paths:
         v = src if path == "source" else get_path(event, path)
         if v is None:
-            return "\x1e".join(("", "messageId", str(src), str(event.get("messageId"))))
+            return message_id_key(source, event)
         parts.append(str(v))
     return "\x1f".join(parts)
+
+
+def message_id_key(source: str, event: dict[str, Any]) -> str:
+    """The key of an event without a value at one of the key paths: its source and
+    ``messageId``, apart from every business key (:func:`dedup_key`)."""
+    src = event.get("source") or source
+    return "\x1e".join(("", "messageId", str(src), str(event.get("messageId"))))
 
 
 def decide(seen: tuple[str, str, int] | None, fp: str) -> str:

@@ -20,7 +20,8 @@ fragment and member list between ~14 steps:
 3. per profile key: :func:`pipelines.governed_profiles.key_by_profile` and
    ``_PersonHistoryFn.history`` (``PersonHistory``);
 4. per identifier, then per person: ``_RouteGroupedFn`` and ``_UnifyGroupedFn``
-   (``UnifyProfiles``), event triggers matched on the way (:func:`transforms.audiences.trigger_inputs`).
+   (``UnifyProfiles``), event triggers matched on the way
+   (:func:`transforms.audiences.trigger_inputs`).
 
 The outputs are the stages' own: quarantine records, duplicates, the unique envelopes, profile
 rows, merges, identity review, consent denials, deletions, each destination's record lists,

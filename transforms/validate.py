@@ -48,6 +48,25 @@ RawEvent = tuple[str, str, Any] | tuple[str, str, Any, int]
 NO_PLAN = "none"  # the plan_version of events from a source without a tracking plan
 
 
+def decode(
+    payload, max_event_bytes: int
+) -> tuple[str, dict | None, Violation | None, bytes | None]:
+    """``(text, event, violation, raw bytes)`` of a raw payload: an NDJSON line as bytes or
+    text, or an Avro record; the bytes only when they are not UTF-8 (kept for the record)."""
+    if isinstance(payload, dict):  # an Avro record of the canonical envelope
+        text = orjson.dumps(payload).decode()
+        event, violation = avro_record_to_event(payload)
+        return text, event, violation, None
+    if isinstance(payload, bytes):  # an NDJSON line as read from the file
+        text, violation = decode_text(payload)
+        if violation is not None:
+            return payload.decode("utf-8", "replace"), None, violation, payload
+    else:
+        text = payload
+    event, violation = decode_json(text, max_event_bytes)
+    return text, event, violation, None
+
+
 def judge(
     raw: RawEvent,
     plan,
@@ -69,19 +88,7 @@ def judge(
     bound of event times without a ``receivedAt``, see :func:`check_event_time`).
     """
     source, origin, payload = raw[:3]
-    raw_bytes = None
-    if isinstance(payload, dict):  # an Avro record of the canonical envelope
-        text = orjson.dumps(payload).decode()
-        event, violation = avro_record_to_event(payload)
-    else:
-        if isinstance(payload, bytes):  # an NDJSON line as read from the file
-            text, violation = decode_text(payload)
-            if violation is not None:
-                raw_bytes, text, event = payload, payload.decode("utf-8", "replace"), None
-        else:
-            text, violation = payload, None
-        if violation is None:
-            event, violation = decode_json(text, max_event_bytes)
+    text, event, violation, raw_bytes = decode(payload, max_event_bytes)
 
     def reject(stage: str, violations: list[Violation], version: str | None = None):
         received = event.get("receivedAt") if event else None
