@@ -13,7 +13,7 @@ what must stay together is what the job's keyed steps join:
 
 Planning reads the input once with validation's own functions (decode, the envelope rules, the
 identifiers and the idempotency key; not the event-time and plan checks, which only refuse
-events, see :func:`_judge`) and puts each event's key and identifiers into one union-find; the
+events, see :func:`_node_reader`) and puts each event's key and identifiers into one union-find; the
 connected parts are packed into passes in order of first appearance, none split (a part bigger
 than N is a pass of its own). A second read writes each raw event, untouched (source, origin,
 payload), with its part's number, to its pass's file in the raw-input archive format, every part
@@ -47,7 +47,7 @@ is not; a collision only puts two parts in one pass, which changes no result), a
 event. With W processes, also what they send back, until it is joined: 4 bytes per event and 8
 per node name of a valid event (a generated event has 3 names); then, briefly, a copy of the
 events' parts (8 bytes per event) per process it is sent to. Each of those processes holds its
-own share of what is sent back while it judges, and the events' parts while it writes.
+own share of what is sent back while it reads nodes, and the events' parts while it writes.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def pack_parts(sizes: list[int], max_events: int | None, workers: int = 1) -> li
 _WRITTEN_BY_VALIDATION = "context.cdi"
 
 
-def _judge(config: PipelineConfig):
+def _node_reader(config: PipelineConfig):
     """``nodes(raw, now_ms)``: the node names of one raw event, or None (a part of its own).
 
     Planning needs every event that the passes will judge valid to meet its idempotency key,
@@ -272,55 +272,51 @@ def _judge(config: PipelineConfig):
         return judged
 
     from transforms.dedup import message_id_key
-    from transforms.identity import read_identifiers
-    from transforms.tracking_plan import envelope_violations
-    from transforms.validate import decode
+    from transforms.validate import read_envelope
 
     max_bytes = config.validation.max_event_bytes
     moded = {s.name for s in config.sources if s.violations}
 
-    def read(raw, now_ms: int) -> list[str] | None:
-        _, event, violation, _ = decode(raw[2], max_bytes)
-        if violation is not None or envelope_violations(event):
+    def nodes(raw, now_ms: int) -> list[str] | None:
+        _, event, _, ids, _, refusal = read_envelope(raw[2], max_bytes, identity)
+        if refusal is not None:
             return None
-        ids, _ = read_identifiers(event, identity)
-        if not ids:
-            return None
-        nodes = event_nodes_of(raw[0], event, ids, config)
+        names = event_nodes_of(raw[0], event, ids, config)
         if raw[0] in moded:
-            nodes.append("k\x1e" + message_id_key(raw[0], event))
-        return nodes
+            names.append("k\x1e" + message_id_key(raw[0], event))
+        return names
 
-    return read
+    return nodes
 
 
-def _node_hashes(judge, config: PipelineConfig, raw, now_ms: int) -> list[int] | None:
-    """The hashes of what one raw event must share a pass with, or None: it cannot be valid,
-    or reading it raised (the pass judges it: a dead letter, as in one run)."""
+def _node_hashes(nodes_of, config: PipelineConfig, raw, now_ms: int) -> list[int] | None:
+    """The hashes of what one raw event must share a pass with (``nodes_of``:
+    :func:`_node_reader`'s), or None: it cannot be valid, or reading it raised (the pass judges
+    it: a dead letter, as in one run)."""
     try:
-        nodes = judge(raw, now_ms)
+        nodes = nodes_of(raw, now_ms)
         return None if nodes is None else [node_hash(n) for n in nodes]
     except Exception:  # noqa: BLE001
         return None
 
 
-def _judged_share(
+def _nodes_share(
     config: PipelineConfig, inputs: dict[str, list[str]], now_ms: int, j: int, w: int
 ) -> tuple[array, array]:
-    """Worker ``j`` of ``w``: the events whose index is ``j`` modulo ``w`` (reading is cheap,
-    judging is not), as each one's number of node hashes (-1: invalid) and all of them in
-    order; two flat arrays, as a list per event would cost far more to hold and send."""
-    judge = _judge(config)
+    """Worker ``j`` of ``w``: the events whose index is ``j`` modulo ``w`` (reading the lines is
+    cheap, their nodes are not), as each one's number of node hashes (-1: invalid) and all of
+    them in order; two flat arrays, as a list per event would cost far more to hold and send."""
+    nodes_of = _node_reader(config)
     counts, hashes = array("i"), array("q")
     for raw in islice(read_raw(config, inputs), j, None, w):
-        nodes = _node_hashes(judge, config, raw, now_ms)
+        nodes = _node_hashes(nodes_of, config, raw, now_ms)
         counts.append(-1 if nodes is None else len(nodes))
         hashes.extend(nodes or ())
     return counts, hashes
 
 
 def _interleaved(shares: list[tuple[array, array]]) -> Iterator[Sequence[int] | None]:
-    """Each event's node hashes (None: invalid) in input order, from ``_judged_share``'s shares
+    """Each event's node hashes (None: invalid) in input order, from ``_nodes_share``'s shares
     (event ``i`` is in share ``i % len(shares)``): what the serial read yields."""
     w, cursors = len(shares), [0] * len(shares)
     for i in range(sum(len(counts) for counts, _ in shares)):
@@ -443,13 +439,13 @@ def _on_workers(pool, fn, jobs: list[tuple]) -> list:
 
 def _first_read(pool, config: PipelineConfig, inputs, now_ms: int, w: int):
     """The union-find of every valid event's nodes and each event's first node (-1: invalid),
-    judged in this process (no ``pool``) or in the pool's ``w`` processes."""
+    read in this process (no ``pool``) or in the pool's ``w`` processes."""
     if pool is None:
-        judge = _judge(config)
+        nodes_of = _node_reader(config)
         return _connected(
-            _node_hashes(judge, config, raw, now_ms) for raw in read_raw(config, inputs)
+            _node_hashes(nodes_of, config, raw, now_ms) for raw in read_raw(config, inputs)
         )
-    shares = _on_workers(pool, _judged_share, [(config, inputs, now_ms, j, w) for j in range(w)])
+    shares = _on_workers(pool, _nodes_share, [(config, inputs, now_ms, j, w) for j in range(w)])
     return _connected(_interleaved(shares))
 
 

@@ -583,9 +583,9 @@ dedup: {key: [source, properties.coupon]}
 def _planned_nodes_cover_the_verdicts(config, lines: list[bytes]) -> int:
     """Planning's node names of each line hold those of the job's whole verdict on it, and a
     line planning gives no node is one the job refuses; how many lines were valid."""
-    from pipelines.passes import _judge
+    from pipelines.passes import _node_reader
 
-    nodes_of = _judge(config)
+    nodes_of = _node_reader(config)
     verdict = _validate(config, tracking_plans(config)).judge_locally()
     valid = 0
     for line in lines:
@@ -641,10 +641,10 @@ identity:
     - {name: clamp, paths: [context.cdi_clamped_event_time]}
 """
     )
-    from pipelines.passes import _judge
+    from pipelines.passes import _node_reader
 
     late = b'{"type": "identify", "messageId": "m", "userId": "u", "timestamp": "1999-01-01T00:00:00Z"}'
-    assert _judge(config)(("web", "f", late), READ_AT) is None  # too early: refused
+    assert _node_reader(config)(("web", "f", late), READ_AT) is None  # too early: refused
     assert _planned_nodes_cover_the_verdicts(config, [late.replace(b"1999", b"2026")]) == 1
 
 

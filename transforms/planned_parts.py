@@ -223,10 +223,11 @@ class _SettlePartFn(beam.DoFn):
                 out.append(_retag(dead_letter(env, e), FAILED_STITCH_EVENTS))
                 continue
             out += [beam.pvalue.TaggedOutput(BLOCKED, pair) for pair in pairs]
+        envelopes = [stamped.value for stamped in unique]
         try:
-            out += self._resolve.resolve(part, [tv.value for tv in unique])
+            out += self._resolve.resolve(part, envelopes)
         except Exception as e:
-            out.append(_retag(dead_letter((part, [tv.value for tv in unique]), e), FAILED_PART))
+            out.append(_retag(dead_letter((part, envelopes), e), FAILED_PART))
         return out
 
     def _valid(self, raws, out: list) -> list:

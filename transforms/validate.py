@@ -48,7 +48,30 @@ RawEvent = tuple[str, str, Any] | tuple[str, str, Any, int]
 NO_PLAN = "none"  # the plan_version of events from a source without a tracking plan
 
 
-def decode(
+def read_envelope(payload, max_event_bytes: int, identity) -> tuple:
+    """Decode, the envelope rules (type, messageId, an identifier) and the identifiers: the
+    first steps of :func:`judge`, which planning a run in passes takes alone
+    (pipelines/passes.py). ``(text, event, raw bytes, identifiers, junk identifiers,
+    refusal)``: the raw bytes only when the payload is not UTF-8 (kept for the record), the
+    refusal ``(stage, violations)`` or None. A plain tuple: it is made for every event."""
+    text, event, violation, raw_bytes = _decode(payload, max_event_bytes)
+    if violation is not None:
+        return text, event, raw_bytes, None, None, ("decode", [violation])
+    violations = envelope_violations(event)
+    if violations:
+        return text, event, raw_bytes, None, None, ("validate", violations)
+    ids, junk = read_identifiers(event, identity)
+    if not ids:
+        # The same rule that keys the event (transforms.identity.primary_profile_key): an event
+        # is kept only when it has a usable identifier to be keyed by.
+        missing = Violation(
+            "identity.missing", "anonymousId", "every identifier is blocklisted junk"
+        )
+        return text, event, raw_bytes, ids, junk, ("validate", [missing])
+    return text, event, raw_bytes, ids, junk, None
+
+
+def _decode(
     payload, max_event_bytes: int
 ) -> tuple[str, dict | None, Violation | None, bytes | None]:
     """``(text, event, violation, raw bytes)`` of a raw payload: an NDJSON line as bytes or
@@ -88,7 +111,7 @@ def judge(
     bound of event times without a ``receivedAt``, see :func:`check_event_time`).
     """
     source, origin, payload = raw[:3]
-    text, event, violation, raw_bytes = decode(payload, max_event_bytes)
+    text, event, raw_bytes, ids, junk, refusal = read_envelope(payload, max_event_bytes, identity)
 
     def reject(stage: str, violations: list[Violation], version: str | None = None):
         received = event.get("receivedAt") if event else None
@@ -105,20 +128,8 @@ def judge(
             raw=raw_bytes,
         )
 
-    if violation is not None:
-        return reject("decode", [violation])
-    violations = envelope_violations(event)
-    ids = junk = None
-    if not violations:
-        ids, junk = read_identifiers(event, identity)
-    if not violations and not ids:
-        # The same rule that keys the event (transforms.identity.primary_profile_key): an event
-        # is kept only when it has a usable identifier to be keyed by.
-        violations = [
-            Violation("identity.missing", "anonymousId", "every identifier is blocklisted junk")
-        ]
-    if violations:
-        return reject("validate", violations)
+    if refusal is not None:
+        return reject(*refusal)
     event_time = corrected_event_time_ms(event)
     violation = check_event_time(event, event_time, max_future_skew_ms, floor_ms, now_ms)
     if violation is not None and clamp_event_time:
