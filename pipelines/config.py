@@ -422,15 +422,16 @@ class ProfileStoreConfig:
     url: str | None = None
     # sqlite: the file, relative to the output directory.
     path: str = "profiles.sqlite"
-    # Rows per write (a bundle writes at least once at its end).
-    batch_size: int = 500
+    # Rows per write (a bundle writes at least once at its end); unset: the store's own default
+    # (SQLite 5,000 rows per transaction, the others 500; transforms/io/).
+    batch_size: int | None = None
 
     def __post_init__(self):
         if self.type not in ("sqlite", "bigquery") and not self.url:
             raise ValueError(f"url: a {self.type} store needs a url")
         if self.type == "bigquery" and not (self.url or "").startswith("bigquery://"):
             raise ValueError("url: a bigquery store's url is bigquery://project/dataset.table")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size: must be at least 1")
 
 
@@ -441,7 +442,7 @@ class ProfileSinkConfig:
     url: str | None = None
     # Relative to the output directory.
     path: str = "profiles.sqlite"
-    batch_size: int = 500
+    batch_size: int | None = None  # as ProfileStoreConfig's
     also: tuple[ProfileStoreConfig, ...] = ()
     # Consent purposes an event needs to be folded into a profile (none by default: the profile
     # store is the system of record; deletion applies regardless).

@@ -321,6 +321,41 @@ def test_the_job_fills_every_store_with_the_same_profiles(
     assert {pid: p["version"] for pid, p in stored(pg)[0].items()} == versions
 
 
+@pytest.mark.parametrize("configured", [None, 500], ids=["store-default", "configured"])
+def test_a_bundle_is_written_in_batches_of_the_configured_or_the_store_s_size(
+    store_spec, configured
+):
+    """The writer's chunks: ``batch_size`` when the config sets it, else the adapter's own
+    (SQLite: 5,000 rows per transaction; the others: 500 per round trip)."""
+    from dataclasses import replace
+
+    from transforms.profile_store import _WriteProfilesFn
+
+    spec = replace(store_spec, batch_size=configured)
+    fn = _WriteProfilesFn(spec)
+    fn.setup()
+    sizes, write = [], fn._store.write
+    fn._store.write = lambda rows: (sizes.append(len(rows)), write(rows))
+    fn.start_bundle()
+    for i in range(1200):
+        assert list(fn.process(row(f"p{i:04d}", 1, f"user_id:u{i}"))) == []
+    fn.finish_bundle()
+    fn.teardown()
+    one = configured is None and spec.type == "sqlite"
+    assert sizes == ([1200] if one else [500, 500, 200])
+    assert len(snapshot(spec)[0]) == 1200
+
+
+def test_the_sqlite_store_keeps_statement_journals_in_memory_and_64_mib_of_pages(tmp_path):
+    from transforms.io.sqlite import open_profile_db
+
+    conn = open_profile_db(tmp_path / "profiles.sqlite")
+    assert conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -65536  # KiB
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: durability unchanged
+    conn.close()
+
+
 def test_store_urls_take_credentials_from_the_environment_and_never_print_them(monkeypatch):
     from transforms.profile_store import expand_env, redact_url, spec_from_url
 

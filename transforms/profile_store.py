@@ -60,6 +60,9 @@ JSON_COLUMNS = ("identities", "traits", "computed_traits", "event_counts", "cons
 _TEXT_COLUMNS = frozenset(PROFILE_COLUMNS) - {"version"}
 
 # type -> adapter module (each defines ``Store`` and ``Reader``), imported when chosen.
+# Rows per write where neither the config nor the adapter says: a round trip per 500 rows.
+DEFAULT_BATCH_SIZE = 500
+
 ADAPTERS = {
     "sqlite": "transforms.io.sqlite",
     "postgres": "transforms.io.postgres",
@@ -77,7 +80,8 @@ class StoreSpec:
     type: str
     url: str | None = None
     path: str | None = None
-    batch_size: int = 500
+    # Rows per write; None: the adapter's BATCH_SIZE, else DEFAULT_BATCH_SIZE (batch_size()).
+    batch_size: int | None = None
 
     def __post_init__(self):
         if self.type not in ADAPTERS:
@@ -86,7 +90,7 @@ class StoreSpec:
             raise ValueError("a SQLite store needs a path")
         if self.type != "sqlite" and not self.url:
             raise ValueError(f"a {self.type} store needs a url")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
 
     def resolved_url(self) -> str:
@@ -208,6 +212,14 @@ def adapter(spec: StoreSpec):
     return importlib.import_module(ADAPTERS[spec.type])
 
 
+def batch_size(spec: StoreSpec) -> int:
+    """Rows per write: the spec's, else the adapter's ``BATCH_SIZE``, else
+    :data:`DEFAULT_BATCH_SIZE`."""
+    if spec.batch_size is not None:
+        return spec.batch_size
+    return getattr(adapter(spec), "BATCH_SIZE", DEFAULT_BATCH_SIZE)
+
+
 def open_store(spec: StoreSpec) -> Store:
     return adapter(spec).Store(spec)
 
@@ -228,6 +240,7 @@ class _WriteProfilesFn(beam.DoFn):
         self._store = open_store(self._spec)
         # An adapter may refuse rows its store cannot hold (e.g. NUL in PostgreSQL text).
         self._check = getattr(adapter(self._spec), "check_row", None)
+        self._batch_size = batch_size(self._spec)
 
     def start_bundle(self):
         self._rows: list[dict] = []
@@ -246,8 +259,9 @@ class _WriteProfilesFn(beam.DoFn):
         # Written here, outside the per-row dead-letter wrapper: a store failure fails the
         # bundle (the runner retries it), never one row's dead letter. Chunks of batch_size.
         rows = latest_rows(self._rows)
-        for i in range(0, len(rows), self._spec.batch_size):
-            self._store.write(rows[i : i + self._spec.batch_size])
+        size = self._batch_size
+        for i in range(0, len(rows), size):
+            self._store.write(rows[i : i + size])
         self._written.inc(len(self._rows))
         self._rows = []
 

@@ -18,12 +18,28 @@ from transforms.profile_store import PROFILE_COLUMNS, StoreSpec, check_row, deco
 _SQL = statements(SQLITE)
 _OPEN_ATTEMPTS = 40  # ~40 s of waiting in all
 
+# Rows per transaction unless the config says (profile_store.batch_size). A transaction writes
+# every page it dirtied to the WAL once, and profile ids are random keys, so a batch dirties
+# about one page per row of each table and index whatever its size: 5,000 rows per commit write
+# far fewer pages in all than 500, and take the one write lock ten times less often (passes
+# running at once share it). 1M events in passes: 108 s -> 97 s, 11.6 -> 6.0 GB written.
+BATCH_SIZE = 5000
+# Per connection, set on open:
+# - temp_store: the statement journals of a multi-statement transaction in memory, not in
+#   files under /var/tmp (132 MB of writes per 100k events);
+# - cache_size (KiB when negative): 64 MiB of pages instead of 2 MiB, so a large store's
+#   pages are not read back from the OS for every batch.
+# Durability is as before (synchronous stays FULL).
+_PRAGMAS = ("PRAGMA temp_store=MEMORY", "PRAGMA cache_size=-65536")
+
 
 def open_profile_db(path: str | Path) -> sqlite3.Connection:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # One DoFn instance uses its connection from one thread at a time, but Beam's SDK harness may
     # call setup/process and teardown on different threads (multi-process local runs do).
     conn = sqlite3.connect(str(path), timeout=60, check_same_thread=False)
+    for pragma in _PRAGMAS:  # no lock needed
+        conn.execute(pragma)
     # Several workers (multi-process local runs) open the file at once. Switching to WAL needs
     # an exclusive lock and SQLite reports "database is locked" at once instead of waiting on
     # the busy timeout, so that first step is retried.
