@@ -22,7 +22,7 @@ _OPEN_ATTEMPTS = 40  # ~40 s of waiting in all
 # every page it dirtied to the WAL once, and profile ids are random keys, so a batch dirties
 # about one page per row of each table and index whatever its size: 5,000 rows per commit write
 # far fewer pages in all than 500, and take the one write lock ten times less often (passes
-# running at once share it). 1M events in passes: 108 s -> 97 s, 11.6 -> 6.0 GB written.
+# running at once share it). 1M events in passes: 108 s -> 92 s, 11.9 -> 6.3 GB written.
 BATCH_SIZE = 5000
 # Per connection, set on open:
 # - temp_store: the statement journals of a multi-statement transaction in memory, not in
