@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import shutil
 import sys
 import time
@@ -481,6 +482,9 @@ def _run_pass(cfg, files, now_ms, output_dir, k, beam_args) -> dict[str, int] | 
     from pipelines import governed_profiles as job
     from pipelines.report import counters
 
+    # A previous pass's graph and runner in this process are cyclic garbage, which the raised
+    # collector thresholds (runners/local.py, tune_gc) would otherwise keep to the process's end.
+    gc.collect()
     p = beam.Pipeline(options=PipelineOptions(beam_args))
     outputs = job.build(
         p,

@@ -87,8 +87,14 @@ def disable_local_state_cache() -> None:
 # young generation every 200,000 allocations instead of 700, the older ones less often too:
 # measured 5% off a 250k-event run and 21% off the oracle's at 100k (50,000 there); at 250k the
 # oracle took 27.5 s with 50,000, 22.7 s with 200,000 and 22.4 s with no collection at all, the
-# pipeline the same 87-89 s with either, the same peak memory.
-GC_THRESHOLDS = (200_000, 50, 100)
+# pipeline the same 87-89 s with either, the same peak memory. The middle generation every 1,000
+# young collections instead of 50: each of its collections walks everything the process came to
+# hold since the last one, which in a bounded run only grows (the oracle at 1M events: two such
+# collections, 6 s of its 80 s, freeing 10 objects in all; 83.3 -> 73.2 s; the pipeline the
+# same, 1M in passes 91.9/99.1 s and 250k in one process 66.9/65.6 s, the same peak). A pass
+# process collects a finished pass's garbage (its pipeline graph) before the next pass
+# (pipelines/cli.py, _run_pass).
+GC_THRESHOLDS = (200_000, 1000, 1000)
 
 
 def tune_gc() -> None:
