@@ -59,10 +59,11 @@ PROFILE_COLUMNS = (
 JSON_COLUMNS = ("identities", "traits", "computed_traits", "event_counts", "consent")
 _TEXT_COLUMNS = frozenset(PROFILE_COLUMNS) - {"version"}
 
-# type -> adapter module (each defines ``Store`` and ``Reader``), imported when chosen.
 # Rows per write where neither the config nor the adapter says: a round trip per 500 rows.
 DEFAULT_BATCH_SIZE = 500
 
+# type -> adapter module (each defines ``Store`` and ``Reader``, and may define ``BATCH_SIZE``),
+# imported when chosen.
 ADAPTERS = {
     "sqlite": "transforms.io.sqlite",
     "postgres": "transforms.io.postgres",
