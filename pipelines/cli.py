@@ -390,8 +390,8 @@ def _run_in_passes(
     workdir = output_dir / ".cdi-passes"
     shutil.rmtree(workdir, ignore_errors=True)
     # One pool plans and runs the passes: each process starts Python and Beam once.
-    pool = worker_pool(workers, _pass_worker, (runner_name,)) if workers > 1 else None
-    with pool if pool is not None else contextlib.nullcontext() as pool:
+    pooled = worker_pool(workers, _pass_worker, (runner_name,)) if workers > 1 else None
+    with pooled or contextlib.nullcontext() as pool:
         plan = plan_passes(cfg, inputs, per_pass, workdir, balanced=workers, pool=pool)
         _clear_outputs(paths)  # planned: the input is readable and every source is a file source
         at_once = f", {workers} at a time" if workers > 1 else ""

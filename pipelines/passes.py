@@ -23,9 +23,9 @@ event, identifier graph or person reaches past it
 (:class:`transforms.io.files.ReadPlannedParts`,
 :class:`transforms.planned_parts.SettlePlannedParts`), all passes writing to the same output
 directory and store (each pass's record files named by pass), their counters summed into one run
-report. With ``--workers W`` the passes run W at a time, each in a fresh process
-(pipelines/cli.py): parts share nothing, so passes need no order; without a pass size the parts
-are balanced over W passes (each to the lightest). Events that cannot be valid (or make reading
+report. With ``--workers W`` the passes run W at a time in a pool of W processes, the one
+that planned them (pipelines/cli.py): parts share nothing, so passes need no order; without a
+pass size the parts are balanced over W passes (each to the lightest). Events that cannot be valid (or make reading
 them raise) take a part of their own, and an event planning let through but a pass refuses only
 joined a part: the pass quarantines it exactly as one run would.
 Every pass judges event times against one read time, the planning's, so the passes' verdicts
@@ -289,7 +289,7 @@ def _node_reader(config: PipelineConfig):
     return nodes
 
 
-def _node_hashes(nodes_of, config: PipelineConfig, raw, now_ms: int) -> list[int] | None:
+def _node_hashes(nodes_of, raw, now_ms: int) -> list[int] | None:
     """The hashes of what one raw event must share a pass with (``nodes_of``:
     :func:`_node_reader`'s), or None: it cannot be valid, or reading it raised (the pass judges
     it: a dead letter, as in one run)."""
@@ -309,7 +309,7 @@ def _nodes_share(
     nodes_of = _node_reader(config)
     counts, hashes = array("i"), array("q")
     for raw in islice(read_raw(config, inputs), j, None, w):
-        nodes = _node_hashes(nodes_of, config, raw, now_ms)
+        nodes = _node_hashes(nodes_of, raw, now_ms)
         counts.append(-1 if nodes is None else len(nodes))
         hashes.extend(nodes or ())
     return counts, hashes
@@ -442,9 +442,7 @@ def _first_read(pool, config: PipelineConfig, inputs, now_ms: int, w: int):
     read in this process (no ``pool``) or in the pool's ``w`` processes."""
     if pool is None:
         nodes_of = _node_reader(config)
-        return _connected(
-            _node_hashes(nodes_of, config, raw, now_ms) for raw in read_raw(config, inputs)
-        )
+        return _connected(_node_hashes(nodes_of, raw, now_ms) for raw in read_raw(config, inputs))
     shares = _on_workers(pool, _nodes_share, [(config, inputs, now_ms, j, w) for j in range(w)])
     return _connected(_interleaved(shares))
 

@@ -122,7 +122,7 @@ def test_node_hashes_are_the_same_in_every_process_and_a_raising_judge_is_a_part
     def raises(raw, now_ms):
         raise RuntimeError("a validation bug")
 
-    assert _node_hashes(raises, load_default_config(), ("web", "f", b"{}"), 0) is None
+    assert _node_hashes(raises, ("web", "f", b"{}"), 0) is None
 
 
 def test_plan_keeps_parts_whole_and_passes_small(generated, tmp_path):
