@@ -127,6 +127,9 @@ def _deduplicate(config: PipelineConfig, valid):
         copies.setdefault(make_dedup_key(env.source, env.event, config.dedup.key), []).append(env)
     unique, duplicates, collisions = [], 0, 0
     for group in copies.values():
+        if len(group) == 1:  # most keys: nothing to order or compare
+            unique.append(group[0])
+            continue
         first, *rest = sorted(group, key=arrival_order)  # the first one the collector received
         unique.append(first)
         fp = fingerprint(first.event)
@@ -194,8 +197,9 @@ def _latest_pane(spec: ComputedTraitSpec, feeds: list[tuple[int, Any]]) -> list 
         lo, hi = windows[-1]
         members = [(t, v) for t, v in feeds if lo <= t < hi]
     else:
-        lo, hi = max(w for t, _ in feeds for w in assign_windows(spec, t))
-        members = [(t, v) for t, v in feeds if (lo, hi) in assign_windows(spec, t)]
+        placed = [(t, v, assign_windows(spec, t)) for t, v in feeds]
+        lo, hi = max(w for _, _, windows in placed for w in windows)
+        members = [(t, v) for t, v, windows in placed if (lo, hi) in windows]
     acc = agg_init(spec.aggregate)
     for t, v in sorted(members, key=lambda tv: tv[0]):
         acc = agg_add(spec.aggregate, acc, v, t)
@@ -230,10 +234,9 @@ def run_oracle(config: PipelineConfig, inputs: dict[str, list[str]]) -> dict[str
     deliveries: Counter = Counter()
     denied = deleted_events = 0
     for key, envs in by_key.items():
-        if any(
-            e.event.get("type") == DELETE_TYPE
-            or any(f"{t}:{v}" in listed for t, v in identifiers_of(e, identity))
-            for e in envs
+        if any(e.event.get("type") == DELETE_TYPE for e in envs) or (
+            listed
+            and any(f"{t}:{v}" in listed for e in envs for t, v in identifiers_of(e, identity))
         ):
             deleted_events += len(envs)
             fragments[key] = {**empty_profile(), "deleted": True}
