@@ -83,23 +83,18 @@ def disable_local_state_cache() -> None:
 
 # The in-process runner keeps a bounded run's shuffles as millions of small live objects, which
 # CPython's cyclic collector at its default thresholds (700, 10, 10) walks over and over without
-# freeing anything (the job makes no reference cycles worth collecting early). Collecting the
-# young generation every 200,000 allocations instead of 700, the older ones less often too:
-# measured 5% off a 250k-event run and 21% off the oracle's at 100k (50,000 there); at 250k the
-# oracle took 27.5 s with 50,000, 22.7 s with 200,000 and 22.4 s with no collection at all, the
-# pipeline the same 87-89 s with either, the same peak memory. The middle generation every 1,000
-# young collections instead of 50: each of its collections walks everything the process came to
-# hold since the last one, which in a bounded run only grows (the oracle at 1M events: two such
-# collections, 6 s of its 80 s, freeing 10 objects in all; 83.3 -> 73.2 s; the pipeline the
-# same, 1M in passes 91.9/99.1 s and 250k in one process 66.9/65.6 s, the same peak). A pass
-# process collects a finished pass's garbage (its pipeline graph) before the next pass
-# (pipelines/cli.py, _run_pass).
-# Then the young generation every 10,000 allocations instead of 200,000, the middle one every
-# 20,000 young collections (every 200M allocations, as before): a young collection walks every
-# object allocated since the last one, and 10,000 of them are still in the CPU's cache where
-# 200,000 (tens of MB) are not. The oracle at 500k: its collections 3.5 -> 1.3 s (31.1 s with
-# no collection at all, 32.1 s with these, 34.4 s before); at 1M 65.1 s, at 2M 151.9 s. The
-# pipeline the same: 1M in passes 93.2/90.9 s before, 92.6/91.2 s after, the same peak.
+# freeing anything (the job makes no reference cycles worth collecting early). Here:
+# - the young generation every 10,000 allocations: each collection walks the objects allocated
+#   since the last one, and 10,000 are still in the CPU's cache (700: too many collections;
+#   200,000: tens of MB out of cache; the oracle at 500k 34.4 s with 200,000, 32.1 s with
+#   10,000, 31.1 s with no collection at all);
+# - the middle generation every 20,000 young collections (200M allocations): each walks
+#   everything the process came to hold since the last one, which in a bounded run only grows
+#   (the oracle at 1M, collecting it every 50: two such collections, 6 s of 80 s, freeing 10
+#   objects in all).
+# The pipeline measured the same with each setting (1M in passes; 250k in one process and in
+# passes), the same peak; the README has the history. A pass process collects a finished pass's
+# garbage (its pipeline graph) before the next pass (pipelines/cli.py, _run_pass).
 GC_THRESHOLDS = (10_000, 20_000, 1000)
 
 

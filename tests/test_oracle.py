@@ -24,6 +24,7 @@ from pipelines.config import load_default_config
 from pipelines.generate import generate
 from tests.conftest import make_pipeline
 from transforms.computed_traits import ComputedTraitSpec
+from transforms.identity import extract_identifiers
 
 
 def _objects(lines: list[str]) -> list[dict]:
@@ -71,17 +72,6 @@ def _control_events(lines: list[str], rng: random.Random, deletes: int, unlinks:
     return [orjson.dumps(e).decode() for e in out if e.get("userId") or e.get("anonymousId")]
 
 
-def _identifiers_in(lines: list[str]) -> list[str]:
-    """``type:value`` of the user and anonymous ids the stream's events carry."""
-    kinds = (("userId", "user_id"), ("anonymousId", "anonymous_id"))
-    return [
-        f"{kind}:{e[field]}"
-        for e in _objects(lines)
-        for field, kind in kinds
-        if isinstance(e.get(field), str) and e[field]
-    ]
-
-
 def _pipeline_rows(tmp_path, config, src) -> dict[str, dict]:
     out = tmp_path / "out"
     with make_pipeline() as p:
@@ -118,7 +108,14 @@ def test_pipeline_profiles_equal_the_oracle(
     src.write_text("\n".join(lines) + "\n")
     config = load_default_config()
     if listed:  # a person deleted by configuration, not by a delete event
-        who = next(iter(_identifiers_in(lines)), None)
+        who = next(
+            (
+                f"{t}:{v}"
+                for e in _objects(lines)
+                for t, v in extract_identifiers(e, config.identity)
+            ),
+            None,
+        )
         privacy = dataclasses.replace(config.privacy, deleted_identifiers=(who,) if who else ())
         config = dataclasses.replace(config, privacy=privacy)
     expected = run_oracle(config, {"web": [str(src)]})["profiles"]
